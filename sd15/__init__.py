@@ -1,0 +1,11 @@
+"""sd15: Stable Diffusion v1.5 written from scratch in PyTorch.
+
+    import sd15
+    m = sd15.load("weights/v1-5-pruned-emaonly.safetensors")
+"""
+
+from .checkpoint import CheckpointError
+from .model import StableDiffusion, load
+
+__all__ = ["CheckpointError", "StableDiffusion", "load"]
+__version__ = "0.1.0"

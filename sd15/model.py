@@ -1,0 +1,117 @@
+"""`sd15.load()`: a checkpoint file in, the four models of Stable Diffusion v1.x out.
+
+Each component is built on the `meta` device (shapes only, no memory), its expected keys and shapes
+are checked against the file, and then every tensor is read from the file, converted to the target
+dtype and device, and assigned in place. Peak memory stays near one copy of the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import (
+    CLIP_PREFIX_OLD,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    check_state_dict,
+    component_keys,
+    ema_key,
+    identify,
+    open_checkpoint,
+    unexplained_keys,
+)
+from .clip import CLIPTextConfig, CLIPTextModel
+from .tokenizer import CLIPTokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+
+@dataclass
+class StableDiffusion:
+    """The models of one SD1.x checkpoint, on one device in one dtype."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: AutoencoderKL
+    info: CheckpointInfo
+    path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def _meta_shapes(ckpt, keymap: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Shape-only stand-ins for a component's tensors, for config inference without reading data."""
+    return {k: torch.empty(ckpt.shape(fk), device="meta") for k, fk in keymap.items()}
+
+
+def _build(name: str, module_cls, config, ckpt, keymap: dict[str, str], device, dtype) -> nn.Module:
+    with torch.device("meta"):
+        module = module_cls(config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_state_dict(name, expected, {k: ckpt.shape(fk) for k, fk in keymap.items()})
+    state = {}
+    for key, file_key in keymap.items():
+        if key.endswith("position_ids"):
+            # Merged checkpoints often store float position ids such as 75.9975; they are always arange(T).
+            state[key] = torch.arange(expected[key][-1], device=device)[None]
+            continue
+        tensor = ckpt.get(file_key)
+        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool = False,
+) -> StableDiffusion:
+    """Load an SD1.x single-file checkpoint (.safetensors, or .ckpt read with weights_only=True).
+
+    `ema=True` takes the UNet from the file's EMA copy (`model_ema.*`), as training checkpoints hold it.
+    Files of other families (SD2, SDXL, LoRA, a VAE alone, …) are refused with a message naming them.
+    """
+    ckpt = open_checkpoint(path)
+    info = identify(ckpt)
+    if info.kind not in ("sd1", "sd1-inpainting"):
+        raise CheckpointError(f"{path} is {info.description}. sd15 loads Stable Diffusion 1.x checkpoints.")
+    for needed in ("vae", "text_encoder"):
+        if needed not in info.components:
+            raise CheckpointError(f"{path} has a UNet but no {needed} weights; use a full SD1.x checkpoint.")
+    extra = unexplained_keys(ckpt, info)
+    if extra:
+        check_state_dict("checkpoint", {}, {k: ckpt.shape(k) for k in extra})
+
+    unet_keys = component_keys(ckpt, UNET_PREFIX)
+    if ema:
+        if not info.has_ema:
+            raise CheckpointError(f"{path} has no EMA weights (no model_ema.* keys); load it without ema=True.")
+        missing = [ema_key(k) for k in unet_keys if ema_key(k) not in ckpt.keys()]
+        if missing:
+            raise CheckpointError(f"{path}'s EMA weights are incomplete: {len(missing)} missing, e.g. {missing[0]}")
+        unet_keys = {k: ema_key(k) for k in unet_keys}
+    vae_keys = component_keys(ckpt, VAE_PREFIX)
+    clip_keys = component_keys(ckpt, info.clip_prefix)
+    if info.clip_prefix == CLIP_PREFIX_OLD:  # older files: cond_stage_model.transformer.{embeddings,encoder,…}
+        clip_keys = {k.removeprefix("text_model."): fk for k, fk in clip_keys.items()}
+
+    device = torch.device(device)
+    unet = _build("UNet", UNet, UNetConfig.from_state_dict(_meta_shapes(ckpt, unet_keys)), ckpt, unet_keys, device, dtype)
+    vae = _build("VAE", AutoencoderKL, VAEConfig.from_state_dict(_meta_shapes(ckpt, vae_keys)), ckpt, vae_keys, device, dtype)
+    clip_config = CLIPTextConfig.from_state_dict(_meta_shapes(ckpt, clip_keys))
+    text_encoder = _build("text encoder", CLIPTextModel, clip_config, ckpt, clip_keys, device, dtype)
+    return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path))

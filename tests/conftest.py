@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_models.py
+
+from sd15.random_weights import random_checkpoint, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    """A seeded tiny SD1.x checkpoint in the original layout, with EMA weights and schedule buffers."""
+    return random_checkpoint("tiny", seed=0, ema=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_state_dict, tmp_path_factory) -> Path:
+    return save_checkpoint(tiny_state_dict, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    import sd15
+
+    return sd15.load(tiny_checkpoint)
