@@ -13,6 +13,22 @@ from sd15.unet import UNetConfig
 from sd15.vae import VAEConfig
 
 
+# scheduler/scheduler_config.json as SD1.5 ships it (FACTS.md); diffusers users swap samplers with
+# OtherScheduler.from_config(this), so keys it lacks take the other scheduler's defaults.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
 def diffusers_unet_config(c: UNetConfig) -> dict:
     levels = len(c.channel_mult)
     has_attention = [2**i in c.attention_resolutions for i in range(levels)]

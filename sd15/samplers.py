@@ -1,0 +1,591 @@
+"""Samplers for SD1.5, as plain functions, matching diffusers 0.42.1's schedulers step for step.
+
+The model. Every sampler takes `eps_model(x, t) -> eps`: the (already classifier-free-guided) noise
+prediction for the variance-preserving (VP) latent `x` (B, 4, H, W) at training timestep `t`, a float32
+tensor of shape (B,) that may be fractional (799.2). That is the UNet as trained.
+
+Two families:
+- `ddim`, `pndm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps.
+- `euler`, `euler_a`, `heun`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `unipc` work, as Karras et al. 2022 and
+  k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise levels
+  `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
+  training timestep the UNet is told, `timesteps[i]`, computed the way diffusers' scheduler computes it
+  (interpolated, rounded or not: see `plan_sampling`), so there is no sigma -> t guess inside a sampler.
+
+Callbacks. Every sampler calls `callback(info)` once per step, after the step, with
+    {"i": step number in this run, "t": timestep the model saw, "sigma": its noise level,
+     "sigma_next": the noise level of the new x, "x": the new latent, "denoised": the step's x0 estimate}.
+If the callback returns `True`, the sampler stops and returns that `x` (in its own space: VP for ddim/pndm,
+x_0 + sigma_next * eps for the others; `SamplingPlan.sample` converts it to VP).
+
+Noise. Ancestral/SDE samplers draw one standard normal tensor per step, every step (also the last, where
+it is multiplied by 0), from the caller's `torch.Generator` on the generator's device (the CPU for a CPU
+generator) and move it to x's device, as diffusers' `randn_tensor` does; so a seeded CPU generator gives
+the same image on any device, and the same draws as diffusers given the same generator.
+
+The pipeline uses the last section: `plan = plan_sampling(name, steps, strength, karras, eta)`, then
+`x = plan.noise_latents(noise, init_latents)` and `latents = plan.sample(eps_model, x, generator, callback)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import schedule
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], "bool | None"]
+
+SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _timestep(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """The timestep as the model takes it: float32, shape (B,), on x's device."""
+    return torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+
+
+def denoise(eps_model: EpsModel, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """D(x; sigma), the x_0 estimate, from an eps-predicting VP model (Karras et al. 2022, Table 1, VP column).
+
+        c_in = 1 / sqrt(sigma^2 + 1)           the VP latent the UNet was trained on is c_in * x
+        D(x; sigma) = x - sigma * eps_model(c_in * x, t)        (c_skip = 1, c_out = -sigma)
+
+    `t` is the training timestep for `sigma`, as the scheduler being reproduced defines it.
+    """
+    eps = eps_model(x / (sigma**2 + 1) ** 0.5, _timestep(t, x))
+    return x - sigma * eps
+
+
+def _randn_like(x: torch.Tensor, generator, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """N(0, I) shaped like x, drawn on the generator's device in `dtype` (default x.dtype), then moved to x.
+
+    `generator` may be a list with one generator per batch row (each row drawn from its own, as diffusers'
+    `randn_tensor` does), so an image's noise does not depend on which batch it was run in.
+    """
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn_like(row[None], g, dtype) for row, g in zip(x, generator)])
+    device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype)
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def _report(callback: Callback | None, i: int, t, sigma, sigma_next, x, denoised) -> bool:
+    """Call the callback (if any) with the step's info dict; True means stop."""
+    if callback is None:
+        return False
+    info = {"i": i, "t": float(t), "sigma": float(sigma), "sigma_next": float(sigma_next), "x": x, "denoised": denoised}
+    return callback(info) is True
+
+
+def _vp_sigma(abar: torch.Tensor) -> torch.Tensor:
+    """sigma of a VP noise level: sqrt((1 - abar) / abar)."""
+    return ((1 - abar) / abar) ** 0.5
+
+
+# --------------------------------------------------------------------------- VP samplers
+
+
+def ddim(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    step_ratio: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DDIM: Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", eq. (12) with sigma_t(eta) of eq. (16).
+
+    x: the VP latent at timesteps[0]. timesteps: integer training timesteps, noisy to clean. Each step goes
+    from t to t - step_ratio, or to abar = abar_0 below 0 (SD1.5's `set_alpha_to_one=False`), as diffusers'
+    DDIMScheduler does; for "leading" spacing that is the next listed timestep. eta = 0 is deterministic DDIM,
+    eta = 1 is DDPM-like ancestral sampling.
+    """
+    abar = schedule.alphas_cumprod()
+    for i, t in enumerate(int(t) for t in timesteps):
+        t_prev = t - step_ratio
+        a_t, a_prev = abar[t], abar[t_prev] if t_prev >= 0 else abar[0]
+        eps = eps_model(x, _timestep(t, x))
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # "predicted x_0" of eq. (12)
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5  # sigma_t(eta), eq. (16)
+        x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps  # eq. (12): x_0 part + "direction to x_t"
+        if eta > 0:
+            x = x + std * _randn_like(x, generator)  # eq. (12): the random noise term
+        if _report(callback, i, t, _vp_sigma(a_t), _vp_sigma(a_prev), x, x0):
+            break
+    return x
+
+
+def _pndm_transfer(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+    """The transfer part phi(x_t, eps, t, t-delta) of PNDM (Liu et al. 2022, eq. 9), with a = abar:
+
+        x_{t-delta} = sqrt(a_prev / a_t) x_t
+                      - (a_prev - a_t) / (a_t sqrt(1 - a_prev) + sqrt(a_t (1 - a_t) a_prev)) * eps
+
+    This is the deterministic DDIM step, regrouped.
+    """
+    denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
+
+
+def pndm(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    step_ratio: int,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """PLMS, the pseudo linear multistep method of Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models
+    on Manifolds" (PNDM), eq. (12), as SD1.5 ships it: diffusers' PNDMScheduler with skip_prk_steps=True.
+
+    Instead of the paper's Runge-Kutta warm-up it uses CompVis' plms.py warm-up, an improved-Euler step.
+    timesteps: the evaluation timesteps, the second one repeated: [981, 961, 961, 941, …, 1] for 50 steps.
+      evaluation 0 at t0: a plain transfer step t0 -> t0 - r (r = step_ratio);
+      evaluation 1 at the repeated t1 = t0 - r, on that result: redo the step t0 -> t1 from the start with
+        the mean of both eps (the evaluation-1 eps is not kept in the history);
+      evaluation k >= 2 at t: one transfer step t -> t - r with the Adams-Bashforth mix of the newest
+        (up to 4) kept eps e0 (newest), e1, e2, e3:
+        e0,  (3 e0 - e1) / 2,  (23 e0 - 16 e1 + 5 e2) / 12,  (55 e0 - 59 e1 + 37 e2 - 9 e3) / 24.
+    Below t = 0 the step lands on abar_0 (set_alpha_to_one=False). Every step moves by exactly r, as in
+    diffusers, also when img2img has sliced this list (then the repeat may be gone: kept for parity).
+    """
+    abar = schedule.alphas_cumprod()
+    kept_eps: list[torch.Tensor] = []  # history for the multistep formula, newest last
+    x_start = x
+    for i, t in enumerate(int(t) for t in timesteps):
+        eps = eps_model(x, _timestep(t, x))
+        if i == 0:  # warm-up, first half: a plain step from t
+            t_from, t_to, eps_step, x_start = t, t - step_ratio, eps, x
+            kept_eps.append(eps)
+        elif i == 1:  # warm-up, second half: eps at the end point; redo the step from x_start with the mean
+            t_from, t_to, eps_step, x = t + step_ratio, t, (eps + kept_eps[-1]) / 2, x_start
+        else:  # linear multistep (Adams-Bashforth) on the kept eps
+            kept_eps = (kept_eps + [eps])[-4:]
+            e = kept_eps[::-1]  # newest first
+            if len(e) == 2:
+                eps_step = (3 * e[0] - e[1]) / 2
+            elif len(e) == 3:
+                eps_step = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+            else:
+                eps_step = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
+            t_from, t_to = t, t - step_ratio
+        a_from, a_to = abar[t_from], abar[t_to] if t_to >= 0 else abar[0]
+        x0 = (x - (1 - a_from) ** 0.5 * eps_step) / a_from**0.5
+        x = _pndm_transfer(x, eps_step, a_from, a_to)
+        if _report(callback, i, t, _vp_sigma(abar[t]), _vp_sigma(a_to), x, x0):
+            break
+    return x
+
+
+# --------------------------------------------------------------------------- sigma-space samplers
+
+
+def euler(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
+
+    Karras et al. 2022, Algorithm 1 without its second-order correction (lines 3-4); k-diffusion's
+    `sample_euler`; diffusers' EulerDiscreteScheduler. x: the latent at sigmas[0]; sigmas: (n+1,) with
+    sigmas[-1] = 0; timesteps: (n,) the model timestep of each sigma.
+    """
+    for i in range(len(timesteps)):
+        denoised = denoise(eps_model, x, sigmas[i], timesteps[i])
+        d = (x - denoised) / sigmas[i]  # dx/dsigma
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        if _report(callback, i, timesteps[i], sigmas[i], sigmas[i + 1], x, denoised):
+            break
+    return x
+
+
+def euler_a(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Euler ancestral: DDPM's ancestral sampling (Ho et al. 2020, Algorithm 2) in sigma form.
+
+    Each step sigma -> sigma_next is split into a deterministic Euler step down to sigma_down and fresh
+    noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion's `get_ancestral_step`
+    with eta = 1; diffusers' EulerAncestralDiscreteScheduler):
+        sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2),  sigma_down = sqrt(sigma_next^2 - sigma_up^2)
+    """
+    for i in range(len(timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_down - sigma)
+        x = x + _randn_like(x, generator) * sigma_up
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
+def heun(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Heun's second-order method: Karras et al. 2022, Algorithm 1 (deterministic, S_churn = 0).
+
+    An Euler step to sigma_next, then the slope there averaged with the first (trapezoid rule); the last step,
+    to sigma = 0, stays a plain Euler step. Two model evaluations per step but the last, the second at
+    (sigmas[i+1], timesteps[i+1]), as diffusers' HeunDiscreteScheduler interleaves them.
+    """
+    for i in range(len(timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        d = (x - denoised) / sigma  # Algorithm 1, line 3
+        x_euler = x + d * (sigma_next - sigma)  # line 4
+        if sigma_next > 0:  # lines 5-7: correct with the slope at the end point
+            d_next = (x_euler - denoise(eps_model, x_euler, sigma_next, timesteps[i + 1])) / sigma_next
+            x = x + (d + d_next) / 2 * (sigma_next - sigma)
+        else:
+            x = x_euler
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
+def _lms_coefficient(sigmas: torch.Tensor, i: int, order: int, j: int) -> float:
+    """integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial through sigma_i, …, sigma_{i-order+1}
+    that is 1 at sigma_{i-j}: the weight of the slope from j steps ago. Integrated exactly (it is a polynomial)."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+    basis = np.poly1d([1.0])
+    for k, node in enumerate(nodes):
+        if k != j:
+            basis *= np.poly1d([1.0, -node]) / (nodes[j] - node)
+    antiderivative = basis.integ()
+    return float(antiderivative(float(sigmas[i + 1])) - antiderivative(float(sigmas[i])))
+
+
+def lms(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    order: int = 4,
+    start: int = 0,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Linear multistep (Adams-Bashforth in sigma) on the probability-flow ODE, up to 4th order.
+
+    The slope d_i = (x - D(x; sigma_i)) / sigma_i is extrapolated with the last `order` slopes' Lagrange
+    polynomial and integrated exactly over [sigma_i, sigma_{i+1}] (k-diffusion's `sample_lms`, after
+    Karras et al. 2022's ODE; diffusers' LMSDiscreteScheduler, which integrates numerically).
+
+    start: img2img runs only steps start … n-1 of the full `sigmas`/`timesteps`. diffusers' LMS still takes
+    the order from the absolute step (min(i + 1, order)) and so uses the basis over sigmas before `start`,
+    as if the skipped steps had slope 0; we do the same, for parity. start = 0 is the plain method.
+    """
+    slopes: list[torch.Tensor] = []  # newest last
+    for i in range(start, len(timesteps)):
+        denoised = denoise(eps_model, x, sigmas[i], timesteps[i])
+        slopes = (slopes + [(x - denoised) / sigmas[i]])[-order:]
+        cur_order = min(i + 1, order)
+        coeffs = [_lms_coefficient(sigmas, i, cur_order, j) for j in range(cur_order)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(slopes)))  # zip drops the skipped steps' terms
+        if _report(callback, i - start, timesteps[i], sigmas[i], sigmas[i + 1], x, denoised):
+            break
+    return x
+
+
+def dpmpp_2m(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+    Models", Algorithm 2 (multistep second order, data prediction), in sigma form (k-diffusion's
+    `sample_dpmpp_2m`; diffusers' DPMSolverMultistepScheduler defaults: order 2, midpoint, lower_order_final).
+
+    With lambda = -log sigma (the half log-SNR) and h = lambda_next - lambda:
+        x_next = (sigma_next / sigma) x - (e^{-h} - 1) D,
+    where D = denoised on the first step (first order, = DDIM) and otherwise the midpoint extrapolation
+        D = denoised + (denoised - denoised_prev) / (2 r),  r = h_prev / h.
+    The last step, to sigma = 0, is first order: x = denoised.
+    """
+    old_denoised, h_prev = None, None
+    for i in range(len(timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        if sigma_next == 0:
+            x = denoised  # the h -> infinity limit of the update
+        else:
+            h = torch.log(sigma) - torch.log(sigma_next)  # lambda_next - lambda
+            D = denoised if old_denoised is None else denoised + (denoised - old_denoised) / (2 * (h_prev / h))
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * D
+            h_prev = h
+        old_denoised = denoised
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
+def dpmpp_2m_sde(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE: the stochastic variant of Lu et al. 2022 (the "SDE-DPM-Solver++" of their
+    appendix, as in diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") and k-diffusion's
+    `sample_dpmpp_2m_sde` with eta = 1, midpoint). With h = lambda_next - lambda, lambda = -log sigma:
+        x_next = (sigma_next / sigma) e^{-h} x + (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z,
+    D as in `dpmpp_2m` (first order on the first step); the last step, to sigma = 0, gives x = denoised.
+    z is drawn in float32, as diffusers does.
+    """
+    old_denoised, h_prev = None, None
+    for i in range(len(timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        z = _randn_like(x, generator, dtype=torch.float32)  # drawn every step, as diffusers does
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = torch.log(sigma) - torch.log(sigma_next)
+            D = denoised if old_denoised is None else denoised + (denoised - old_denoised) / (2 * (h_prev / h))
+            one_minus_e2h = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+            x = (sigma_next / sigma) * torch.exp(-h) * x + one_minus_e2h * D + sigma_next * one_minus_e2h**0.5 * z
+            h_prev = h
+        old_denoised = denoised
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
+def unipc(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """UniPC-2 with B(h) = e^h - 1 ("bh2"), data prediction: Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector
+    Framework for Fast Sampling of Diffusion Models", Algorithms 1-2 (UniP-p predictor, UniC-p corrector);
+    diffusers' UniPCMultistepScheduler defaults (solver_order 2, predict_x0, bh2, lower_order_final), in sigma form.
+
+    With lambda = -log sigma, h = lambda_to - lambda_from, B = e^{-h} - 1 and the first-order (DDIM) update
+        x_lin = (sigma_to / sigma_from) x_from - B m_from,           m = denoised:
+    predictor (UniP), from step i:  order 1: x_{i+1} = x_lin;   order 2: x_{i+1} = x_lin - B * D / 2,
+        D = (m_{i-1} - m_i) / r, r = (lambda_{i-1} - lambda_i) / h   (the same step as DPM-Solver++(2M));
+    corrector (UniC), once the model has seen x_{i+1}: redo the step from x_i using m_{i+1} too,
+        order 1: x_{i+1} = x_lin - B (m_{i+1} - m_i) / 2
+        order 2: x_{i+1} = x_lin - B (rho_0 D + rho_1 (m_{i+1} - m_i)), [[1, 1], [r, 1]] rho = [b_1, b_2],
+                 b_k = k! hh phi_{k+1}(hh) / B,  hh = -h,  phi_1(hh) = (e^hh - 1)/hh,  phi_{k+1} = (phi_k - 1/k!)/hh.
+    The corrector reuses the evaluation the next predictor needs anyway, so it costs no extra model call.
+    Orders: the predictor uses min(2, steps done + 1, steps left); the corrector the order of the step it corrects.
+    """
+    n = len(timesteps)
+    lambdas = -torch.log(sigmas[:n])
+    ms: list[torch.Tensor] = []  # denoised of each step so far, newest last
+    x_from, order_from = None, 0  # the (corrected) latent the last predictor step started from, its order
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        m = denoise(eps_model, x, sigma, timesteps[i])
+        if x_from is not None:  # UniC: redo the last step, from x_from at sigma_{i-1} to sigma_i, knowing m
+            h = lambdas[i] - lambdas[i - 1]
+            B = torch.expm1(-h)
+            x_lin = (sigma / sigmas[i - 1]) * x_from - B * ms[-1]
+            if order_from == 1:
+                x = x_lin - B * (m - ms[-1]) / 2
+            else:
+                r = (lambdas[i - 2] - lambdas[i - 1]) / h
+                h_phi_2 = B / -h - 1  # hh phi_2(hh), hh = -h
+                h_phi_3 = h_phi_2 / -h - 1 / 2  # hh phi_3(hh)
+                b1, b2 = h_phi_2 / B, 2 * h_phi_3 / B
+                rho0 = (b1 - b2) / (1 - r)  # solves [[1, 1], [r, 1]] (rho0, rho1) = (b1, b2)
+                rho1 = b1 - rho0
+                x = x_lin - B * (rho0 * (ms[-2] - ms[-1]) / r + rho1 * (m - ms[-1]))
+        ms = (ms + [m])[-3:]
+        x_from, order_from = x, min(2, i + 1, n - i)
+        if sigma_next == 0:  # UniP to sigma = 0 (first order there): the h -> infinity limit
+            x = m
+        else:  # UniP
+            h = torch.log(sigma) - torch.log(sigma_next)
+            B = torch.expm1(-h)
+            x = (sigma_next / sigma) * x - B * m
+            if order_from == 2:
+                r = (lambdas[i - 1] - lambdas[i]) / h
+                x = x - B * ((ms[-2] - m) / r) / 2
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, m):
+            break
+    return x
+
+
+# --------------------------------------------------------------------------- the plan the pipeline runs
+
+
+_VP_SAMPLERS = ("ddim", "pndm")  # VP latent, integer "leading" timesteps
+_MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")  # DPMSolverMultistep/UniPCMultistep timestep grids
+_DEFAULT_SPACING = {"ddim": "leading", "pndm": "leading"}  # the others default to "linspace" in diffusers
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not plans
+class SamplingPlan:
+    """What one sampling run does: the full schedule of `steps` steps, and where img2img starts in it.
+
+    timesteps: (n,) float32, the model timesteps of the full schedule (diffusers' `scheduler.timesteps`,
+        except that Heun's are listed once per step, not interleaved; PNDM's has steps + 1 entries).
+    sigmas: (n+1,) float32 noise levels ending in 0 for the sigma-space samplers; None for ddim/pndm.
+    start: index of the first step run: 0 for txt2img, steps - int(steps * strength) for img2img, as
+        diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (its `order` factor is Heun's interleaving).
+    init_noise_sigma: the scale of pure-noise latents (txt2img) in this sampler's space.
+    """
+
+    sampler: str
+    steps: int
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None
+    start: int
+    init_noise_sigma: float
+    eta: float = 0.0
+    step_ratio: int = 0  # T // steps: the stride of ddim/pndm
+
+    def noise_latents(self, noise: torch.Tensor, init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The starting latent: `noise * init_noise_sigma` (txt2img), or `init_latents` noised to the first
+        step run (img2img: diffusers' `scheduler.add_noise` at `timesteps[start]`)."""
+        if init_latents is None:
+            if self.start > 0:
+                raise ValueError("strength < 1 (img2img) needs init_latents")
+            return noise * self.init_noise_sigma
+        if self.sigmas is None:  # VP: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+            abar = schedule.alphas_cumprod()[int(self.timesteps[self.start])]
+            return abar**0.5 * init_latents + (1 - abar) ** 0.5 * noise
+        return init_latents + self.sigmas[self.start] * noise  # x = x_0 + sigma eps
+
+    def sample(
+        self,
+        eps_model: EpsModel,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """Run the sampler from `x` (from `noise_latents`); returns the final VP latent (x_0 at sigma = 0).
+
+        If `callback` returns True the run stops and the latent at that point is returned, scaled to VP.
+        """
+        ts, sigmas, s = self.timesteps, self.sigmas, self.start
+        last = {}
+
+        def remember(info: dict) -> bool | None:
+            last["sigma_next"] = info["sigma_next"]
+            return callback(info) if callback is not None else None
+
+        cb = remember  # every sampler reports through it, so we know where an early stop left x
+        if self.sampler == "ddim":
+            return ddim(eps_model, x, ts[s:], self.step_ratio, self.eta, generator, cb)
+        if self.sampler == "pndm":
+            return pndm(eps_model, x, ts[s:], self.step_ratio, cb)
+        if self.sampler == "euler":
+            x = euler(eps_model, x, sigmas[s:], ts[s:], cb)
+        elif self.sampler == "euler_a":
+            x = euler_a(eps_model, x, sigmas[s:], ts[s:], generator, cb)
+        elif self.sampler == "heun":
+            x = heun(eps_model, x, sigmas[s:], ts[s:], cb)
+        elif self.sampler == "lms":
+            x = lms(eps_model, x, sigmas, ts, start=s, callback=cb)
+        elif self.sampler == "dpmpp_2m":
+            x = dpmpp_2m(eps_model, x, sigmas[s:], ts[s:], cb)
+        elif self.sampler == "dpmpp_2m_sde":
+            x = dpmpp_2m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb)
+        elif self.sampler == "unipc":
+            x = unipc(eps_model, x, sigmas[s:], ts[s:], cb)
+        sigma_end = last.get("sigma_next", 0.0)  # 0 unless the callback stopped the run early
+        return x if sigma_end == 0 else x / (sigma_end**2 + 1) ** 0.5  # x_0 + sigma eps -> VP latent
+
+
+def plan_sampling(
+    sampler: str,
+    steps: int,
+    strength: float = 1.0,
+    karras: bool = False,
+    eta: float = 0.0,
+    spacing: str | None = None,
+) -> SamplingPlan:
+    """The schedule diffusers 0.42.1 runs for `SchedulerClass.from_config(<SD1.5 scheduler_config>)`.
+
+    sampler: one of SAMPLERS. steps: num_inference_steps. strength: img2img strength (1.0 = txt2img).
+    karras: Karras et al. 2022 sigmas (rho = 7), for the sigma-space samplers (diffusers' use_karras_sigmas;
+    diffusers' EulerAncestral lacks it, so euler_a uses the grid EulerDiscrete would, as k-diffusion allows).
+    eta: DDIM's eta. spacing: override the scheduler's default timestep spacing ("leading" for ddim/pndm,
+    "linspace" for the rest, since SD1.5's config does not set it).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if karras and sampler in _VP_SAMPLERS:
+        raise ValueError(f"karras sigmas apply to the sigma-space samplers, not {sampler!r}")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError("eta is DDIM's parameter")
+    spacing = spacing or _DEFAULT_SPACING.get(sampler, "linspace")
+    train_sigmas = schedule.sigmas().numpy()
+    sigmas = None
+
+    if sampler in _VP_SAMPLERS:  # integer timesteps; DDIM/PNDM round "linspace"
+        ts = schedule.spaced_timesteps(steps, spacing).round()
+        if sampler == "pndm" and steps > 1:  # PLMS warm-up evaluates the second timestep twice
+            ts = np.concatenate([ts[:2], ts[1:]])
+        init_noise_sigma = 1.0
+    else:
+        if sampler in _MULTISTEP:  # these space steps + 1 points and drop the last (t ~ 0) one
+            if spacing == "trailing":
+                ts = schedule.spaced_timesteps(steps, spacing)
+            else:
+                ts = schedule.spaced_timesteps(steps + 1, spacing)[:-1].round()
+            sig = schedule.t_to_sigma(ts)
+            if karras:  # over the full training range, then the nearest integer timestep for the model
+                sig = schedule.karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
+                ts = schedule.sigma_to_t(sig).round()
+        else:  # Euler, Euler a, Heun, LMS: fractional float32 timesteps, sigma interpolated linearly in t
+            ts = schedule.spaced_timesteps(steps, spacing).astype(np.float32)
+            sig = schedule.t_to_sigma(ts)
+            if karras:  # between this grid's end sigmas; the model gets the fractional log-sigma timestep
+                sig = schedule.karras_sigmas(steps, float(sig[-1]), float(sig[0]))
+                ts = schedule.sigma_to_t(sig)
+        sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        if sampler in _MULTISTEP:  # they start from VP noise: x = x_t / sqrt(abar) = eps * sqrt(sigma^2 + 1)
+            init_noise_sigma = float((sigmas[0] ** 2 + 1) ** 0.5)
+        elif spacing == "leading":  # diffusers' Euler-family init_noise_sigma
+            init_noise_sigma = float((sigmas.max() ** 2 + 1) ** 0.5)
+        else:
+            init_noise_sigma = float(sigmas.max())
+
+    init_steps = min(int(steps * strength), steps)  # diffusers' get_timesteps
+    if init_steps == 0:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
+    return SamplingPlan(
+        sampler=sampler,
+        steps=steps,
+        timesteps=torch.from_numpy(np.asarray(ts, dtype=np.float32)),
+        sigmas=sigmas,
+        start=steps - init_steps,
+        init_noise_sigma=init_noise_sigma,
+        eta=eta,
+        step_ratio=schedule.NUM_TRAIN_TIMESTEPS // steps,
+    )

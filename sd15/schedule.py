@@ -1,0 +1,132 @@
+"""The SD1.5 noise schedule, and the timestep and sigma grids that samplers walk.
+
+Stable Diffusion v1 was trained as a discrete DDPM (Ho et al. 2020) with T = 1000 steps and the
+"scaled linear" beta schedule of `configs/stable-diffusion/v1-inference.yaml`:
+
+    beta_t            = linspace(sqrt(0.00085), sqrt(0.012), 1000)[t] ** 2        t = 0 … 999
+    alphas_cumprod_t  = prod_{s <= t} (1 - beta_s)                                 ("alpha bar")
+    x_t               = sqrt(alphas_cumprod_t) * x_0 + sqrt(1 - alphas_cumprod_t) * eps      (VP form)
+
+The same process in the variance-exploding form of Karras et al. 2022 ("Elucidating the Design Space of
+Diffusion-Based Generative Models", EDM) is x = x_0 + sigma * eps with
+
+    sigma_t = sqrt((1 - alphas_cumprod_t) / alphas_cumprod_t),    x_VE = x_VP / sqrt(alphas_cumprod_t)
+
+so sigma runs from 0.0292 (t = 0) to 14.6146 (t = 999).
+
+Everything here follows diffusers 0.42.1 number for number: the betas are computed in float32 (ldm used
+float64; the two differ in the 7th digit), and the timestep grids and sigma conversions are done in
+float64 NumPy on top of the float32 tables, as diffusers' schedulers do, so that a sampler fed these
+grids evaluates the UNet at exactly the timesteps diffusers would.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000  # T of the training process
+BETA_START = 0.00085  # linear_start of v1-inference.yaml
+BETA_END = 0.012  # linear_end of v1-inference.yaml
+STEPS_OFFSET = 1  # steps_offset of SD1.5's scheduler_config.json ("leading" spacing ends at t = 1)
+KARRAS_RHO = 7.0  # rho of Karras et al. 2022, eq. (5)
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+# --------------------------------------------------------------------------- the training schedule
+
+
+@cache
+def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(betas, alphas_cumprod, sigmas), each (1000,) float32, computed once."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return betas, alphas_cumprod, sigmas
+
+
+def betas() -> torch.Tensor:
+    """beta_t for t = 0 … 999, float32, shape (1000,): linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2."""
+    return _tables()[0].clone()
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """alpha bar_t = prod_{s<=t} (1 - beta_s), float32, shape (1000,); 0.99915 at t=0, 0.0046601 at t=999."""
+    return _tables()[1].clone()
+
+
+def sigmas() -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha bar_t) / alpha bar_t), float32, shape (1000,), increasing in t."""
+    return _tables()[2].clone()
+
+
+# --------------------------------------------------------------------------- timestep grids
+
+
+def spaced_timesteps(steps: int, spacing: str, steps_offset: int = STEPS_OFFSET) -> np.ndarray:
+    """`steps` training timesteps from noisy to clean, float64, not rounded.
+
+    The three spacings of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Table 2), as diffusers writes them (T = 1000):
+
+        "linspace": linspace(0, T-1, steps), reversed            -> 999, …, 0 (fractional in between)
+        "leading":  (arange(steps) * (T // steps)) + offset, reversed  -> e.g. 981, 961, …, 1 for 50 steps
+        "trailing": round(arange(T, 0, -T/steps)) - 1            -> 999, …, T/steps - 1
+
+    Each scheduler then rounds (or not) in its own way; see `sd15.samplers.plan_sampling`.
+    """
+    T = NUM_TRAIN_TIMESTEPS
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.float64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / steps)) - 1
+    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+
+
+# --------------------------------------------------------------------------- sigma <-> timestep
+
+
+def t_to_sigma(t: np.ndarray) -> np.ndarray:
+    """sigma at (possibly fractional) timesteps by linear interpolation of the sigma table in t.
+
+    This is how diffusers' Euler/Heun/LMS schedulers get the sigma of a fractional timestep such as 799.2
+    (`np.interp(timesteps, arange(1000), sigmas)`); at integer timesteps it is the table itself.
+    """
+    table = _tables()[2].numpy()
+    return np.interp(np.asarray(t, dtype=np.float64), np.arange(NUM_TRAIN_TIMESTEPS), table)
+
+
+def sigma_to_t(sigma: np.ndarray) -> np.ndarray:
+    """The (fractional) timestep of each sigma, by linear interpolation in log-sigma between table entries.
+
+    The inverse diffusers (and k-diffusion's `DiscreteSchedule.sigma_to_t`) use for sigmas that are not
+    on the table, e.g. Karras sigmas: find the table interval [log sigma_lo, log sigma_hi] holding
+    log sigma and return lo + w with w = (log sigma_lo - log sigma) / (log sigma_lo - log sigma_hi),
+    clipped to [0, 999].
+    """
+    log_sigmas = np.log(_tables()[2].numpy())  # (1000,) float32, as diffusers keeps it
+    sigma = np.asarray(sigma, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)  # (N,)
+    at_or_below = log_sigma[None, :] - log_sigmas[:, None] >= 0  # (1000, N)
+    # index of the last table entry at or below log sigma, kept one short of the end so that hi exists
+    lo = np.cumsum(at_or_below, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    hi = lo + 1
+    w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[hi]), 0, 1)
+    return ((1 - w) * lo + w * hi).reshape(sigma.shape)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> np.ndarray:
+    """The noise levels of Karras et al. 2022, eq. (5), from sigma_max down to sigma_min, float64.
+
+        sigma_i = (sigma_max^(1/rho) + i/(steps-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+    rho = 7 spends more steps at low noise than a uniform grid in t does.
+    """
+    ramp = np.linspace(0, 1, steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho

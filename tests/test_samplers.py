@@ -1,0 +1,287 @@
+"""Samplers (sd15.samplers) against diffusers 0.42.1's schedulers, run as diffusers users run them.
+
+Each reference scheduler is `X.from_config(<SD1.5 scheduler_config>, **overrides)` (the way users swap
+samplers) driven by the loop of StableDiffusionPipeline / StableDiffusionImg2ImgPipeline: set_timesteps,
+`noise * init_noise_sigma` or get_timesteps + set_begin_index + add_noise, then scale_model_input / model /
+step. Both sides get the same deterministic fake eps model, the same latents and same-seeded CPU generators.
+
+Tolerance: final latents agree within 1e-4 in float32. The two sides are the same arithmetic up to rounding
+(float32 carries ~6e-8 relative), but not the same operations: the sigma-space samplers hold
+x = x_0 + sigma eps, up to ~15x the VP latent, where diffusers' DPM-Solver/UniPC keep the VP latent; LMS
+integrates its coefficients exactly, diffusers with scipy.quad in float32; UniPC's 2x2 solve is closed-form.
+Observed differences are <= 7e-6 after 50 steps; a single timestep off by one moves the result by ~1e-3
+(`test_tolerance_catches_an_off_by_one_timestep`), so 1e-4 separates rounding from mistakes.
+"""
+
+import diffusers  # test-only oracle
+import inspect
+
+import pytest
+import torch
+
+from reference_models import SD15_SCHEDULER_CONFIG
+from sd15.samplers import SAMPLERS, plan_sampling
+
+SIGMA_SAMPLERS = [s for s in SAMPLERS if s not in ("ddim", "pndm")]
+KARRAS_IN_DIFFUSERS = [s for s in SIGMA_SAMPLERS if s != "euler_a"]  # EulerAncestral has no use_karras_sigmas
+SHAPE = (1, 4, 8, 8)
+TOL = 1e-4
+
+
+def reference_scheduler(sampler: str, karras: bool = False, **overrides):
+    """diffusers' scheduler for `sampler`, configured as `X.from_config(SD1.5 config)`."""
+    if karras:
+        overrides["use_karras_sigmas"] = True
+    classes = {
+        "ddim": diffusers.DDIMScheduler,
+        "pndm": diffusers.PNDMScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+        "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+        "heun": diffusers.HeunDiscreteScheduler,
+        "lms": diffusers.LMSDiscreteScheduler,
+        "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+        "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
+        "unipc": diffusers.UniPCMultistepScheduler,
+    }
+    if sampler == "dpmpp_2m_sde":
+        overrides["algorithm_type"] = "sde-dpmsolver++"
+    return classes[sampler].from_config(SD15_SCHEDULER_CONFIG, **overrides)
+
+
+class FakeEps:
+    """A deterministic, nonlinear stand-in for the guided UNet, shaped like a real one.
+
+    It predicts the noise that would make x_0 = g(x, t) = 1.5 tanh(W x + 0.3 sin(t/8 + phase)) at a noise level
+    abar(t) = 0.99915 exp(-t/185) close to SD's (0.99915 at t=0, 0.0045 at t=999), so x_0 estimates stay O(1)
+    as with the real model, and sin(t/8) makes it as sensitive to t as the UNet's fastest timestep-embedding
+    frequencies (a timestep off by one moves x_0 by up to 0.05). Records the timesteps it is called at.
+    """
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1234)
+        self.W = torch.randn(4, 4, generator=g) * 0.7
+        self.phase = torch.rand(4, generator=g) * 6.28
+        self.seen: list[float] = []
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        self.seen.append(float(t[0]))
+        t = t.to(x.device)[:, None, None, None]
+        abar = 0.99915 * torch.exp(-t / 185)
+        mix = torch.einsum("oc,bchw->bohw", self.W.to(x.device), x)
+        x0 = 1.5 * torch.tanh(mix + 0.3 * torch.sin(t / 8 + self.phase.to(x.device)[None, :, None, None]))
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def latents(seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def run_diffusers(scheduler, steps, noise, init=None, strength=1.0, seed=None, eta=0.0):
+    """diffusers' StableDiffusion(Img2Img)Pipeline denoising loop around `scheduler`; returns (latents, t seen)."""
+    model = FakeEps()
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    if init is None:
+        x = noise * scheduler.init_noise_sigma
+    else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        x = scheduler.add_noise(init, noise, timesteps[:1].repeat(noise.shape[0]))
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {}
+    if "eta" in accepted:
+        extra["eta"] = eta
+    if "generator" in accepted:
+        extra["generator"] = torch.Generator().manual_seed(seed) if seed is not None else None
+    for t in timesteps:
+        eps = model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+    return x, model.seen
+
+
+def run_ours(sampler, steps, noise, init=None, strength=1.0, seed=None, karras=False, eta=0.0, spacing=None):
+    model = FakeEps()
+    plan = plan_sampling(sampler, steps, strength, karras=karras, eta=eta, spacing=spacing)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = plan.sample(model, plan.noise_latents(noise, init), generator=generator)
+    return x, model.seen
+
+
+def assert_parity(ours, ref):
+    (x, seen), (x_ref, seen_ref) = ours, ref
+    assert seen == pytest.approx(seen_ref, abs=1e-3), "the model was called at different timesteps"
+    assert (x - x_ref).abs().max().item() < TOL
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("steps", [1, 6, 20, 50])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_txt2img_parity(sampler, steps):
+    noise = latents(0)
+    ref = run_diffusers(reference_scheduler(sampler), steps, noise, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, seed=7), ref)
+
+
+@pytest.mark.parametrize("steps", [1, 6, 20, 50])
+@pytest.mark.parametrize("sampler", KARRAS_IN_DIFFUSERS)
+def test_txt2img_parity_karras(sampler, steps):
+    noise = latents(0)
+    ref = run_diffusers(reference_scheduler(sampler, karras=True), steps, noise, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, seed=7, karras=True), ref)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+@pytest.mark.parametrize("steps", [6, 20, 50])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_img2img_parity(sampler, steps, strength):
+    noise, init = latents(0), latents(1, 0.8)
+    ref = run_diffusers(reference_scheduler(sampler), steps, noise, init, strength, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, init, strength, seed=7), ref)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+@pytest.mark.parametrize("sampler", KARRAS_IN_DIFFUSERS)
+def test_img2img_parity_karras(sampler, strength):
+    noise, init = latents(0), latents(1, 0.8)
+    ref = run_diffusers(reference_scheduler(sampler, karras=True), 20, noise, init, strength, seed=7)
+    assert_parity(run_ours(sampler, 20, noise, init, strength, seed=7, karras=True), ref)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+@pytest.mark.parametrize("strength", [1.0, 0.3])
+def test_ddim_eta_parity(eta, strength):
+    """DDIM with eta > 0 draws noise each step: the same seeded generator gives the same draws as diffusers."""
+    noise, init = latents(0), (latents(1, 0.8) if strength < 1 else None)
+    ref = run_diffusers(reference_scheduler("ddim"), 20, noise, init, strength, seed=3, eta=eta)
+    assert_parity(run_ours("ddim", 20, noise, init, strength, seed=3, eta=eta), ref)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_spacing_override_parity(sampler, spacing):
+    noise = latents(0)
+    ref = run_diffusers(reference_scheduler(sampler, timestep_spacing=spacing), 7, noise, seed=7)
+    assert_parity(run_ours(sampler, 7, noise, seed=7, spacing=spacing), ref)
+
+
+def test_euler_a_karras_uses_eulers_karras_grid():
+    """diffusers' EulerAncestral has no Karras option; check our euler_a on the Karras grid of EulerDiscrete."""
+    grid = reference_scheduler("euler", karras=True)
+    grid.set_timesteps(20)
+    ref_scheduler = reference_scheduler("euler_a")
+    ref_scheduler.set_timesteps = lambda steps: None  # keep the grid installed below
+    ref_scheduler.sigmas, ref_scheduler.timesteps = grid.sigmas, grid.timesteps
+    noise = latents(0)
+    assert_parity(run_ours("euler_a", 20, noise, seed=7, karras=True), run_diffusers(ref_scheduler, 20, noise, seed=7))
+
+
+def test_tolerance_catches_an_off_by_one_timestep():
+    from sd15 import samplers
+
+    noise = latents(0)
+    x_ref, _ = run_diffusers(reference_scheduler("euler"), 20, noise)
+    plan = plan_sampling("euler", 20)
+    timesteps = plan.timesteps.clone()
+    timesteps[10] += 1
+    x = samplers.euler(FakeEps(), plan.noise_latents(noise), plan.sigmas, timesteps)
+    assert (x - x_ref).abs().max().item() > 5 * TOL
+
+
+# --------------------------------------------------------------------------- schedules as FACTS.md lists them
+
+
+def test_timesteps_as_diffusers_lists_them():
+    assert plan_sampling("pndm", 50).timesteps.tolist() == [981, 961] + list(range(961, 0, -20))
+    assert plan_sampling("ddim", 50).timesteps.tolist() == list(range(981, 0, -20))
+    assert plan_sampling("ddim", 6).timesteps.tolist() == [831, 665, 499, 333, 167, 1]
+    assert plan_sampling("euler", 6).timesteps.tolist() == pytest.approx([999, 799.2, 599.4, 399.6, 199.8, 0])
+    assert plan_sampling("dpmpp_2m", 6).timesteps.tolist() == [999, 832, 666, 500, 333, 166]
+    assert plan_sampling("unipc", 6).timesteps.tolist() == [999, 832, 666, 500, 333, 166]
+
+
+@pytest.mark.parametrize("sampler, karras", [(s, False) for s in SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS])
+def test_grid_equals_diffusers(sampler, karras):
+    ref = reference_scheduler(sampler, karras=karras)
+    ref.set_timesteps(30)
+    plan = plan_sampling(sampler, 30, karras=karras)
+    ref_t, ref_sigmas = ref.timesteps.float(), getattr(ref, "sigmas", None)
+    if sampler == "heun":  # diffusers interleaves [t0, t1, t1, t2, t2, …]; we list each step once
+        ref_t, ref_sigmas = torch.cat([ref_t[:1], ref_t[1::2]]), torch.cat([ref_sigmas[:1], ref_sigmas[1::2]])
+    assert torch.equal(plan.timesteps, ref_t)
+    if plan.sigmas is not None:
+        assert torch.equal(plan.sigmas, ref_sigmas.float())
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_img2img_start_follows_get_timesteps(sampler):
+    for steps, strength in [(50, 0.75), (20, 0.3), (10, 1.0), (7, 0.5)]:
+        plan = plan_sampling(sampler, steps, strength)
+        assert plan.start == steps - int(steps * strength)
+
+
+# --------------------------------------------------------------------------- callbacks, noise, errors
+
+
+def expected_calls(sampler: str, steps: int) -> int:
+    return steps + 1 if sampler == "pndm" else steps  # PNDM evaluates its second timestep twice
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_callback_sees_every_step(sampler):
+    infos = []
+    plan = plan_sampling(sampler, 8)
+    plan.sample(FakeEps(), plan.noise_latents(latents(0)), torch.Generator().manual_seed(0), infos.append)
+    assert [info["i"] for info in infos] == list(range(expected_calls(sampler, 8)))
+    assert set(infos[0]) == {"i", "t", "sigma", "sigma_next", "x", "denoised"}
+    assert infos[0]["t"] == pytest.approx(float(plan.timesteps[0]))
+    assert all(info["x"].shape == SHAPE and info["denoised"].shape == SHAPE for info in infos)
+    if plan.sigmas is not None:
+        assert infos[-1]["sigma_next"] == 0.0
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_callback_returning_true_stops_early(sampler):
+    calls = []
+
+    def stop_after_three(info):
+        calls.append(info)
+        return info["i"] == 2
+
+    plan = plan_sampling(sampler, 10)
+    x = plan.sample(FakeEps(), plan.noise_latents(latents(0)), torch.Generator().manual_seed(0), stop_after_three)
+    assert len(calls) == 3
+    last = calls[-1]
+    vp_scale = 1.0 if plan.sigmas is None else (last["sigma_next"] ** 2 + 1) ** 0.5
+    torch.testing.assert_close(x, last["x"] / vp_scale)  # the latent at that point, returned in VP form
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_sde"])
+def test_noise_comes_from_the_generator(sampler):
+    noise = latents(0)
+    a, _ = run_ours(sampler, 10, noise, seed=1)
+    b, _ = run_ours(sampler, 10, noise, seed=1)
+    c, _ = run_ours(sampler, 10, noise, seed=2)
+    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-3)
+    torch.manual_seed(5)  # without a generator: torch's global RNG, as diffusers
+    d, _ = run_ours(sampler, 10, noise)
+    torch.manual_seed(5)
+    assert torch.equal(d, run_ours(sampler, 10, noise)[0])
+
+
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        plan_sampling("dpm_fast", 20)
+    with pytest.raises(ValueError, match="karras"):
+        plan_sampling("ddim", 20, karras=True)
+    with pytest.raises(ValueError, match="eta"):
+        plan_sampling("euler", 20, eta=0.5)
+    with pytest.raises(ValueError, match="no step"):
+        plan_sampling("euler", 3, strength=0.2)
+    with pytest.raises(ValueError, match="init_latents"):
+        plan_sampling("euler", 10, strength=0.5).noise_latents(latents(0))
