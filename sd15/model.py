@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import pipeline
 from .checkpoint import (
     CLIP_PREFIX_OLD,
     UNET_PREFIX,
@@ -51,6 +52,17 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    generate = pipeline.generate
+    img2img = pipeline.img2img
+
+
+def default_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when a GPU is present, else the CPU in fp32 (half precision is slow or missing there)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
 
 def _meta_shapes(ckpt, keymap: dict[str, str]) -> dict[str, torch.Tensor]:
     """Shape-only stand-ins for a component's tensors, for config inference without reading data."""
@@ -76,12 +88,13 @@ def _build(name: str, module_cls, config, ckpt, keymap: dict[str, str], device, 
 
 def load(
     path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     ema: bool = False,
 ) -> StableDiffusion:
     """Load an SD1.x single-file checkpoint (.safetensors, or .ckpt read with weights_only=True).
 
+    By default the model goes to CUDA in fp16 when a GPU is present, else to the CPU in fp32.
     `ema=True` takes the UNet from the file's EMA copy (`model_ema.*`), as training checkpoints hold it.
     Files of other families (SD2, SDXL, LoRA, a VAE alone, …) are refused with a message naming them.
     """
@@ -109,7 +122,7 @@ def load(
     if info.clip_prefix == CLIP_PREFIX_OLD:  # older files: cond_stage_model.transformer.{embeddings,encoder,…}
         clip_keys = {k.removeprefix("text_model."): fk for k, fk in clip_keys.items()}
 
-    device = torch.device(device)
+    device, dtype = default_device_and_dtype(device, dtype)
     unet = _build("UNet", UNet, UNetConfig.from_state_dict(_meta_shapes(ckpt, unet_keys)), ckpt, unet_keys, device, dtype)
     vae = _build("VAE", AutoencoderKL, VAEConfig.from_state_dict(_meta_shapes(ckpt, vae_keys)), ckpt, vae_keys, device, dtype)
     clip_config = CLIPTextConfig.from_state_dict(_meta_shapes(ckpt, clip_keys))

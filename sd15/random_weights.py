@@ -23,10 +23,11 @@ from .vae import AutoencoderKL, VAEConfig
 
 FULL = {"unet": UNetConfig(), "vae": VAEConfig(), "text_encoder": CLIPTextConfig()}
 # The smallest model that keeps every structural feature of SD1.x: three UNet levels of which the last has
-# no attention, two ResBlocks per level, GroupNorm's 32 groups, 8 UNet heads, 12 CLIP heads, the real vocabulary.
+# no attention, two ResBlocks per level, GroupNorm's 32 groups, 8 UNet heads, 12 CLIP heads, the real
+# vocabulary, and a VAE that downsamples by 8 like the real one.
 TINY = {
     "unet": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 1), context_dim=48),
-    "vae": VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    "vae": VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
     "text_encoder": CLIPTextConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=2),
 }
 SIZES = {"full": FULL, "tiny": TINY}

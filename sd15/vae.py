@@ -243,6 +243,11 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
+    @property
+    def downscale_factor(self) -> int:
+        """Image pixels per latent pixel along each side: 8 for SD's VAE."""
+        return 2 ** (len(self.config.ch_mult) - 1)
+
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 

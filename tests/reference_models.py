@@ -118,3 +118,55 @@ def transformers_clip(checkpoint: dict[str, torch.Tensor], c: CLIPTextConfig):
 def max_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|: the error relative to the output's scale."""
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
+
+
+def transformers_tokenizer(folder):
+    """transformers' CLIPTokenizer built from sd15's shipped vocabulary and merges files."""
+    import shutil
+    from importlib import resources
+
+    from transformers import CLIPTokenizer
+
+    data = resources.files("sd15") / "data"
+    shutil.copyfile(data / "clip_vocab.json", folder / "vocab.json")
+    shutil.copyfile(data / "clip_merges.txt", folder / "merges.txt")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+DIFFUSERS_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def diffusers_scheduler(sampler: str, karras: bool = False):
+    """The diffusers scheduler a diffusers user swaps in for `sampler`: X.from_config(SD1.5's config)."""
+    import diffusers
+
+    overrides = {"algorithm_type": "sde-dpmsolver++"} if sampler == "dpmpp_2m_sde" else {}
+    if karras:
+        overrides["use_karras_sigmas"] = True
+    return getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(SD15_SCHEDULER_CONFIG, **overrides)
+
+
+def diffusers_pipeline(checkpoint, m, folder, pipeline_class="StableDiffusionPipeline", sampler="pndm"):
+    """A diffusers pipeline over the same random weights as the sd15 model `m` (configs taken from it)."""
+    import diffusers
+
+    return getattr(diffusers, pipeline_class)(
+        vae=diffusers_vae(checkpoint, m.vae.config),
+        text_encoder=transformers_clip(checkpoint, m.text_encoder.config),
+        tokenizer=transformers_tokenizer(folder),
+        unet=diffusers_unet(checkpoint, m.unet.config),
+        scheduler=diffusers_scheduler(sampler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,270 @@
+"""The `sd15` command line: generate, img2img, download (and the checkpoint tools in sd15.tools_cli).
+
+    sd15 generate "a photo of an astronaut riding a horse on mars" -o astronaut.png
+    sd15 generate --from-png astronaut.png -o again.png          # rerun from a PNG's parameters
+    sd15 img2img sketch.png "a watercolour of a lighthouse" --strength 0.6 -o lighthouse.png
+
+A user error (a bad argument, a missing or unusable checkpoint) exits with status 2 and one line on stderr
+saying what was wrong, and writes nothing; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .samplers import SAMPLERS
+
+DEFAULT_MODEL_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors")
+HUB_REPO, HUB_FILE = "stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+def find_model(explicit: str | None) -> Path:
+    """The checkpoint to use: --model, then $SD15_MODEL, then weights/ in the current folder."""
+    for source, value in (("--model", explicit), ("SD15_MODEL", os.environ.get("SD15_MODEL"))):
+        if value:
+            path = Path(value)
+            if not path.exists():
+                raise UserError(f"the model given by {source} does not exist: {path}")
+            return path
+    weights = Path("weights")
+    for name in DEFAULT_MODEL_NAMES:
+        if (weights / name).is_file():
+            return weights / name
+    found = sorted(p for p in weights.glob("*") if p.suffix in (".safetensors", ".ckpt"))
+    if found:
+        return found[0]
+    raise UserError(
+        "no checkpoint found: pass --model FILE, set SD15_MODEL, or put v1-5-pruned-emaonly.safetensors in "
+        "weights/ (`sd15 download` fetches it; weights/README.md says where else to get it)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 pixels, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50) -> None:
+    p.add_argument("--negative", default=None, help='negative prompt (default: "", as SD1.5 was trained)')
+    p.add_argument("--steps", type=_positive_int, default=None, help=f"sampling steps (default {steps_default})")
+    p.add_argument("--cfg", type=_finite_float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default pndm, i.e. PLMS)")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (sigma-space samplers)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
+    p.add_argument("-n", "--num-images", type=_positive_int, default=1)
+    p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on CUDA, else fp32")
+    p.add_argument("-o", "--output", default=None, help="output PNG (several images: NAME-0.png, NAME-1.png, …)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd15", description="Stable Diffusion v1.5, from scratch in PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt", nargs="?", default=None)
+    g.add_argument("--width", type=_size, default=None, help="width in pixels, a multiple of 8 (default 512)")
+    g.add_argument("--height", type=_size, default=None, help="height in pixels, a multiple of 8 (default 512)")
+    g.add_argument("--from-png", default=None, help="take every setting from this PNG's parameters; flags override")
+    _add_sampling_arguments(g)
+
+    i = sub.add_parser("img2img", help="image to image")
+    i.add_argument("image")
+    i.add_argument("prompt")
+    i.add_argument("--strength", type=_finite_float, default=0.75, help="how much to change, in (0, 1] (default 0.75)")
+    i.add_argument("--fit", choices=("resize", "crop"), default="resize", help="for sides not a multiple of 8")
+    _add_sampling_arguments(i)
+
+    d = sub.add_parser("download", help=f"fetch {HUB_FILE} into weights/ (needs huggingface_hub and the network)")
+    d.add_argument("--dir", default="weights")
+    d.add_argument("--debug", action="store_true")
+
+    from . import tools_cli
+
+    tools_cli.add_commands(sub)
+    return parser
+
+
+def _load_model(args):
+    import torch
+
+    import sd15
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    path = find_model(args.model)
+    return sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype)), path
+
+
+def _output_paths(output: str | None, count: int, seed: int) -> list[Path]:
+    base = Path(output) if output else Path("outputs") / f"{seed}.png"
+    if base.suffix.lower() != ".png":
+        raise UserError(f"the output must be a .png file, got {base}")
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(count)]
+
+
+def _settings_from_png(path: str) -> dict:
+    from .pnginfo import parse_parameters, read_parameters
+
+    try:
+        return parse_parameters(read_parameters(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read generation parameters from {path}: {e}") from None
+
+
+def _warn_truncation(m, prompts: list[str]) -> None:
+    for prompt, dropped in zip(prompts, m.tokenizer.encode(prompts).num_truncated):
+        if dropped:
+            print(f"warning: the prompt is longer than 75 tokens; {dropped} tokens were dropped: "
+                  f"{prompt[:40]!r}…", file=sys.stderr)  # fmt: skip
+
+
+def _save(m, model_path: Path, images, paths: list[Path]) -> None:
+    from .pnginfo import format_parameters, save_png, short_hash
+
+    model_hash = short_hash(model_path) if model_path.is_file() else None
+    for image, path in zip(images, paths):
+        save_png(image, path, format_parameters(image.info["sd15"], model_hash, model_path.stem))
+        print(f"wrote {path}")
+
+
+def run_generate(args) -> None:
+    import secrets
+
+    settings = _settings_from_png(args.from_png) if args.from_png else {}
+    prompt = args.prompt if args.prompt is not None else settings.get("prompt")
+    if prompt is None:
+        raise UserError("give a prompt (or --from-png FILE)")
+
+    def pick(flag, key, default):
+        return flag if flag is not None else settings.get(key, default)
+
+    kwargs = dict(
+        negative_prompt=pick(args.negative, "negative_prompt", ""),
+        steps=pick(args.steps, "steps", 50),
+        guidance_scale=pick(args.cfg, "guidance_scale", 7.5),
+        sampler=pick(args.sampler, "sampler", "pndm"),
+        seed=pick(args.seed, "seed", None),
+        width=pick(args.width, "width", 512),
+        height=pick(args.height, "height", 512),
+        karras=pick(args.karras, "karras", False),
+        eta=settings.get("eta", 0.0),
+    )
+    if kwargs["seed"] is None:
+        kwargs["seed"] = secrets.randbelow(2**32)
+    from .pipeline import check_settings
+
+    check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"], args.num_images)
+    paths = _output_paths(args.output, args.num_images, kwargs["seed"])
+    m, model_path = _load_model(args)
+    _warn_truncation(m, [prompt])
+    images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, **kwargs)
+    _save(m, model_path, images, paths)
+
+
+def run_img2img(args) -> None:
+    import secrets
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not 0 < args.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    try:
+        with Image.open(args.image) as im:
+            image = im.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"cannot read the image {args.image}: {e}") from None
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    paths = _output_paths(args.output, args.num_images, seed)
+    m, model_path = _load_model(args)
+    _warn_truncation(m, [args.prompt])
+    images = m.img2img(
+        image,
+        args.prompt,
+        strength=args.strength,
+        negative_prompt=args.negative or "",
+        steps=args.steps or 50,
+        guidance_scale=args.cfg if args.cfg is not None else 7.5,
+        sampler=args.sampler or "pndm",
+        seed=seed,
+        num_images=args.num_images,
+        karras=bool(args.karras),
+        fit=args.fit,
+        progress=not args.no_progress,
+    )
+    _save(m, model_path, images, paths)
+
+
+def run_download(args) -> None:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise UserError(
+            "`sd15 download` needs huggingface_hub: pip install 'sd15[download]' (or fetch "
+            f"{HUB_FILE} from the {HUB_REPO} repository on the Hugging Face Hub by hand into weights/)"
+        ) from None
+    try:
+        path = hf_hub_download(HUB_REPO, HUB_FILE, local_dir=args.dir)
+    except Exception as e:  # network errors come in many types
+        raise UserError(f"download failed ({type(e).__name__}: {e}); check the network, or fetch it by hand") from None
+    print(f"wrote {path}")
+
+
+COMMANDS = {"generate": run_generate, "img2img": run_img2img, "download": run_download}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import tools_cli
+    from .checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = COMMANDS.get(args.command) or tools_cli.COMMANDS[args.command]
+    try:
+        run(args)
+    except (UserError, CheckpointError, ValueError, FileExistsError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"sd15 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

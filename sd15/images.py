@@ -1,0 +1,91 @@
+"""Converting between user images (PIL, numpy, tensors) and the VAE's (B, 3, H, W) tensors in [-1, 1].
+
+The VAE downsamples by 8, so image sides must be multiples of 8. An image of any other size is brought to
+one by `fit`:
+- "resize" (default, as diffusers does): scaled down to the largest multiple of 8 in each side, with a
+  Lanczos filter (a 513×770 image becomes 512×768, slightly squeezed);
+- "crop": the centre crop of that size is kept, with no resampling (edge pixels are lost instead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+FITS = ("resize", "crop")
+
+
+def _fit_pil(image: Image.Image, fit: str) -> Image.Image:
+    W, H = image.size
+    w, h = W - W % 8, H - H % 8
+    if (w, h) == (W, H):
+        return image
+    if w == 0 or h == 0:
+        raise ValueError(f"image of {W}×{H} pixels is too small: each side must be at least 8 pixels")
+    if fit == "resize":
+        return image.resize((w, h), Image.LANCZOS)
+    if fit == "crop":
+        left, top = (W - w) // 2, (H - h) // 2
+        return image.crop((left, top, left + w, top + h))
+    raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+
+
+def _to_pil_rgb(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # flatten onto white
+            return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64) / 257.0
+            return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
+    raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+
+
+def to_tensor(images, fit: str = "resize") -> torch.Tensor:
+    """PIL image(s), a uint8 or float array (H, W, 3) / (B, H, W, 3) in [0, 255] / [0, 1], or a float tensor
+    (B, 3, H, W) in [-1, 1] -> float32 tensor (B, 3, H, W) in [-1, 1] with H and W multiples of 8."""
+    if isinstance(images, torch.Tensor):
+        t = images.float()
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got shape {tuple(images.shape)}")
+        if t.shape[-1] % 8 or t.shape[-2] % 8:
+            if fit == "crop":
+                H, W = t.shape[-2:]
+                top, left = (H % 8) // 2, (W % 8) // 2
+                return t[..., top : top + H - H % 8, left : left + W - W % 8]
+            return torch.cat([to_tensor(to_pil(x[None])[0], fit) for x in t])
+        return t
+    if isinstance(images, np.ndarray):
+        array = images
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"image arrays must be (H, W, 3) or (B, H, W, 3); got shape {images.shape}")
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        pil = [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8).squeeze()) for a in array]
+        return to_tensor(pil, fit)
+    if isinstance(images, Image.Image):
+        images = [images]
+    tensors = []
+    for image in images:
+        rgb = _fit_pil(_to_pil_rgb(image), fit)
+        array = np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
+        tensors.append(torch.from_numpy(array).permute(2, 0, 1) * 2 - 1)
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError("all images of a batch must have the same size")
+    return torch.stack(tensors)
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """VAE output (B, 3, H, W) in [-1, 1] -> float32 array (B, H, W, 3) in [0, 1]."""
+    return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """VAE output (B, 3, H, W) in [-1, 1] -> RGB PIL images (rounded to the nearest of 256 levels)."""
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in to_numpy(images)]

@@ -1,0 +1,155 @@
+"""Generation parameters in PNG files, in the text format people paste between tools.
+
+The AUTOMATIC1111 web UI stores a `parameters` tEXt chunk that most SD tools read and write:
+
+    a photo of an astronaut riding a horse on mars
+    Negative prompt: blurry, lowres
+    Steps: 50, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly
+
+The prompt may span several lines; the negative prompt line is present only when it is not empty; the last
+line is comma-separated `Key: value` pairs (a value with a comma or colon is double-quoted). The model hash
+is the first 10 hex digits of the file's SHA-256, as that UI shows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .pipeline import GenerationSettings
+
+# sd15 sampler name <-> the name that UI gives the same algorithm.
+SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "unipc": "UniPC",
+}
+SAMPLERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
+
+
+def format_parameters(s: GenerationSettings, model_hash: str | None = None, model_name: str | None = None) -> str:
+    lines = [s.prompt]
+    if s.negative_prompt:
+        lines.append(f"Negative prompt: {s.negative_prompt}")
+    fields = {
+        "Steps": s.steps,
+        "Sampler": SAMPLER_NAMES[s.sampler],
+        "Schedule type": "Karras" if s.karras else None,
+        "CFG scale": f"{s.guidance_scale:g}",
+        "Seed": s.seed,
+        "Size": f"{s.width}x{s.height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "Denoising strength": f"{s.strength:g}" if s.strength is not None else None,
+        "Eta": f"{s.eta:g}" if s.eta else None,
+        "Version": "sd15",
+    }
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w \-+/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict:
+    """The `parameters` text -> {"prompt", "negative_prompt", and the last line's fields by name}.
+
+    `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
+    name), "seed", "width", "height", "karras", "eta", "strength".
+    """
+    lines = text.strip("\n").split("\n")
+    last = lines[-1] if re.match(r"(.*, )?Steps: ", lines[-1]) else ""  # the settings line always has Steps
+    body = lines[:-1] if last else lines
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    fields = {}
+    for key, value in _FIELD.findall(last):
+        value = value.strip()
+        fields[key.strip()] = json.loads(value) if value.startswith('"') else value
+    result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), "fields": fields}
+    if "Steps" in fields:
+        result["steps"] = int(fields["Steps"])
+    if "Sampler" in fields:
+        name = fields["Sampler"]
+        if name.endswith(" Karras"):  # older files put the schedule in the sampler's name
+            name, fields["Schedule type"] = name[: -len(" Karras")], "Karras"
+        if name not in SAMPLERS_BY_NAME:
+            raise ValueError(f"sampler {name!r} in the PNG parameters is not one sd15 has")
+        result["sampler"] = SAMPLERS_BY_NAME[name]
+    result["karras"] = fields.get("Schedule type") == "Karras"
+    for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
+                            ("Denoising strength", "strength", float), ("Eta", "eta", float)):  # fmt: skip
+        if key in fields:
+            result[name] = kind(fields[key])
+    if "Size" in fields:
+        result["width"], result["height"] = (int(v) for v in fields["Size"].split("x"))
+    return result
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
+    """Write `image` with a `parameters` text chunk, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_parameters(path: str | os.PathLike) -> str:
+    with Image.open(path) as image:
+        text = image.info.get("parameters") or getattr(image, "text", {}).get("parameters")
+    if text is None:
+        raise ValueError(f"{path} has no `parameters` text chunk")
+    return text
+
+
+def short_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """First 10 hex digits of the file's SHA-256 (the "Model hash" other tools display), cached by path,
+    size and modification time in ~/.cache/sd15/hashes.json so a 4 GB file is hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    cache_file = Path(cache_dir or Path.home() / ".cache" / "sd15") / "hashes.json"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    cache[key] = digest.hexdigest()[:10]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=0))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs rehashing next time
+    return cache[key]
