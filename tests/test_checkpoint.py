@@ -241,3 +241,31 @@ def test_full_size_load_keeps_one_copy_in_memory(tmp_path):
     model_bytes, peak = map(int, out.stdout.split())
     assert model_bytes > 4.2e9  # 1.066 B fp32 parameters
     assert peak < 1.35 * model_bytes, f"peak RSS {peak / 2**30:.2f} GiB for a {model_bytes / 2**30:.2f} GiB model"
+
+
+@pytest.mark.parametrize(
+    "module, reference",
+    [("unet", "UNET-v1-SD.txt"), ("vae", "VAE-v1-SD.txt"), ("text_encoder", "CLIP-v1-SD.txt")],
+)
+def test_full_size_modules_have_exactly_the_original_keys_and_shapes(module, reference):
+    from sd15.random_weights import FULL, UNet, AutoencoderKL, CLIPTextModel
+
+    cls = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[module]
+    with torch.device("meta"):
+        model = cls(FULL[module])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = reference_shapes(reference)
+    assert len(ours) == {"unet": 686, "vae": 248, "text_encoder": 197}[module]
+    assert ours == theirs
+
+
+def test_make_random_checkpoint_script(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "make_random_checkpoint.py"
+    out = tmp_path / "r.ckpt"
+    result = subprocess.run([sys.executable, str(script), str(out), "--size", "tiny", "--inpainting", "--seed", "3"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    m = sd15.load(out)
+    assert m.info.kind == "sd1-inpainting"
+    expected = random_checkpoint("tiny", seed=3, inpainting=True)
+    assert torch.equal(m.unet.out[2].weight, expected[UNET_PREFIX + "out.2.weight"])  # seeded: reproducible
