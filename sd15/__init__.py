@@ -5,7 +5,8 @@
 """
 
 from .checkpoint import CheckpointError
+from .hooks import trace
 from .model import StableDiffusion, load
 
-__all__ = ["CheckpointError", "StableDiffusion", "load"]
+__all__ = ["CheckpointError", "StableDiffusion", "load", "trace"]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ changes one place. Two paths compute the same thing:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +51,21 @@ def attention(
     heads: int,
     causal: bool = False,
     explicit: bool = False,
+    probs_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Multi-head attention over already-projected queries, keys and values.
 
     q: (B, Tq, D); k, v: (B, Tk, D); returns (B, Tq, D). `causal` lets position i attend only to
     positions <= i (the CLIP text transformer). `explicit` selects the plain-PyTorch reference path.
+    `probs_hook(probs) -> probs` sees (and may replace) the probabilities (B, h, Tq, Tk); it implies the
+    explicit path, since fused kernels never form them (see sd15.hooks).
     """
     q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # (B, h, T, d)
-    if explicit:
-        out = attention_probabilities(q, k, causal) @ v  # (B, h, Tq, d)
+    if explicit or probs_hook is not None:
+        probs = attention_probabilities(q, k, causal)  # (B, h, Tq, Tk)
+        if probs_hook is not None:
+            probs = probs_hook(probs)
+        out = probs @ v  # (B, h, Tq, d)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, Tq, d)
     return merge_heads(out)  # (B, Tq, D)

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=_size, default=None, help="width in pixels, a multiple of 8 (default 512)")
     g.add_argument("--height", type=_size, default=None, help="height in pixels, a multiple of 8 (default 512)")
     g.add_argument("--from-png", default=None, help="take every setting from this PNG's parameters; flags override")
+    g.add_argument("--attention-maps", metavar="DIR", default=None, help="write a cross-attention overlay per prompt token")
+    g.add_argument("--save-steps", metavar="DIR", default=None, help="write the predicted image at each step (grid + GIF)")
     _add_sampling_arguments(g)
 
     i = sub.add_parser("img2img", help="image to image")
@@ -191,8 +193,40 @@ def run_generate(args) -> None:
     paths = _output_paths(args.output, args.num_images, kwargs["seed"])
     m, model_path = _load_model(args)
     _warn_truncation(m, [prompt])
-    images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, **kwargs)
+    with _inspection(m, args) as trace:
+        images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, **kwargs)
     _save(m, model_path, images, paths)
+    if trace is not None:
+        _write_inspection(m, args, trace, images, prompt)
+
+
+def _inspection(m, args):
+    """A trace that records what --attention-maps and --save-steps need (or a no-op context)."""
+    import contextlib
+
+    from . import hooks, visualize
+
+    capture = ([visualize.CROSS_ATTENTION] if args.attention_maps else []) + (["step.denoised"] if args.save_steps else [])
+    if not capture:
+        return contextlib.nullcontext()
+    return hooks.trace(m, capture=capture, reduce=visualize.HEATMAP_REDUCE)
+
+
+def _write_inspection(m, args, trace, images, prompt: str) -> None:
+    from . import visualize
+
+    for i, image in enumerate(images):
+        sub = (lambda d: Path(d) / f"image-{i}") if len(images) > 1 else Path
+        if args.attention_maps:
+            f = m.vae.downscale_factor
+            latent_hw = (image.height // f, image.width // f)
+            heat = visualize.token_heatmaps(trace, latent_hw, (image.height, image.width), image=i)
+            ids = m.tokenizer.tokenize(image.info["sd15"].prompt)[: m.tokenizer.MAX_CONTENT]
+            written = visualize.save_attention_maps(sub(args.attention_maps), image, heat, ids, m.tokenizer.decode)
+            print(f"wrote {len(written)} attention maps to {sub(args.attention_maps)}")
+        if args.save_steps:
+            sheet, anim = visualize.save_trajectory(visualize.decode_trajectory(m, trace, image=i), sub(args.save_steps))
+            print(f"wrote {sheet} and {anim}")
 
 
 def run_img2img(args) -> None:

@@ -71,10 +71,12 @@ class CLIPAttention(nn.Module):
         D = c.hidden_size
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         self.out_proj = nn.Linear(D, D)
+        self.probs_hook = None  # set by sd15.hooks to see or edit the attention probabilities
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D)
-        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+        hook = self.probs_hook if self.probs_hook is not None and self.probs_hook.wanted() else None
+        return self.out_proj(attention(q, k, v, self.heads, causal=True, probs_hook=hook))
 
 
 class CLIPMLP(nn.Module):

@@ -91,10 +91,19 @@ def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Ten
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = x.to(m.dtype), t.to(m.device)
+        trace = getattr(m, "_trace", None)  # sd15.hooks: records the two branches when asked to
+        if trace is not None:
+            trace.guided = guidance_scale > 1.0
         if guidance_scale <= 1.0:
-            return m.unet(x_in, t_in, cond).to(x.dtype)
+            eps = m.unet(x_in, t_in, cond).to(x.dtype)
+            return trace.visit("step.eps", eps) if trace is not None and trace.wants("step.eps") else eps
         eps_u, eps_c = m.unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([uncond, cond])).chunk(2)
-        return (eps_u + guidance_scale * (eps_c - eps_u)).to(x.dtype)
+        eps = (eps_u + guidance_scale * (eps_c - eps_u)).to(x.dtype)
+        if trace is not None:
+            for name, value in (("step.eps_uncond", eps_u), ("step.eps_cond", eps_c), ("step.eps", eps)):
+                if trace.wants(name):
+                    trace.visit(name, value)
+        return eps
 
     return eps_model
 
@@ -130,9 +139,15 @@ def _run(m, plan, prompts, negatives, start_latents, generators, guidance_scale,
             uncond = encode_text(m, negatives[lo:hi]) if guidance_scale > 1.0 else None
         eps_model = guided_eps_model(m, cond, uncond, guidance_scale)
 
+        trace = getattr(m, "_trace", None)
+        if trace is not None:
+            trace.begin_images(lo)
+
         def step_callback(info: dict, first: int = lo) -> bool:
             if bar is not None:
                 bar.update(hi - first)
+            if trace is not None:
+                trace.end_step(info)
             nonlocal stopped
             stopped = callback is not None and callback({**info, "images": range(first, hi)}) is True
             return stopped

@@ -140,11 +140,13 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        self.probs_hook = None  # set by sd15.hooks to see or edit this layer's attention probabilities
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, HW, D), (B, T, D), (B, T, D)
-        return self.to_out(attention(q, k, v, self.heads))  # (B, HW, D)
+        hook = self.probs_hook if self.probs_hook is not None and self.probs_hook.wanted() else None
+        return self.to_out(attention(q, k, v, self.heads, probs_hook=hook))  # (B, HW, D)
 
 
 class GEGLU(nn.Module):

@@ -1,0 +1,123 @@
+"""Pictures of what happened inside a run: cross-attention heatmaps per prompt token, and the trajectory of
+the predicted clean image over the sampler's steps. Both read a `sd15.hooks.Trace`.
+
+Cross-attention (`attn2`) probabilities say, for every latent pixel of a SpatialTransformer, how much it
+attends to each of the 77 prompt tokens. Averaged over heads, layers (16×16 … 64×64 at 512², each upsampled
+to the image) and steps, the column of one token is a heatmap of where that word is drawn (Hertz et al.
+2022, "Prompt-to-Prompt", figure 4).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CROSS_ATTENTION = "unet.*.attn2.probs"
+HEATMAP_REDUCE = {CROSS_ATTENTION: "cond+mean_heads"}  # what the heatmaps need from a trace: (B, HW, T)
+
+
+def _grid_of(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of the feature map with `tokens` pixels, among the UNet levels of a latent of size latent_hw."""
+    h, w = latent_hw
+    for _ in range(8):
+        if h * w == tokens:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    raise ValueError(f"no UNet level of a {latent_hw} latent has {tokens} pixels")
+
+
+def token_heatmaps(trace, latent_hw: tuple[int, int], image_hw: tuple[int, int], image: int = 0) -> torch.Tensor:
+    """Mean cross-attention of image `image` over heads, layers and steps: (T, H, W) for the T = 77 tokens."""
+    total, count = None, 0
+    for name in trace.names():
+        if not re.fullmatch(r"unet\..*\.attn2\.probs", name):
+            continue
+        for record in trace.records[name]:
+            if record.value is None or record.image > image:
+                continue
+            probs = record.value.float()
+            if probs.ndim == 4:  # (B, h, HW, T) when the trace kept the heads
+                probs = probs.mean(1)
+            row = image - record.image
+            if row >= probs.shape[0]:
+                continue
+            gh, gw = _grid_of(probs.shape[1], latent_hw)
+            maps = probs[row].T.reshape(1, -1, gh, gw)  # (1, T, h_l, w_l)
+            maps = F.interpolate(maps, size=image_hw, mode="bilinear", align_corners=False)[0]  # (T, H, W)
+            total = maps if total is None else total + maps
+            count += 1
+    if total is None:
+        raise ValueError(f"the trace holds no cross-attention probabilities; capture {CROSS_ATTENTION!r}")
+    return total / count
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (H, W) -> RGB uint8 (H, W, 3) on a dark-blue → red → yellow ramp."""
+    stops = np.array([[0, 0, 64], [0, 64, 255], [0, 220, 200], [255, 220, 0], [255, 32, 0]], dtype=np.float64)
+    position = np.clip(heat, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * stops[low] + frac * stops[low + 1]).round().astype(np.uint8)
+
+
+def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+    """The heatmap (H, W), normalised to [0, 1], blended over the image."""
+    h = heat.float()
+    h = (h - h.min()) / (h.max() - h.min()).clamp(min=1e-12)
+    colored = Image.fromarray(colorize(h.cpu().numpy()))
+    return Image.blend(image.convert("RGB"), colored, alpha)
+
+
+def save_attention_maps(folder, image: Image.Image, heatmaps: torch.Tensor, token_ids: list[int], decode) -> list[Path]:
+    """One overlay per prompt token (start/end tokens and padding left out), named by position and word."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for position, token_id in enumerate(token_ids, start=1):  # position 0 is <|startoftext|>
+        word = re.sub(r"[^\w-]+", "_", decode([token_id]).strip()) or "token"
+        path = folder / f"{position:02d}-{word}.png"
+        overlay(image, heatmaps[position]).save(path)
+        written.append(path)
+    return written
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side, in rows of `columns` (about square by default)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def decode_trajectory(m, trace, image: int = 0) -> list[Image.Image]:
+    """The predicted clean image x0 after each step of image `image`, decoded by the VAE."""
+    from .images import to_pil
+    from .vae import LATENT_SCALE
+
+    frames = []
+    for record in trace.records["step.denoised"]:
+        if record.value is None or not record.image <= image < record.image + record.value.shape[0]:
+            continue
+        z = record.value[image - record.image][None].to(m.device, m.dtype) / LATENT_SCALE
+        with torch.no_grad():
+            frames.extend(to_pil(m.vae.decode(z)))
+    return frames
+
+
+def save_trajectory(frames: list[Image.Image], folder) -> tuple[Path, Path]:
+    """`trajectory.png` (a grid, step order left to right, top to bottom) and `trajectory.gif` (an animation)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sheet, anim = folder / "trajectory.png", folder / "trajectory.gif"
+    grid(frames).save(sheet)
+    frames[0].save(anim, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    return sheet, anim

@@ -1,0 +1,167 @@
+"""sd15.hooks: capturing and patching named values, and the pictures made from them."""
+
+import numpy as np
+import pytest
+import torch
+
+import sd15
+import sd15.attention
+from sd15.cli import main
+from sd15.hooks import points
+
+RUN = dict(steps=3, seed=4, width=64, height=64, output_type="np")
+ATTN2 = "unet.input_blocks.1.1.transformer_blocks.0.attn2.probs"
+ATTN1 = "unet.output_blocks.7.1.transformer_blocks.0.attn1.probs"
+
+
+def test_points_follow_checkpoint_names(tiny_model):
+    names = points(tiny_model)
+    assert "unet.input_blocks.1.0" in names and "unet.middle_block.1" in names
+    assert ATTN1 in names and ATTN2 in names
+    assert "text_encoder.encoder.layers.1" in names and "text_encoder.encoder.layers.0.self_attn.probs" in names
+    assert "step.eps_cond" in names and "step.denoised" in names
+    unet_keys = {k.rsplit(".", 2)[0] for k in tiny_model.unet.state_dict()}
+    assert all(n.removeprefix("unet.").removesuffix(".probs") in unet_keys or
+               any(k.startswith(n.removeprefix("unet.").removesuffix(".probs") + ".") for k in unet_keys)
+               for n in names if n.startswith("unet."))  # fmt: skip
+
+
+def test_attention_probabilities_are_distributions(tiny_model):
+    with sd15.trace(tiny_model, capture=["unet.*.probs", "text_encoder.*.probs"]) as tr:
+        tiny_model.generate("a cat", **RUN)
+    for name in tr.names():
+        for p in tr[name]:
+            assert p.ndim == 4 and p.shape[1] == 8 if name.startswith("unet") else p.shape[1] == 12
+            assert (p >= 0).all()
+            torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5, rtol=0)
+    clip = tr["text_encoder.encoder.layers.0.self_attn.probs"][0]
+    assert torch.all(clip[0, :, 3, 4:] == 0)  # causal: token 3 never attends to later tokens
+    assert tr[ATTN2][0].shape == (2, 8, 64, 77)  # guided batch [uncond; cond], 8 heads, 8×8 pixels, 77 tokens
+
+
+def test_module_globs_do_not_select_attention_probabilities(tiny_model):
+    with sd15.trace(tiny_model, capture=["unet.*"]) as tr:
+        tiny_model.generate("a cat", **RUN)
+    assert "unet.input_blocks.1.0" in tr.names() and not any(n.endswith(".probs") for n in tr.names())
+
+
+def test_capture_does_not_change_the_output(tiny_model):
+    plain = tiny_model.generate("a cat", **RUN)
+    with sd15.trace(tiny_model, capture=["unet.input_blocks.*.0", "unet.middle_block.1", "step.*", "text_encoder.encoder.layers.?"]) as tr:
+        outputs_only = tiny_model.generate("a cat", **RUN)
+    assert np.array_equal(plain, outputs_only)  # module-output hooks observe without touching
+    assert len(tr["step.denoised"]) == len(tr["unet.input_blocks.1.0"]) == 4  # PLMS: 3 steps, 4 evaluations, each reported
+    with sd15.trace(tiny_model, capture=["unet.*.probs"]):
+        with_probs = tiny_model.generate("a cat", **RUN)
+    # probabilities need the explicit softmax path instead of SDPA: the same maths, rounded differently (fp32)
+    assert np.abs(plain - with_probs).max() < 1e-5
+
+
+def test_no_trace_means_fast_path_and_nothing_installed(tiny_model, monkeypatch):
+    with sd15.trace(tiny_model, capture=["unet.*"]):
+        pass
+    assert all(not m._forward_hooks for m in tiny_model.unet.modules())
+    assert all(getattr(m, "probs_hook", None) is None for m in tiny_model.unet.modules())
+    assert getattr(tiny_model, "_trace", None) is None
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the explicit attention path ran without a trace")
+
+    monkeypatch.setattr(sd15.attention, "attention_probabilities", forbidden)
+    tiny_model.generate("a cat", **RUN)  # would raise if any layer left the fused path
+    with sd15.trace(tiny_model, capture=[ATTN2]):
+        with pytest.raises(AssertionError, match="explicit attention path"):
+            tiny_model.generate("a cat", **RUN)  # only now does a layer need the probabilities
+
+
+def test_only_captured_layers_compute_probabilities(tiny_model, monkeypatch):
+    calls = []
+    original = sd15.attention.attention_probabilities
+    monkeypatch.setattr(sd15.attention, "attention_probabilities", lambda q, k, c=False: calls.append(q.shape) or original(q, k, c))
+    with sd15.trace(tiny_model, capture=[ATTN2]):
+        tiny_model.generate("a cat", **RUN)
+    assert len(calls) == 4  # one layer, four UNet calls; all other layers stayed on SDPA
+
+
+def test_classifier_free_guidance_branches(tiny_model):
+    with sd15.trace(tiny_model, capture=["step.eps*"]) as tr:
+        tiny_model.generate("a cat", guidance_scale=6.0, **RUN)
+    for u, c, e in zip(tr["step.eps_uncond"], tr["step.eps_cond"], tr["step.eps"]):
+        torch.testing.assert_close(e, u + 6.0 * (c - u), atol=1e-6, rtol=0)
+        assert not torch.allclose(u, c)
+
+
+def test_clip_layer_capture_matches_hidden_states(tiny_model):
+    with sd15.trace(tiny_model, capture=["text_encoder.encoder.layers.*"]) as tr:
+        tiny_model.generate("a cat", **RUN)
+    ids = tiny_model.tokenizer(["a cat"])
+    states = tiny_model.text_encoder.hidden_states(ids)
+    assert torch.equal(tr["text_encoder.encoder.layers.1"][0], states[2])  # first encode: the prompt
+
+
+def test_reductions_and_step_selection(tiny_model):
+    with sd15.trace(tiny_model, capture=[ATTN2, "step.denoised"], reduce={"*.probs": "cond+mean_heads"}, steps=[0, 2]) as tr:
+        tiny_model.generate("a cat", **RUN)
+    with sd15.trace(tiny_model, capture=[ATTN2]) as full:
+        tiny_model.generate("a cat", **RUN)
+    assert [r.step for r in tr.records[ATTN2]] == [0, 2]  # each of PLMS's evaluations is reported as a step
+    assert tr[ATTN2][0].shape == (1, 64, 77)
+    torch.testing.assert_close(tr[ATTN2][0], full[ATTN2][0][1:].mean(1))
+    assert [r.step for r in tr.records["step.denoised"]] == [0, 2]
+
+
+def test_zeroing_a_head_by_patch_equals_zeroing_its_weights(tiny_model, tiny_checkpoint):
+    head, width = 3, 32 // 8  # first-level attention: 32 channels, 8 heads of 4
+
+    def zero_head(probs, info):
+        probs = probs.clone()
+        probs[:, head] = 0
+        return probs
+
+    with sd15.trace(tiny_model, patch={ATTN1: zero_head}):
+        patched = tiny_model.generate("a cat", **RUN)
+    edited = sd15.load(tiny_checkpoint)
+    attn1 = edited.unet.output_blocks[7][1].transformer_blocks[0].attn1
+    attn1.to_out[0].weight[:, head * width : (head + 1) * width] = 0  # that head's slice of the output projection
+    by_weights = edited.generate("a cat", **RUN)
+    plain = tiny_model.generate("a cat", **RUN)
+    assert np.abs(patched - by_weights).max() < 1e-5  # explicit vs fused path rounding only
+    assert np.abs(patched - plain).max() > 1e-3  # and the head mattered
+
+
+def test_prompt_to_prompt_injection_of_own_maps_reproduces_the_run(tiny_model):
+    with sd15.trace(tiny_model, capture=["unet.*.attn2.probs"]) as source:
+        original = tiny_model.generate("a cat riding a bike", **RUN)
+    with sd15.trace(tiny_model, patch={"unet.*.attn2.probs": lambda p, info: source.get(info["name"], info["call"])}):
+        injected = tiny_model.generate("a cat riding a bike", **RUN)
+    assert np.array_equal(original, injected)
+    with sd15.trace(tiny_model, patch={"unet.*.attn2.probs": lambda p, info: source.get(info["name"], info["call"])}):
+        swapped = tiny_model.generate("a dog riding a bike", **RUN)
+    other = tiny_model.generate("a dog riding a bike", **RUN)
+    assert np.abs(swapped - other).max() > 1e-4  # the injected maps really steered the new prompt's run
+
+
+def test_cli_writes_attention_maps_and_trajectory(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code = main(["generate", "a red cat", "--steps", "3", "--width", "64", "--height", "64", "--seed", "1",
+                 "--model", str(tiny_checkpoint), "-o", "cat.png", "--attention-maps", "maps", "--save-steps", "steps",
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["01-a.png", "02-red.png", "03-cat.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "maps" / "03-cat.png").size == (64, 64)
+    sheet = Image.open(tmp_path / "steps" / "trajectory.png")
+    assert sheet.size == (2 * 64, 2 * 64)  # PLMS: 3 steps, 4 evaluations, on a 2×2 grid
+    assert Image.open(tmp_path / "steps" / "trajectory.gif").n_frames == 4
+
+
+def test_heatmaps_average_layers_at_their_own_resolution(tiny_model):
+    from sd15 import visualize
+
+    with sd15.trace(tiny_model, capture=[visualize.CROSS_ATTENTION], reduce=visualize.HEATMAP_REDUCE) as tr:
+        tiny_model.generate("a cat", **RUN)
+    heat = visualize.token_heatmaps(tr, (8, 8), (64, 64))
+    assert heat.shape == (77, 64, 64)
+    torch.testing.assert_close(heat.sum(0), torch.ones(64, 64), atol=1e-4, rtol=0)  # still a distribution over tokens
