@@ -1,8 +1,12 @@
 """sd15.hooks: capturing and patching named values, and the pictures made from them."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sd15
 import sd15.attention
@@ -149,8 +153,6 @@ def test_cli_writes_attention_maps_and_trajectory(tiny_checkpoint, tmp_path, mon
                  "--no-progress"])  # fmt: skip
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["01-a.png", "02-red.png", "03-cat.png"]
-    from PIL import Image
-
     assert Image.open(tmp_path / "maps" / "03-cat.png").size == (64, 64)
     sheet = Image.open(tmp_path / "steps" / "trajectory.png")
     assert sheet.size == (2 * 64, 2 * 64)  # PLMS: 3 steps, 4 evaluations, on a 2×2 grid
@@ -165,3 +167,23 @@ def test_heatmaps_average_layers_at_their_own_resolution(tiny_model):
     heat = visualize.token_heatmaps(tr, (8, 8), (64, 64))
     assert heat.shape == (77, 64, 64)
     torch.testing.assert_close(heat.sum(0), torch.ones(64, 64), atol=1e-4, rtol=0)  # still a distribution over tokens
+
+
+def test_prompt_to_prompt_example(tiny_model, tiny_checkpoint, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "examples" / "prompt_to_prompt.py"
+    spec = importlib.util.spec_from_file_location("prompt_to_prompt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    source, swapped, plain = example.word_swap(tiny_model, "a cat riding a bicycle", "a dog riding a bicycle", 4, 0, 64, 1.0)
+    alone = tiny_model.generate("a cat riding a bicycle", steps=4, width=64, height=64,
+                                latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))[0]  # fmt: skip
+    a, s, p = (np.asarray(im, dtype=int) for im in (source, swapped, plain))
+    assert np.abs(a - np.asarray(alone, dtype=int)).max() <= 1  # the source run is untouched by the injection
+    assert np.abs(s - a).mean() < np.abs(p - a).mean()  # injected maps keep the edit closer to the source
+    result = subprocess.run([sys.executable, str(path), "a cat", "a dog", "--model", str(tiny_checkpoint), "--steps", "2",
+                             "--size", "64", "-o", str(tmp_path / "p2p.png")], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "p2p.png").size == (192, 64)
