@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--fit", choices=("resize", "crop"), default="resize", help="for sides not a multiple of 8")
     _add_sampling_arguments(i)
 
+    b = sub.add_parser("batch", help="many prompts from a JSON-lines file; resumable; torchrun for many GPUs")
+    b.add_argument("prompts", help="a .jsonl file: one prompt string or settings object per line")
+    b.add_argument("--out", required=True, help="output folder (images named by content, manifest.json)")
+    b.add_argument("--width", type=_size, default=512)
+    b.add_argument("--height", type=_size, default=512)
+    _add_sampling_arguments(b)
+
     d = sub.add_parser("download", help=f"fetch {HUB_FILE} into weights/ (needs huggingface_hub and the network)")
     d.add_argument("--dir", default="weights")
     d.add_argument("--debug", action="store_true")
@@ -277,7 +284,30 @@ def run_download(args) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"generate": run_generate, "img2img": run_img2img, "download": run_download}
+def run_batch(args) -> None:
+    from .batch import _distributed, read_jobs, run_batch as make_images
+    from .pnginfo import short_hash
+
+    if args.output or args.num_images != 1:
+        raise UserError("batch takes --out DIR; set num_images per line in the prompts file")
+    defaults = dict(negative_prompt=args.negative or "", steps=args.steps or 50, sampler=args.sampler or "pndm",
+                    guidance_scale=args.cfg if args.cfg is not None else 7.5, seed=args.seed,
+                    width=args.width, height=args.height, karras=bool(args.karras))  # fmt: skip
+    if not Path(args.prompts).is_file():
+        raise UserError(f"no such prompts file: {args.prompts}")
+    model_path = find_model(args.model)
+    jobs = read_jobs(args.prompts, defaults, short_hash(model_path))  # refuses a bad line before loading anything
+    rank, world, local_rank = _distributed()
+    if args.device is None and world > 1:
+        import torch
+
+        args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    m, _ = _load_model(args)
+    made = make_images(m, model_path, short_hash(model_path), jobs, Path(args.out), progress=not args.no_progress)
+    print(f"rank {rank}/{world}: made {len(made)} images; {len(jobs)} jobs in {args.out}/manifest.json")
+
+
+COMMANDS = {"generate": run_generate, "img2img": run_img2img, "batch": run_batch, "download": run_download}
 
 
 def main(argv: list[str] | None = None) -> int:
