@@ -170,12 +170,17 @@ def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def open_checkpoint(path: str | os.PathLike) -> SafetensorsFile | TensorDict:
-    """Open a checkpoint file by its content: safetensors, or a zip/legacy torch pickle."""
+    """Open a checkpoint file by its content: safetensors, or a zip/legacy torch pickle; or a diffusers
+    folder (model_index.json, unet/, vae/, text_encoder/), whose keys `sd15.keymap` renames to the original's."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"No such checkpoint file: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it")
+        if (path / "model_index.json").is_file():  # a diffusers folder, read in the original layout
+            from .convert import DiffusersFolder
+
+            return DiffusersFolder(path)
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it (or a diffusers folder)")
     with open(path, "rb") as f:
         magic = f.read(8)
     is_zip = magic[:4] == b"PK\x03\x04"
