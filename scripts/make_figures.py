@@ -70,8 +70,7 @@ def make_figures(m, out: Path, steps: int, size: int, seed: int = 0) -> list[Pat
     written.append(out / "trajectory.png")
     f = m.vae.downscale_factor
     heat = visualize.token_heatmaps(tr, (size // f, size // f), (size, size))
-    ids = m.tokenizer.tokenize(PROMPT)
-    written += visualize.save_attention_maps(out / "attention", image, heat, ids, m.tokenizer.decode)
+    written += visualize.save_attention_maps(out / "attention", image, heat, visualize.prompt_token_labels(m, PROMPT))
     return written
 
 

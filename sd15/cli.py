@@ -3,6 +3,9 @@
     sd15 generate "a photo of an astronaut riding a horse on mars" -o astronaut.png
     sd15 generate --from-png astronaut.png -o again.png          # rerun from a PNG's parameters
     sd15 img2img sketch.png "a watercolour of a lighthouse" --strength 0.6 -o lighthouse.png
+    sd15 generate "a (red:1.2) fox <lora:ink:0.8>" --clip-skip 2 --embedding easynegative.safetensors   # docs/prompting.md
+    sd15 inpaint photo.png mask.png "a red door" --mask-blur 4 -o door.png    # white in the mask = repaint
+    sd15 generate "a castle" --hires-scale 2 --preview live.png                # 1024×1024 via 512×512
 
 A user error (a bad argument, a missing or unusable checkpoint) exits with status 2 and one line on stderr
 saying what was wrong, and writes nothing; `--debug` shows the traceback instead.
@@ -86,6 +89,19 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on CUDA, else fp32")
     p.add_argument("-o", "--output", default=None, help="output PNG (several images: NAME-0.png, NAME-1.png, …)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--safety-checker", metavar="PATH", default=None,
+                   help="safety checker weights, a folder or file (default: $SD15_SAFETY_CHECKER, then weights/safety_checker/)")
+    p.add_argument("--no-safety-checker", action="store_true", help="do not check the images (the run says so)")
+    p.add_argument("--preview", metavar="FILE", default=None, help="write a preview PNG of the image in progress to FILE")
+    p.add_argument("--preview-every", type=_positive_int, default=5, metavar="N", help="preview every N steps (default 5)")
+    p.add_argument("--taesd", metavar="PATH", default=None,
+                   help="TAESD decoder for full-resolution previews (default: weights/taesd_decoder.safetensors if present)")
+    p.add_argument("--deterministic", action="store_true", help="reproducible CUDA kernels (slower; docs/reliability.md)")
+    p.add_argument("--clip-skip", type=_positive_int, default=None, help="2: condition on CLIP's penultimate layer (default 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable; scale 1 by default)")
+    p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in a prompt is found (default weights/lora)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="textual-inversion file (repeatable)")
+    p.add_argument("--embeddings-dir", default=None, help="load every embedding in this folder (default weights/embeddings)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -100,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-png", default=None, help="take every setting from this PNG's parameters; flags override")
     g.add_argument("--attention-maps", metavar="DIR", default=None, help="write a cross-attention overlay per prompt token")
     g.add_argument("--save-steps", metavar="DIR", default=None, help="write the predicted image at each step (grid + GIF)")
+    g.add_argument("--hires-scale", type=_finite_float, default=None, metavar="X",
+                   help="high-resolution fix: generate at --width×--height, upscale by X (1-4), refine by img2img")
+    g.add_argument("--hires-strength", type=_finite_float, default=0.5, help="the refining pass's strength (default 0.5)")
+    g.add_argument("--hires-steps", type=_positive_int, default=None, help="the refining pass's steps (default: --steps)")
+    g.add_argument("--hires-upscaler", choices=("lanczos", "latent"), default="lanczos", help="how to upscale (default lanczos)")
     _add_sampling_arguments(g)
 
     i = sub.add_parser("img2img", help="image to image")
@@ -108,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--strength", type=_finite_float, default=0.75, help="how much to change, in (0, 1] (default 0.75)")
     i.add_argument("--fit", choices=("resize", "crop"), default="resize", help="for sides not a multiple of 8")
     _add_sampling_arguments(i)
+
+    n = sub.add_parser("inpaint", help="repaint the white part of a mask (inpainting or regular checkpoints)")
+    n.add_argument("image")
+    n.add_argument("mask", help="black and white, the image's size: white = repaint, black = keep")
+    n.add_argument("prompt")
+    n.add_argument("--strength", type=_finite_float, default=1.0, help="in (0, 1]; below 1 keeps some of the masked content")
+    n.add_argument("--mask-blur", type=_finite_float, default=4.0, metavar="PX", help="feather the paste-back edge (default 4; 0 = hard)")
+    n.add_argument("--padding", type=int, default=None, metavar="PX",
+                   help="inpaint only around the mask: its box grown by PX, at --width×--height (default 512×512)")
+    n.add_argument("--width", type=_size, default=None, help="working width of --padding mode")
+    n.add_argument("--height", type=_size, default=None, help="working height of --padding mode")
+    n.add_argument("--no-paste-back", action="store_true", help="return the model's pixels everywhere, not the original's outside the mask")
+    n.add_argument("--fit", choices=("resize", "crop"), default="resize", help="for sides not a multiple of 8")
+    _add_sampling_arguments(n)
 
     b = sub.add_parser("batch", help="many prompts from a JSON-lines file; resumable; torchrun for many GPUs")
     b.add_argument("prompts", help="a .jsonl file: one prompt string or settings object per line")
@@ -133,7 +168,87 @@ def _load_model(args):
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     path = find_model(args.model)
-    return sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype)), path
+    if getattr(args, "deterministic", False):
+        from . import determinism
+
+        determinism.enable()
+    m = sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype))
+    _load_adapters(m, args)
+    _load_safety_checker(m, args)
+    return m, path
+
+
+def _lora_spec(text: str) -> tuple[Path, float]:
+    """--lora FILE or FILE:SCALE (a trailing `:number` is the scale, so `C:\\x.safetensors` stays a path)."""
+    path, sep, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if sep and path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def _load_adapters(m, args) -> None:
+    """Textual inversions (--embedding, --embeddings-dir or weights/embeddings/) and LoRAs (--lora, and
+    --lora-dir for the <lora:name:scale> tags of prompts) onto a loaded model."""
+    import warnings
+
+    folder = Path(args.embeddings_dir or Path("weights") / "embeddings")
+    if args.embeddings_dir and not folder.is_dir():
+        raise UserError(f"--embeddings-dir is not a folder: {folder}")
+    if folder.is_dir():
+        for line in m.load_embeddings_folder(folder):
+            print(f"warning: {line}", file=sys.stderr)
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise UserError(f"no such embedding file: {path}")
+        m.load_embedding(path)
+    if args.lora_dir:
+        if not Path(args.lora_dir).is_dir():
+            raise UserError(f"--lora-dir is not a folder: {args.lora_dir}")
+        m.lora_dirs = [Path(args.lora_dir)]
+    for spec in args.lora:
+        path, scale = _lora_spec(spec)
+        if not path.is_file():
+            raise UserError(f"no such LoRA file: {path}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.load_lora(path, scale)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _load_safety_checker(m, args) -> None:
+    """On when its weights are found (--safety-checker, $SD15_SAFETY_CHECKER, weights/safety_checker/); its
+    absence and --no-safety-checker are both reported on stderr."""
+    from .safety_checker import find_safety_checker, load_safety_checker
+
+    if getattr(args, "no_safety_checker", False):
+        print("note: the safety checker is off (--no-safety-checker)", file=sys.stderr)
+        return
+    path = find_safety_checker(getattr(args, "safety_checker", None))
+    if path is None:
+        print("note: no safety checker weights found (weights/safety_checker/ or --safety-checker PATH); "
+              "images are not checked", file=sys.stderr)  # fmt: skip
+        return
+    m.safety_checker = load_safety_checker(path, device=m.device, dtype=m.dtype)
+
+
+def _preview_callback(m, args):
+    """--preview FILE: a step callback writing the image in progress every --preview-every steps (TAESD when
+    --taesd or weights/taesd_decoder.safetensors gives its weights, else the linear latent approximation)."""
+    if not getattr(args, "preview", None):
+        return None
+    from .preview import Previewer, load_taesd_decoder
+
+    if Path(args.preview).suffix.lower() != ".png":
+        raise UserError(f"--preview must name a .png file, got {args.preview}")
+    taesd_path = args.taesd or ("weights/taesd_decoder.safetensors" if Path("weights/taesd_decoder.safetensors").is_file() else None)
+    if args.taesd and not Path(args.taesd).exists():
+        raise UserError(f"no TAESD decoder at {args.taesd}")
+    taesd = load_taesd_decoder(taesd_path, device=m.device, dtype=m.dtype) if taesd_path else None
+    kind = f"TAESD ({taesd_path})" if taesd else "the linear latent approximation"
+    print(f"previews: {args.preview} every {args.preview_every} steps, by {kind}", file=sys.stderr)
+    return Previewer(args.preview, args.preview_every, taesd=taesd)
 
 
 def _output_paths(output: str | None, count: int, seed: int) -> list[Path]:
@@ -154,13 +269,6 @@ def _settings_from_png(path: str) -> dict:
         raise UserError(f"cannot read generation parameters from {path}: {e}") from None
 
 
-def _warn_truncation(m, prompts: list[str]) -> None:
-    for prompt, dropped in zip(prompts, m.tokenizer.encode(prompts).num_truncated):
-        if dropped:
-            print(f"warning: the prompt is longer than 75 tokens; {dropped} tokens were dropped: "
-                  f"{prompt[:40]!r}…", file=sys.stderr)  # fmt: skip
-
-
 def _save(m, model_path: Path, images, paths: list[Path]) -> None:
     from .pnginfo import format_parameters, save_png, short_hash
 
@@ -168,6 +276,8 @@ def _save(m, model_path: Path, images, paths: list[Path]) -> None:
     for image, path in zip(images, paths):
         save_png(image, path, format_parameters(image.info["sd15"], model_hash, model_path.stem))
         print(f"wrote {path}")
+        if image.info.get("nsfw"):
+            print(f"warning: {path} was flagged by the safety checker and replaced by a black image", file=sys.stderr)
 
 
 def run_generate(args) -> None:
@@ -191,6 +301,7 @@ def run_generate(args) -> None:
         height=pick(args.height, "height", 512),
         karras=pick(args.karras, "karras", False),
         eta=settings.get("eta", 0.0),
+        clip_skip=pick(args.clip_skip, "clip_skip", 1),
     )
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
@@ -199,9 +310,13 @@ def run_generate(args) -> None:
     check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"], args.num_images)
     paths = _output_paths(args.output, args.num_images, kwargs["seed"])
     m, model_path = _load_model(args)
-    _warn_truncation(m, [prompt])
     with _inspection(m, args) as trace:
-        images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, **kwargs)
+        preview = _preview_callback(m, args)
+        if args.hires_scale:  # sd15.hires: native size first, then upscaled and refined
+            hires = dict(scale=args.hires_scale, strength=args.hires_strength, hires_steps=args.hires_steps, upscaler=args.hires_upscaler)
+            images = m.hires_fix(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **hires, **kwargs)
+        else:
+            images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **kwargs)
     _save(m, model_path, images, paths)
     if trace is not None:
         _write_inspection(m, args, trace, images, prompt)
@@ -228,12 +343,75 @@ def _write_inspection(m, args, trace, images, prompt: str) -> None:
             f = m.vae.downscale_factor
             latent_hw = (image.height // f, image.width // f)
             heat = visualize.token_heatmaps(trace, latent_hw, (image.height, image.width), image=i)
-            ids = m.tokenizer.tokenize(image.info["sd15"].prompt)[: m.tokenizer.MAX_CONTENT]
-            written = visualize.save_attention_maps(sub(args.attention_maps), image, heat, ids, m.tokenizer.decode)
+            labels = visualize.prompt_token_labels(m, prompt)
+            written = visualize.save_attention_maps(sub(args.attention_maps), image, heat, labels)
             print(f"wrote {len(written)} attention maps to {sub(args.attention_maps)}")
         if args.save_steps:
             sheet, anim = visualize.save_trajectory(visualize.decode_trajectory(m, trace, image=i), sub(args.save_steps))
             print(f"wrote {sheet} and {anim}")
+
+
+def _open_image(path: str, what: str):
+    """Read an image file, refusing one larger than sd15 can use before its pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .pipeline import MAX_PIXELS
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            if im.width * im.height > MAX_PIXELS:
+                raise UserError(f"the {what} {path} is {im.width}×{im.height}, larger than sd15 allows ({MAX_PIXELS} pixels)")
+            if min(im.size) < 8:
+                raise UserError(f"the {what} {path} is {im.width}×{im.height} pixels, too small: each side must be at least 8")
+            return im.copy()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read the {what} {path}: {e}") from None
+
+
+def run_inpaint(args) -> None:
+    import secrets
+
+    if not 0 < args.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.mask_blur < 0:
+        raise UserError(f"--mask-blur must be >= 0 pixels, got {args.mask_blur}")
+    if args.padding is not None and args.padding < 0:
+        raise UserError(f"--padding must be >= 0 pixels, got {args.padding}")
+    if args.padding is None and (args.width or args.height):
+        raise UserError("--width and --height set the working size of --padding mode; without it the image keeps its size")
+    image, mask = _open_image(args.image, "image"), _open_image(args.mask, "mask")
+    if image.size != mask.size:
+        raise UserError(f"the mask {args.mask} is {mask.width}×{mask.height} pixels but the image is "
+                        f"{image.width}×{image.height}; they must be the same size")  # fmt: skip
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    paths = _output_paths(args.output, args.num_images, seed)
+    m, model_path = _load_model(args)
+    if m.unet.config.in_channels == 4:
+        print("note: a regular checkpoint inpaints by blending; an inpainting checkpoint (9-channel UNet) does better",
+              file=sys.stderr)  # fmt: skip
+    images = m.inpaint(
+        image,
+        mask,
+        args.prompt,
+        strength=args.strength,
+        negative_prompt=args.negative or "",
+        steps=args.steps or 50,
+        guidance_scale=args.cfg if args.cfg is not None else 7.5,
+        sampler=args.sampler or "pndm",
+        seed=seed,
+        num_images=args.num_images,
+        karras=bool(args.karras),
+        fit=args.fit,
+        progress=not args.no_progress,
+        clip_skip=args.clip_skip or 1,
+        mask_blur=args.mask_blur,
+        padding=args.padding,
+        paste_back=not args.no_paste_back,
+        width=args.width,
+        height=args.height,
+        callback=_preview_callback(m, args),
+    )
+    _save(m, model_path, images, paths)
 
 
 def run_img2img(args) -> None:
@@ -243,15 +421,10 @@ def run_img2img(args) -> None:
 
     if not 0 < args.strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
-    try:
-        with Image.open(args.image) as im:
-            image = im.copy()
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot read the image {args.image}: {e}") from None
+    image = _open_image(args.image, "image")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     paths = _output_paths(args.output, args.num_images, seed)
     m, model_path = _load_model(args)
-    _warn_truncation(m, [args.prompt])
     images = m.img2img(
         image,
         args.prompt,
@@ -265,6 +438,8 @@ def run_img2img(args) -> None:
         karras=bool(args.karras),
         fit=args.fit,
         progress=not args.no_progress,
+        callback=_preview_callback(m, args),
+        clip_skip=args.clip_skip or 1,
     )
     _save(m, model_path, images, paths)
 
@@ -307,7 +482,7 @@ def run_batch(args) -> None:
     print(f"rank {rank}/{world}: made {len(made)} images; {len(jobs)} jobs in {args.out}/manifest.json")
 
 
-COMMANDS = {"generate": run_generate, "img2img": run_img2img, "batch": run_batch, "download": run_download}
+COMMANDS = {"generate": run_generate, "img2img": run_img2img, "inpaint": run_inpaint, "batch": run_batch, "download": run_download}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,9 +59,18 @@ class CLIPEmbeddings(nn.Module):
         # Stored in the checkpoint; the loader rebuilds it as arange(T) whatever the file holds.
         self.register_buffer("position_ids", torch.arange(c.max_position_embeddings)[None], persistent=True)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) -> (B, T, D). Ids from vocab_size up pick rows of `extra_tokens` (N, D) instead of the
+        table: the textual-inversion vectors of sd15.embeddings, which leave the table itself untouched."""
         T = ids.shape[1]
-        return self.token_embedding(ids) + self.position_embedding(self.position_ids[:, :T])  # (B, T, D)
+        vocab = self.token_embedding.num_embeddings
+        if extra_tokens is None:
+            tokens = self.token_embedding(ids)
+        else:
+            tokens = self.token_embedding(ids.clamp(max=vocab - 1))  # (B, T, D)
+            extra = ids >= vocab
+            tokens[extra] = extra_tokens[ids[extra] - vocab].to(tokens.dtype)
+        return tokens + self.position_embedding(self.position_ids[:, :T])  # (B, T, D)
 
 
 class CLIPAttention(nn.Module):
@@ -125,19 +134,21 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def hidden_states(self, ids: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(
+        self, ids: torch.Tensor, num_layers: int | None = None, extra_tokens: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """The embeddings and the output of each of the first `num_layers` layers (all by default),
         before `final_layer_norm`: a list of 1 + num_layers tensors (B, T, D)."""
-        h = self.embeddings(ids)
+        h = self.embeddings(ids, extra_tokens)
         states = [h]
         for layer in self.encoder.layers[:num_layers]:
             h = layer(h)
             states.append(h)
         return states
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         layers = self.config.num_hidden_layers
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"clip_skip must be between 1 and {layers}, got {clip_skip}")
-        h = self.hidden_states(ids, num_layers=layers - (clip_skip - 1))[-1]
+        h = self.hidden_states(ids, num_layers=layers - (clip_skip - 1), extra_tokens=extra_tokens)[-1]
         return self.final_layer_norm(h)  # (B, T, D)

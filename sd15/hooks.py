@@ -49,7 +49,8 @@ MODELS = ("unet", "vae", "text_encoder")
 
 
 def _cond(value: torch.Tensor, trace: "Trace") -> torch.Tensor:
-    """The conditional half of a guided [uncond; cond] batch (the whole batch when there was no guidance)."""
+    """The conditional half of a guided [uncond; cond] UNet batch; any other value is kept whole (the
+    text encoder's outputs and the `step.*` values already hold one row per image)."""
     return value.chunk(2)[1] if trace.guided else value
 
 
@@ -115,7 +116,7 @@ class Trace:
         self.records: dict[str, list[Record]] = defaultdict(list)
         self.step = 0  # steps completed in the current image run
         self.image = 0
-        self.guided = False  # whether the UNet call under way carries an [uncond; cond] batch
+        self.guided = False  # True only while a UNet call on an [uncond; cond] batch is under way
         self._handles: list = []
         self._attention_modules: list[nn.Module] = []
 

@@ -8,12 +8,16 @@ dtype and device, and assigned in place. Peak memory stays near one copy of the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from . import pipeline
+from . import embeddings as embeddings_io
+from . import lora, pipeline
+from . import hires as hires_io
+from . import inpaint as inpaint_io
 from .checkpoint import (
     CLIP_PREFIX_OLD,
     UNET_PREFIX,
@@ -28,8 +32,10 @@ from .checkpoint import (
     unexplained_keys,
 )
 from .clip import CLIPTextConfig, CLIPTextModel
+from .embeddings import EmbeddingSet
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
+from .safety_checker import SafetyChecker
 from .vae import AutoencoderKL, VAEConfig
 
 
@@ -43,6 +49,10 @@ class StableDiffusion:
     vae: AutoencoderKL
     info: CheckpointInfo
     path: str | None = None
+    embeddings: EmbeddingSet = field(default_factory=EmbeddingSet)  # textual inversions, by trigger word
+    loras: list[lora.AppliedLoRA] = field(default_factory=list)  # LoRAs kept applied by load_lora
+    lora_dirs: list[Path] = field(default_factory=lambda: [lora.DEFAULT_LORA_DIR])  # where <lora:name:…> is found
+    safety_checker: SafetyChecker | None = None  # sd15.safety_checker: blanks flagged images when set
 
     @property
     def device(self) -> torch.device:
@@ -54,6 +64,12 @@ class StableDiffusion:
 
     generate = pipeline.generate
     img2img = pipeline.img2img
+    load_embedding = embeddings_io.load_embedding
+    load_embeddings_folder = embeddings_io.load_embeddings_folder
+    load_lora = lora.load_lora
+    unload_loras = lora.unload_loras
+    inpaint = inpaint_io.inpaint
+    hires_fix = hires_io.hires_fix
 
 
 def default_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -92,7 +108,8 @@ def load(
     dtype: torch.dtype | None = None,
     ema: bool = False,
 ) -> StableDiffusion:
-    """Load an SD1.x single-file checkpoint (.safetensors, or .ckpt read with weights_only=True).
+    """Load an SD1.x single-file checkpoint (.safetensors, or .ckpt read with weights_only=True), or a
+    diffusers folder (model_index.json, unet/, vae/, text_encoder/), read through sd15.keymap's key rules.
 
     By default the model goes to CUDA in fp16 when a GPU is present, else to the CPU in fp32.
     `ema=True` takes the UNet from the file's EMA copy (`model_ema.*`), as training checkpoints hold it.

@@ -2,6 +2,8 @@
 
     prompt ──tokenizer──> ids (B, 77) ──text_encoder──> context (B, 77, 768)      (and the same for the
                                                                                    negative prompt, "" by default)
+        a prompt past 75 tokens: k chunks of 77, context (B, 77·k, 768); emphasis, textual inversion,
+        <lora:…> tags and CLIP skip as the AUTOMATIC1111 web UI reads them (sd15.prompts, docs/prompting.md)
     seed ──CPU generator──> noise (B, 4, H/8, W/8)   [img2img: VAE-encoded image, noised to the start step]
     sampler loop: eps = eps_u + s · (eps_c - eps_u), the UNet run once on [uncond; cond]   (classifier-free
                   guidance, Ho & Salimans 2022)
@@ -17,12 +19,17 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import images as image_io
+from . import lora as lora_io
+from . import prompts as prompt_io
+from . import safety_checker as safety
+from . import tiling
 from .samplers import SAMPLERS, plan_sampling
 from .vae import LATENT_SCALE
 
@@ -48,6 +55,9 @@ class GenerationSettings:
     karras: bool = False
     eta: float = 0.0
     strength: float | None = None  # img2img only
+    clip_skip: int = 1  # 1: CLIP's last layer; 2: the penultimate one
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # textual inversions the prompts use: {name: hash}
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs in effect: {name: hash}
 
 
 def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1):
@@ -77,27 +87,34 @@ def _prompt_lists(prompt, negative_prompt, num_images: int) -> tuple[list[str], 
     return repeat(prompts), repeat(negatives)
 
 
-def encode_text(m: "StableDiffusion", prompts: list[str]) -> torch.Tensor:
-    """Prompts -> context (B, 77, D) on the model's device and dtype."""
-    ids = m.tokenizer(prompts).to(m.device)
-    return m.text_encoder(ids)
+def encode_text(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    """Prompts -> context (B, 77·k, D) on the model's device and dtype: k = 1 for prompts of up to 75
+    tokens, one more per further 75 (emphasis, BREAK, textual inversion: see sd15.prompts)."""
+    return prompt_io.encode_prompts(m, prompts, clip_skip)
 
 
-def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float):
+def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, concat=None):
     """eps(x, t) with classifier-free guidance: eps_u + s · (eps_c - eps_u), one UNet call on [uncond; cond].
 
-    With s <= 1 the unconditional branch is skipped (as diffusers does) and eps = eps_c.
+    With s <= 1 the unconditional branch is skipped (as diffusers does) and eps = eps_c. `concat` (B, C', h, w),
+    if given, is appended to x's channels at every call (the inpainting UNet's mask and masked-image latents).
     """
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = x.to(m.dtype), t.to(m.device)
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.to(x_in)], dim=1)  # (B, 4 + C', h, w)
         trace = getattr(m, "_trace", None)  # sd15.hooks: records the two branches when asked to
-        if trace is not None:
-            trace.guided = guidance_scale > 1.0
         if guidance_scale <= 1.0:
             eps = m.unet(x_in, t_in, cond).to(x.dtype)
             return trace.visit("step.eps", eps) if trace is not None and trace.wants("step.eps") else eps
-        eps_u, eps_c = m.unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([uncond, cond])).chunk(2)
+        if trace is not None:
+            trace.guided = True  # the UNet's points see an [uncond; cond] batch during this call
+        try:
+            eps_u, eps_c = m.unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([uncond, cond])).chunk(2)
+        finally:
+            if trace is not None:
+                trace.guided = False
         eps = (eps_u + guidance_scale * (eps_c - eps_u)).to(x.dtype)
         if trace is not None:
             for name, value in (("step.eps_uncond", eps_u), ("step.eps_cond", eps_c), ("step.eps", eps)):
@@ -112,12 +129,50 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def _finish(m: "StableDiffusion", latents: torch.Tensor, output_type: str):
+class NumericsError(ValueError):
+    """A model produced NaN or infinite values; no image is returned for it."""
+
+
+def decode_latents(m: "StableDiffusion", z: torch.Tensor) -> torch.Tensor:
+    """VAE decode of unscaled latents, guarded: a half-precision decode that overflows (the well-known
+    black-image failure of SD's VAE in fp16) is retried in fp32 with a warning; NaN/Inf is never returned."""
+    images = tiling.decode(m.vae, z.to(m.dtype))  # in tiles when the image would not fit in memory at once
+    if torch.isfinite(images).all():
+        return images
+    dtype = next(m.vae.parameters()).dtype
+    if dtype != torch.float32:
+        warnings.warn(f"the VAE overflowed in {dtype} (NaN/Inf in the image); decoding again in float32")
+        m.vae.float()  # converting back afterwards is exact: every half value is a float32 value
+        try:
+            images = tiling.decode(m.vae, z.float())
+        finally:
+            m.vae.to(dtype)
+        if torch.isfinite(images).all():
+            return images
+    raise NumericsError("the VAE decoder produced NaN/Inf values even in float32; the checkpoint's VAE may be damaged")
+
+
+def _finish(m: "StableDiffusion", latents: torch.Tensor, output_type: str, composite=None):
+    """Latents -> the output type: decode, `composite(images)` (inpainting's paste-back), then the safety
+    checker when the model has one (a flagged image becomes black; PIL images get `info["nsfw"]`)."""
+    if not torch.isfinite(latents).all():
+        raise NumericsError(
+            f"the UNet produced NaN/Inf latents (model dtype {m.dtype}); try --dtype fp32 or bf16, a lower "
+            "guidance scale, or check the checkpoint"
+        )
     if output_type == "latent":
         return latents
     with torch.no_grad():
-        decoded = torch.cat([m.vae.decode(z[None].to(m.dtype) / LATENT_SCALE) for z in latents])
-    return image_io.to_numpy(decoded) if output_type == "np" else image_io.to_pil(decoded)
+        decoded = torch.cat([decode_latents(m, z[None] / LATENT_SCALE) for z in latents])
+        if composite is not None:
+            decoded = composite(decoded)
+        decoded, nsfw = safety.censor(getattr(m, "safety_checker", None), decoded)
+    if output_type == "np":
+        return image_io.to_numpy(decoded)
+    images = image_io.to_pil(decoded)
+    for image, flagged in zip(images, nsfw or []):
+        image.info["nsfw"] = flagged
+    return images
 
 
 def _progress(total: int, enabled: bool):
@@ -128,20 +183,25 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", leave=False)
 
 
-def _run(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress):
+def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None):
+    """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration."""
+    with lora_io.prompt_loras(m, prompts):
+        return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat)
+
+
+def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
+             concat=None):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
     stopped = False
     for lo in range(0, len(prompts), batch_size):
         hi = min(lo + batch_size, len(prompts))
-        with torch.no_grad():
-            cond = encode_text(m, prompts[lo:hi])
-            uncond = encode_text(m, negatives[lo:hi]) if guidance_scale > 1.0 else None
-        eps_model = guided_eps_model(m, cond, uncond, guidance_scale)
-
         trace = getattr(m, "_trace", None)
         if trace is not None:
-            trace.begin_images(lo)
+            trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
+        with torch.no_grad():  # cond and uncond get as many 77-token chunks (the shorter padded)
+            cond, uncond = prompt_io.encode_pair(m, prompts[lo:hi], negatives[lo:hi] if guidance_scale > 1.0 else None, clip_skip)
+        eps_model = guided_eps_model(m, cond, uncond, guidance_scale, None if concat is None else concat[lo:hi])
 
         def step_callback(info: dict, first: int = lo) -> bool:
             if bar is not None:
@@ -181,10 +241,14 @@ def generate(
     eta: float = 0.0,
     batch_size: int = 1,
     progress: bool = False,
+    clip_skip: int = 1,
 ):
     """Text-to-image. Returns a list of PIL images, or a float array (N, H, W, 3) in [0, 1] ("np"), or the
     final latents (N, 4, H/8, W/8), unscaled by 0.18215 ("latent"); N = len(prompts) × num_images, in
     prompt order. PIL images carry their settings in `image.info["sd15"]` (a GenerationSettings).
+
+    Prompts take the web UI's syntax (emphasis, BREAK, `<lora:name:scale>`, textual-inversion trigger
+    words, any length: see sd15.prompts); `clip_skip=2` conditions on CLIP's penultimate layer.
 
     `latents` replaces the seeded initial noise (unit variance, (N, 4, H/8, W/8)); `callback(info)` is
     called after every step with {"i", "t", "sigma", "x", "denoised", "images"} and stops the run by
@@ -206,13 +270,14 @@ def generate(
             raise ValueError(f"latents must have shape {(len(prompts), *shape)}, got {tuple(noise.shape)}")
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
     start = plan.noise_latents(noise).to(m.device)
-    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress)
+    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)
     out = _finish(m, result, output_type)
     if output_type == "pil":
         for i, image in enumerate(out):
             image.info["sd15"] = GenerationSettings(
-                prompts[i], negatives[i], steps, guidance_scale, sampler, seed + i, width, height, karras, eta
-            )
+                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, width,
+                height, karras, eta, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
+            )  # fmt: skip
     return out
 
 
@@ -234,6 +299,7 @@ def img2img(
     fit: str = "resize",
     batch_size: int = 1,
     progress: bool = False,
+    clip_skip: int = 1,
 ):
     """Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the timestep that
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
@@ -254,18 +320,19 @@ def img2img(
     generators = _generators(seed, len(prompts))
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
     with torch.no_grad():
-        posterior = m.vae.encode(pixels.to(m.device, m.dtype))
+        posterior = tiling.encode(m.vae, pixels.to(m.device, m.dtype))
     starts = []
     for g in generators:  # per image: its VAE sample, then its noise, from its own generator
         init = posterior.sample(g).float().cpu() * LATENT_SCALE  # (1, 4, h, w)
         noise = torch.randn(init.shape, generator=g)
         starts.append(plan.noise_latents(noise, init))
     start = torch.cat(starts).to(m.device)
-    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress)
+    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)
     out = _finish(m, result, output_type)
     if output_type == "pil":
         for i, im in enumerate(out):
             im.info["sd15"] = GenerationSettings(
-                prompts[i], negatives[i], steps, guidance_scale, sampler, seed + i, width, height, karras, eta, strength
-            )
+                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, width,
+                height, karras, eta, strength, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
+            )  # fmt: skip
     return out

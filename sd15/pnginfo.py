@@ -42,6 +42,16 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
+def _hash_list(hashes: dict[str, str]) -> str | None:
+    """{name: hash} -> "name: hash, name: hash" (the web UI's `TI hashes` / `Lora hashes` value)."""
+    return ", ".join(f"{name}: {h}" for name, h in hashes.items()) or None
+
+
+def _parse_hash_list(value: str) -> dict[str, str]:
+    pairs = (part.rpartition(":") for part in value.split(","))
+    return {name.strip(): h.strip() for name, _, h in pairs if name.strip() and h.strip()}
+
+
 def format_parameters(s: GenerationSettings, model_hash: str | None = None, model_name: str | None = None) -> str:
     lines = [s.prompt]
     if s.negative_prompt:
@@ -56,7 +66,10 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Model hash": model_hash,
         "Model": model_name,
         "Denoising strength": f"{s.strength:g}" if s.strength is not None else None,
+        "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
         "Eta": f"{s.eta:g}" if s.eta else None,
+        "TI hashes": _hash_list(s.ti_hashes),
+        "Lora hashes": _hash_list(s.lora_hashes),
         "Version": "sd15",
     }
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items() if v is not None))
@@ -70,7 +83,8 @@ def parse_parameters(text: str) -> dict:
     """The `parameters` text -> {"prompt", "negative_prompt", and the last line's fields by name}.
 
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
-    name), "seed", "width", "height", "karras", "eta", "strength".
+    name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "ti_hashes", "lora_hashes"
+    ({name: hash}). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
     """
     lines = text.strip("\n").split("\n")
     last = lines[-1] if re.match(r"(.*, )?Steps: ", lines[-1]) else ""  # the settings line always has Steps
@@ -96,9 +110,13 @@ def parse_parameters(text: str) -> dict:
         result["sampler"] = SAMPLERS_BY_NAME[name]
     result["karras"] = fields.get("Schedule type") == "Karras"
     for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
-                            ("Denoising strength", "strength", float), ("Eta", "eta", float)):  # fmt: skip
+                            ("Denoising strength", "strength", float), ("Eta", "eta", float),
+                            ("Clip skip", "clip_skip", int)):  # fmt: skip
         if key in fields:
             result[name] = kind(fields[key])
+    for key, name in (("TI hashes", "ti_hashes"), ("Lora hashes", "lora_hashes")):
+        if key in fields:
+            result[name] = _parse_hash_list(fields[key])
     if "Size" in fields:
         result["width"], result["height"] = (int(v) for v in fields["Size"].split("x"))
     return result

@@ -74,14 +74,35 @@ def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55) -> Imag
     return Image.blend(image.convert("RGB"), colored, alpha)
 
 
-def save_attention_maps(folder, image: Image.Image, heatmaps: torch.Tensor, token_ids: list[int], decode) -> list[Path]:
-    """One overlay per prompt token (start/end tokens and padding left out), named by position and word."""
+def prompt_token_labels(m, prompt: str) -> list[tuple[int, str]]:
+    """(position in the conditioning, word) for every content token of `prompt` as the model saw it:
+    emphasis brackets and `<lora:…>` tags removed, 77-token chunks concatenated (position 77·k + j),
+    textual-inversion vectors labelled by their trigger name."""
+    from .prompts import tokenize_prompts
+
+    tokenized = tokenize_prompts(m, [prompt])[0]
+    vocab = m.text_encoder.config.vocab_size
+    labels = []
+    for k, chunk in enumerate(tokenized.chunks):
+        for j, token_id in enumerate(chunk.ids[1:-1], start=1):  # between <|startoftext|> and the last slot
+            if token_id == m.tokenizer.EOS:
+                break
+            if token_id < vocab:
+                word = m.tokenizer.decode([token_id])
+            else:  # a textual-inversion vector: label it by its embedding's name
+                word = next(e.name for e in m.embeddings if token_id - vocab in m.embeddings.vector_ids(e.name))
+            labels.append((k * len(chunk.ids) + j, word))
+    return labels
+
+
+def save_attention_maps(folder, image: Image.Image, heatmaps: torch.Tensor, labels: list[tuple[int, str]]) -> list[Path]:
+    """One overlay per labelled token position (see `prompt_token_labels`), named by position and word."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for position, token_id in enumerate(token_ids, start=1):  # position 0 is <|startoftext|>
-        word = re.sub(r"[^\w-]+", "_", decode([token_id]).strip()) or "token"
-        path = folder / f"{position:02d}-{word}.png"
+    for n, (position, word) in enumerate(labels, start=1):
+        safe = re.sub(r"[^\w-]+", "_", word.strip()) or "token"
+        path = folder / f"{n:02d}-{safe}.png"
         overlay(image, heatmaps[position]).save(path)
         written.append(path)
     return written

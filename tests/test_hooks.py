@@ -187,3 +187,12 @@ def test_prompt_to_prompt_example(tiny_model, tiny_checkpoint, tmp_path):
                              "--size", "64", "-o", str(tmp_path / "p2p.png")], capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "p2p.png").size == (192, 64)
+
+
+def test_attention_map_labels_follow_what_the_model_saw(tiny_model):
+    from sd15.visualize import prompt_token_labels
+
+    labels = prompt_token_labels(tiny_model, "a (red:1.3) cat <lora:none:0.5>")
+    assert labels == [(1, "a"), (2, "red"), (3, "cat")]
+    long = prompt_token_labels(tiny_model, " ".join(["dog"] * 80))
+    assert len(long) == 80 and long[75] == (77 + 1, "dog")  # the second 77-token chunk

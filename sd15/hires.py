@@ -1,0 +1,135 @@
+"""High-resolution fix: compose at the model's native size, then add detail at a larger one.
+
+SD1.5 was trained at 512×512; asked directly for 1024×1024 it repeats its subject (two heads, tiled
+landscapes) because each 512-pixel window composes on its own. The web UI's "hires. fix" avoids that:
+
+    pass 1: text-to-image at width × height (512 × 512 by default)        -> latents (N, 4, h, w)
+    upscale ×scale (sides rounded to multiples of 8):
+        "lanczos": decode, Lanczos-resize the pixels, encode (the VAE tiles itself when the image is large)
+        "latent":  resize the latents bilinearly (faster, softer; needs strength >= 0.5 or it stays blurry)
+    pass 2: image-to-image from those latents at `strength`, `hires_steps` steps (default: `steps`)
+
+Both passes use image i's generator (seeded seed + i), the second continuing where the first left it, so a
+seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import images as image_io
+from . import lora as lora_io
+from . import pipeline, tiling
+from . import prompts as prompt_io
+from .samplers import plan_sampling
+from .vae import LATENT_SCALE
+
+if TYPE_CHECKING:
+    from .model import StableDiffusion
+
+UPSCALERS = ("lanczos", "latent")
+
+
+def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The second pass's size: width · scale and height · scale, each rounded to a multiple of 8."""
+    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+
+
+def upscale_latents(m: "StableDiffusion", latents: torch.Tensor, width: int, height: int, upscaler: str, generators) -> torch.Tensor:
+    """Scaled latents (N, 4, h, w) -> scaled latents (N, 4, height/8, width/8), by `upscaler` (see the module)."""
+    f = m.vae.downscale_factor
+    if upscaler == "latent":
+        return F.interpolate(latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)
+    out = []
+    with torch.no_grad():
+        for z, g in zip(latents, generators):
+            image = image_io.to_pil(pipeline.decode_latents(m, z[None] / LATENT_SCALE))[0]
+            big = image_io.to_tensor(image.resize((width, height), Image.LANCZOS))  # (1, 3, height, width)
+            posterior = tiling.encode(m.vae, big.to(m.device, m.dtype))
+            out.append(posterior.sample(g).float() * LATENT_SCALE)
+    return torch.cat(out)
+
+
+def hires_fix(
+    m: "StableDiffusion",
+    prompt: str | list[str],
+    negative_prompt: str | list[str] = "",
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    sampler: str = "pndm",
+    seed: int | None = None,
+    width: int = 512,
+    height: int = 512,
+    scale: float = 2.0,
+    strength: float = 0.5,
+    hires_steps: int | None = None,
+    upscaler: str = "lanczos",
+    num_images: int = 1,
+    output_type: str = "pil",
+    callback: Callable[[dict], bool | None] | None = None,
+    karras: bool = False,
+    eta: float = 0.0,
+    batch_size: int = 1,
+    progress: bool = False,
+    clip_skip: int = 1,
+):
+    """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
+
+    Returns what `generate` returns, at the upscaled size. PIL images carry `info["sd15"]` (the first pass's
+    settings, with `strength` the second pass's) and `info["sd15_hires"]` ({"scale", "steps", "upscaler",
+    "width", "height"}).
+    """
+    if upscaler not in UPSCALERS:
+        raise ValueError(f"upscaler must be one of {UPSCALERS}, got {upscaler!r}")
+    if not 1.0 <= scale <= 4.0:
+        raise ValueError(f"the hires scale must be between 1 and 4, got {scale!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"the hires strength must be in (0, 1], got {strength!r}")
+    hires_steps = steps if hires_steps is None else hires_steps
+    big_w, big_h = upscaled_size(width, height, scale)
+    pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images)
+    pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images)
+    if output_type not in pipeline.OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {pipeline.OUTPUT_TYPES}, got {output_type!r}")
+    prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
+    seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    generators = pipeline._generators(seed, len(prompts))
+    f = m.vae.downscale_factor
+    channels = m.unet.config.out_channels
+
+    def tagged(n: int):
+        return None if callback is None else (lambda info: callback({**info, "pass": n}))
+
+    stopped = []
+
+    def first_callback(info):
+        result = callback({**info, "pass": 1}) if callback is not None else None
+        if result is True:
+            stopped.append(True)
+        return result
+
+    plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
+    noise = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
+    latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators,
+                            guidance_scale, batch_size, first_callback, progress, clip_skip=clip_skip)  # fmt: skip
+    if not stopped:
+        init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
+        plan = plan_sampling(sampler, hires_steps, strength=strength, karras=karras, eta=eta)
+        noise = torch.cat([torch.randn((1, *init.shape[1:]), generator=g) for g in generators])
+        start = plan.noise_latents(noise, init).to(m.device)
+        latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
+                                progress, clip_skip=clip_skip)  # fmt: skip
+    out = pipeline._finish(m, latents, output_type)
+    if output_type == "pil":
+        for i, im in enumerate(out):
+            im.info["sd15"] = pipeline.GenerationSettings(
+                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, width,
+                height, karras, eta, strength, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
+            )  # fmt: skip
+            im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}
+    return out

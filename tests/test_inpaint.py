@@ -1,0 +1,242 @@
+"""Inpainting against diffusers' StableDiffusionInpaintPipeline on the same random weights, for a 9-channel
+inpainting UNet and for a regular one; paste-back, masks, and padding (crop) mode.
+
+Tolerance: images in [0, 1] within 1e-4, as tests/test_pipeline.py argues for text-to-image. A wrong mask
+layout, channel order, masked-image convention or blending level moves pixels by 1e-2 or more.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_models import diffusers_pipeline, diffusers_scheduler
+
+import sd15
+from sd15.inpaint import crop_region, feather, mask_tensor
+from sd15.random_weights import random_checkpoint, save_checkpoint
+
+TOL = 1e-4
+PROMPT = "a red apple on a wooden table"
+
+
+@pytest.fixture(scope="module")
+def inpainting_state_dict():
+    return random_checkpoint("tiny", seed=3, inpainting=True)
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(inpainting_state_dict, tmp_path_factory):
+    return sd15.load(save_checkpoint(inpainting_state_dict, tmp_path_factory.mktemp("inp") / "inpainting.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_9ch(inpainting_state_dict, inpainting_model, tmp_path_factory):
+    return diffusers_pipeline(inpainting_state_dict, inpainting_model, tmp_path_factory.mktemp("tok9"), "StableDiffusionInpaintPipeline")
+
+
+@pytest.fixture(scope="module")
+def reference_4ch(tiny_state_dict, tiny_model, tmp_path_factory):
+    return diffusers_pipeline(tiny_state_dict, tiny_model, tmp_path_factory.mktemp("tok4"), "StableDiffusionInpaintPipeline")
+
+
+def image_and_mask(h=64, w=80, seed=0):
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    mask = np.zeros((h, w), np.uint8)
+    mask[12:44, 20:57] = 255  # not aligned to the 8-pixel latent grid
+    return image, Image.fromarray(mask)
+
+
+def run_both(ours_model, reference, sampler, strength, steps=6, seed=5, latents=None, **kwargs):
+    image, mask = image_and_mask()
+    reference.scheduler = diffusers_scheduler(sampler)
+    ours = ours_model.inpaint(image, mask, PROMPT, strength=strength, steps=steps, seed=seed, sampler=sampler,
+                              latents=latents, paste_back=False, output_type="np", **kwargs)  # fmt: skip
+    theirs = reference(PROMPT, image=image, mask_image=mask, height=64, width=80, strength=strength, num_inference_steps=steps,
+                       latents=latents, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images  # fmt: skip
+    return ours, theirs
+
+
+@pytest.mark.parametrize("sampler, strength", [("pndm", 1.0), ("euler_a", 1.0), ("ddim", 0.7), ("dpmpp_2m", 0.5)])
+def test_inpainting_unet_matches_diffusers(inpainting_model, reference_9ch, sampler, strength):
+    ours, theirs = run_both(inpainting_model, reference_9ch, sampler, strength)
+    assert ours.shape == theirs.shape == (1, 64, 80, 3)
+    assert np.abs(ours - theirs).max() < TOL
+    assert ours.std() > 0.01
+
+
+def test_inpainting_unet_with_given_latents_and_guidance_matches_diffusers(inpainting_model, reference_9ch):
+    latents = torch.randn(1, 4, 8, 10, generator=torch.Generator().manual_seed(9))
+    ours, theirs = run_both(inpainting_model, reference_9ch, "euler", 1.0, latents=latents, guidance_scale=4.0,
+                            negative_prompt="blurry")  # fmt: skip
+    assert np.abs(ours - theirs).max() < TOL
+
+
+@pytest.mark.parametrize("sampler, strength", [("pndm", 1.0), ("ddim", 0.75), ("euler_a", 1.0), ("dpmpp_2m", 0.6), ("unipc", 1.0)])
+def test_regular_unet_blending_matches_diffusers(tiny_model, reference_4ch, sampler, strength):
+    ours, theirs = run_both(tiny_model, reference_4ch, sampler, strength)
+    assert np.abs(ours - theirs).max() < TOL
+
+
+def test_unet_input_layout_is_latents_mask_masked_image(inpainting_model):
+    """The UNet sees [x, mask, masked-image latents]: record its first input and check each part."""
+    image, mask = image_and_mask()
+    seen = []
+    hook = inpainting_model.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        inpainting_model.inpaint(image, mask, PROMPT, steps=1, seed=0, guidance_scale=1.0, output_type="latent")
+    finally:
+        hook.remove()
+    x = seen[0]
+    assert x.shape == (1, 9, 8, 10)
+    g = torch.Generator().manual_seed(0)  # image 0's generator: the noise, then the masked image's VAE sample
+    noise = torch.randn(1, 4, 8, 10, generator=g)
+    assert torch.equal(x[:, :4], noise)  # PNDM starts from unit-variance noise
+    rows, cols = torch.arange(8) * 8, torch.arange(10) * 8  # nearest from 64×80 samples pixel (8i, 8j)
+    expected_mask = ((rows[:, None] >= 12) & (rows[:, None] < 44) & (cols >= 20) & (cols < 57)).float()
+    assert torch.equal(x[0, 4], expected_mask)
+    keep = (sd15.inpaint.mask_tensor(mask) < 0.5).float()
+    with torch.no_grad():
+        posterior = inpainting_model.vae.encode(sd15.inpaint.image_tensor(image) * keep)
+    assert torch.allclose(x[:, 5:], posterior.sample(g) * 0.18215, atol=1e-5)
+
+
+def test_paste_back_keeps_unmasked_pixels_exactly(tiny_model):
+    image, mask = image_and_mask(seed=1)
+    original = np.asarray(image)
+    keep = np.asarray(mask) < 128
+    for blur in (0.0, 3.0):
+        out = np.asarray(tiny_model.inpaint(image, mask, PROMPT, steps=3, seed=2, mask_blur=blur)[0])
+        assert np.array_equal(out[keep], original[keep])
+        assert np.abs(out[~keep].astype(int) - original[~keep]).mean() > 10  # the masked part was repainted
+    without = tiny_model.inpaint(image, mask, PROMPT, steps=3, seed=2, paste_back=False, output_type="np")[0]
+    assert np.abs(without[keep] - original[keep] / 255).max() > 1e-2  # the VAE alone does not keep them
+
+
+def test_mask_blur_feathers_inward_only():
+    hard = torch.zeros(1, 1, 40, 40)
+    hard[..., 10:30, 10:30] = 1
+    soft = feather(hard, 2.0)
+    assert torch.equal(soft[hard == 0], torch.zeros_like(soft[hard == 0]))
+    assert soft[0, 0, 20, 20] > 0.999 and 0 < soft[0, 0, 10, 20] < 0.2
+    row = soft[0, 0, 20, 10:20]
+    assert torch.all(row[1:] >= row[:-1])  # rises from the edge inward
+    assert torch.equal(feather(hard, 0.0), hard)
+
+
+def test_padding_mode_inpaints_a_crop_and_keeps_the_rest(tiny_model):
+    rng = np.random.default_rng(4)
+    image = Image.fromarray(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8))  # not multiples of 8
+    mask = np.zeros((100, 150), np.uint8)
+    mask[40:52, 90:110] = 255
+    out = tiny_model.inpaint(image, Image.fromarray(mask), PROMPT, steps=2, seed=0, padding=6, width=64, height=64)[0]
+    assert out.size == (150, 100)
+    assert out.info["sd15"].width == 64
+    diff = np.abs(np.asarray(out).astype(int) - np.asarray(image)).sum(-1)
+    assert diff[mask == 0].max() == 0
+    assert diff[mask > 0].mean() > 10
+    assert crop_region(torch.from_numpy(mask > 0), 6, 64, 64) == (84, 30, 116, 62)  # 20×12 box, +6 each side: 32×24, grown to 32×32
+    assert crop_region(torch.from_numpy(mask > 0), 200, 64, 64) == (0, 0, 150, 100)  # clamped to the image
+
+
+def test_mask_forms_and_conversions():
+    grey = np.zeros((16, 24), np.uint8)
+    grey[4:8, 4:12] = 255
+    reference = mask_tensor(Image.fromarray(grey))
+    assert reference.shape == (1, 1, 16, 24) and reference.max() == 1 and reference.sum() == 32
+    assert torch.equal(mask_tensor(Image.fromarray(grey).convert("RGB")), reference)  # grey RGB: its luma
+    assert torch.equal(mask_tensor(Image.fromarray(grey).convert("1")), reference)
+    assert torch.equal(mask_tensor(grey), reference)
+    assert torch.equal(mask_tensor(grey > 0), reference)
+    assert torch.equal(mask_tensor(torch.from_numpy(grey / 255.0)), reference)
+    assert torch.equal(mask_tensor(reference), reference)
+    as16 = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16
+    assert torch.allclose(mask_tensor(as16), reference)
+
+
+@pytest.mark.parametrize(
+    "make_mask, message",
+    [
+        (lambda: Image.new("L", (40, 64), 255), "the mask is 40×64 pixels but the image is 80×64"),
+        (lambda: Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)), "colour image"),
+        (lambda: Image.new("RGBA", (80, 64), (255, 255, 255, 0)), "transparent"),
+        (lambda: Image.new("L", (80, 64), 0), "black everywhere"),
+        (lambda: torch.ones(3, 64, 80), "one channel"),
+        (lambda: np.full((64, 80), 2.0), r"\[0, 1\]"),
+    ],
+)
+def test_bad_masks_are_refused_clearly(tiny_model, make_mask, message):
+    image, _ = image_and_mask()
+    with pytest.raises(ValueError, match=message):
+        tiny_model.inpaint(image, make_mask(), PROMPT, steps=1)
+
+
+def test_other_refusals(tiny_model):
+    image, mask = image_and_mask()
+    with pytest.raises(ValueError, match="strength"):
+        tiny_model.inpaint(image, mask, PROMPT, strength=0)
+    with pytest.raises(ValueError, match="padding mode"):
+        tiny_model.inpaint(image, mask, PROMPT, width=64)
+    with pytest.raises(ValueError, match="mask_blur"):
+        tiny_model.inpaint(image, mask, PROMPT, mask_blur=-1)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SD15_MODEL", raising=False)
+    monkeypatch.delenv("SD15_SAFETY_CHECKER", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    image, mask = image_and_mask(seed=2)
+    image.save(tmp_path / "photo.png")
+    mask.save(tmp_path / "mask.png")
+    return tmp_path
+
+
+def test_cli_inpaint_regular_checkpoint(workdir, tiny_checkpoint, capsys):
+    from sd15.cli import main
+    from sd15.pnginfo import parse_parameters, read_parameters
+
+    assert main(["inpaint", "photo.png", "mask.png", "a red door", "--steps", "3", "--seed", "5", "--model",
+                 str(tiny_checkpoint), "-o", "out.png", "--no-progress"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "regular checkpoint inpaints by blending" in err and "no safety checker weights found" in err
+    out, original = np.asarray(Image.open(workdir / "out.png")), np.asarray(Image.open(workdir / "photo.png"))
+    keep = np.asarray(Image.open(workdir / "mask.png")) < 128
+    assert out.shape == original.shape
+    assert np.array_equal(out[keep], original[keep])  # paste-back, feathered inward (--mask-blur 4)
+    assert not np.array_equal(out[~keep], original[~keep])
+    settings = parse_parameters(read_parameters(workdir / "out.png"))
+    assert settings["prompt"] == "a red door" and settings["strength"] == 1.0 and settings["seed"] == 5
+
+
+def test_cli_inpaint_inpainting_checkpoint_with_padding(workdir, inpainting_model, capsys):
+    from sd15.cli import main
+
+    assert main(["inpaint", "photo.png", "mask.png", "a red door", "--steps", "2", "--padding", "4", "--width", "64",
+                 "--height", "64", "--model", inpainting_model.path, "-o", "crop.png", "--no-progress"]) == 0  # fmt: skip
+    assert "regular checkpoint" not in capsys.readouterr().err
+    assert Image.open(workdir / "crop.png").size == (80, 64)
+
+
+@pytest.mark.parametrize(
+    "mask_file, extra, message",
+    [
+        ("small.png", [], "the mask small.png is 40×32 pixels but the image is 80×64"),
+        ("photo.png", [], "colour image"),
+        ("mask.png", ["--width", "64"], "--padding mode"),
+        ("nothere.png", [], "cannot read the mask nothere.png"),
+        ("mask.png", ["--mask-blur", "-1"], "--mask-blur"),
+    ],
+)
+def test_cli_inpaint_refusals(workdir, tiny_checkpoint, capsys, mask_file, extra, message):
+    from sd15.cli import main
+
+    Image.new("L", (40, 32)).save(workdir / "small.png")
+    code = main(["inpaint", "photo.png", mask_file, "a door", "--model", str(tiny_checkpoint), "-o", "x.png", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (workdir / "x.png").exists()

@@ -1,0 +1,358 @@
+"""LoRA (sd15.lora): kohya-style names onto sd15's modules (checked against the key lists of real files and
+against diffusers' own module names), the merged and on-the-fly arithmetic, exact unmerging, reporting what
+does not match, `<lora:name:scale>` in prompts, the PNG record, the CLI, and parity with diffusers'
+`load_lora_weights` on the same random kohya file."""
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import sd15
+from sd15 import lora as L
+from sd15.checkpoint import CheckpointError
+from sd15.clip import CLIPTextConfig, CLIPTextModel
+from sd15.pnginfo import format_parameters, parse_parameters, read_parameters
+from sd15.unet import UNet, UNetConfig
+
+KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys"
+if not KEYS.is_dir():
+    KEYS = Path("/work/shared/reference/checkpoint-keys")
+
+
+def reference_keys(name: str) -> dict[str, list[int]]:
+    """{key: shape} of a LoRA key list; -1 (the rank) becomes 4."""
+    keys = {}
+    for line in (KEYS / f"{name}.txt").read_text().splitlines():
+        key, shape = line.split(" ", 1)
+        keys[key] = [4 if d == -1 else d for d in eval(shape)]  # noqa: S307 (a literal list of ints)
+    return keys
+
+
+def layout(name: str) -> set[str]:
+    """The kinds of layer a reference file adapts: its entry names with the numbers written as N."""
+    return {re.sub(r"\d+", "N", k.split(".")[0]) for k in reference_keys(name)}
+
+
+V1_LAYOUT = layout("LoRA-v1-UNET") | layout("LoRA-v1-CLIP")
+
+
+@pytest.fixture(scope="module")
+def m(tiny_checkpoint):
+    return sd15.load(tiny_checkpoint)
+
+
+def kohya_lora(m, rank=4, seed=0, kinds=V1_LAYOUT, alpha=2.0, zero_up=False) -> dict[str, torch.Tensor]:
+    """A random kohya-style LoRA for the model `m`, adapting the kinds of layer a reference file adapts
+    (`kinds=None`: every Linear and Conv2d, as a LoCon would)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (_, _, module) in L.lora_targets(m.unet, m.text_encoder).items():
+        if kinds is not None and re.sub(r"\d+", "N", name) not in kinds:
+            continue
+        out_f, in_f, *kernel = module.weight.shape
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / math.sqrt(in_f * math.prod(kernel))
+        up = torch.randn(out_f, rank, *([1, 1] if kernel else []), generator=g) * 0.3
+        tensors[f"{name}.lora_up.weight"] = torch.zeros_like(up) if zero_up else up
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    return tensors
+
+
+def write(tensors, path) -> Path:
+    save_file(tensors, str(path))
+    return Path(path)
+
+
+def unet_out(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 48, generator=g)
+    with torch.no_grad():
+        return m.unet(x, torch.tensor([500, 20]), ctx)
+
+
+def text_out(m):
+    with torch.no_grad():
+        return m.text_encoder(m.tokenizer(["a photo of a cat", "a red car"]))
+
+
+def weights(m) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(m, c).state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+
+
+def test_kohya_names_map_to_the_original_modules():
+    with torch.device("meta"):
+        unet, clip = UNet(UNetConfig()), CLIPTextModel(CLIPTextConfig())
+    targets = {name: (component, path) for name, (component, path, _) in L.lora_targets(unet, clip).items()}
+    assert targets["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == (
+        "unet", "input_blocks.1.1.transformer_blocks.0.attn1.to_q")
+    assert targets["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == ("text_encoder", "encoder.layers.0.self_attn.q_proj")
+    assert targets["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj"] == (
+        "unet", "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj")
+    assert targets["lora_unet_mid_block_attentions_0_proj_in"] == ("unet", "middle_block.1.proj_in")
+    assert targets["lora_unet_down_blocks_2_resnets_1_conv2"] == ("unet", "input_blocks.8.0.out_layers.3")
+    assert targets["lora_unet_down_blocks_1_resnets_0_conv_shortcut"] == ("unet", "input_blocks.4.0.skip_connection")
+    assert targets["lora_unet_mid_block_resnets_1_time_emb_proj"] == ("unet", "middle_block.2.emb_layers.1")
+    assert targets["lora_unet_down_blocks_2_downsamplers_0_conv"] == ("unet", "input_blocks.9.0.op")
+    assert targets["lora_unet_up_blocks_0_upsamplers_0_conv"] == ("unet", "output_blocks.2.1.conv")  # no attention
+    assert targets["lora_unet_up_blocks_1_upsamplers_0_conv"] == ("unet", "output_blocks.5.2.conv")
+    assert len(set(targets.values())) == len(targets)
+
+
+@pytest.mark.parametrize("name", ["LoRA-v1-UNET", "LoRA-v1-CLIP", "LoRA-v1A-UNET", "LoRA-v1A-CLIP"])
+def test_every_entry_of_real_lora_files_fits_a_full_size_layer(name):
+    """The reference key lists of real SD1.x LoRAs: every entry names a module of the full-size model, with
+    shapes that fit it (the rank taken as 4)."""
+    with torch.device("meta"):
+        unet, clip = UNet(UNetConfig()), CLIPTextModel(CLIPTextConfig())
+    targets = L.lora_targets(unet, clip)
+    keys = reference_keys(name)
+    entries = {k.split(".")[0] for k in keys}
+    assert entries and entries <= targets.keys()
+    for entry in entries:
+        alpha = keys.get(f"{entry}.alpha")
+        layer = L.LoRALayer(torch.empty(keys[f"{entry}.lora_down.weight"], device="meta"),
+                            torch.empty(keys[f"{entry}.lora_up.weight"], device="meta"), None if alpha is None else 4.0)  # fmt: skip
+        assert L._shape_problem(targets[entry][2], layer) is None, entry
+    assert ("alpha" in " ".join(keys)) == ("v1A" in name)  # what the "A" variant adds: an alpha per layer
+
+
+def test_names_agree_with_diffusers_module_names(m):
+    """Independent of sd15.keymap: diffusers' own UNet for the tiny config, its Linear/Conv2d module paths
+    with dots as underscores, are exactly the kohya names sd15 gives its modules."""
+    from diffusers import UNet2DConditionModel
+    from reference_models import diffusers_unet_config
+
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**diffusers_unet_config(m.unet.config))
+    theirs = {"lora_unet_" + p.replace(".", "_") for p, mod in reference.named_modules()
+              if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))}  # fmt: skip
+    ours = {n for n, (c, _, _) in L.lora_targets(m.unet, m.text_encoder).items() if c == "unet"}
+    assert ours == theirs
+
+
+# --------------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+def test_zero_up_weights_change_nothing(m, tmp_path):
+    path = write(kohya_lora(m, kinds=None, zero_up=True), tmp_path / "zero.safetensors")
+    before_unet, before_text = unet_out(m), text_out(m)
+    for merge in (True, False):
+        with L.apply_lora(m, path, scale=0.8, merge=merge):
+            assert torch.equal(unet_out(m), before_unet)
+            assert torch.equal(text_out(m), before_text)
+
+
+def test_merge_then_unmerge_restores_the_weights_bit_exactly(m, tmp_path):
+    before = weights(m)
+    first = L.apply_lora(m, write(kohya_lora(m, kinds=None, seed=1), tmp_path / "a.safetensors"), 0.7)
+    second = L.apply_lora(m, write(kohya_lora(m, seed=2, alpha=None), tmp_path / "b.safetensors"), 1.3, text_encoder_scale=0.5)
+    changed = weights(m)
+    assert sum(not torch.equal(before[k], changed[k]) for k in before) > 50
+    first.remove()  # out of order: the second stays, recomputed from the original weights
+    only_second = weights(m)
+    second.remove()
+    assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+    again = L.apply_lora(m, tmp_path / "b.safetensors", 1.3, text_encoder_scale=0.5)
+    assert all(torch.equal(only_second[k], v) for k, v in weights(m).items())
+    again.remove()
+    assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+
+
+def test_merged_weight_is_w_plus_scale_alpha_over_rank_up_down(m, tmp_path):
+    tensors = kohya_lora(m, kinds=None, rank=4, alpha=2.0, seed=3)
+    path = write(tensors, tmp_path / "c.safetensors")
+    checks = {  # a linear layer, a 1×1 conv, a 3×3 conv, a text-encoder layer
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": m.unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k,
+        "lora_unet_mid_block_attentions_0_proj_out": m.unet.middle_block[1].proj_out,
+        "lora_unet_up_blocks_1_resnets_2_conv1": m.unet.output_blocks[5][0].in_layers[2],
+        "lora_te_text_model_encoder_layers_1_mlp_fc2": m.text_encoder.encoder.layers[1].mlp.fc2,
+    }  # fmt: skip
+    originals = {name: module.weight.clone() for name, module in checks.items()}
+    with L.apply_lora(m, path, scale=0.6, text_encoder_scale=0.9):
+        for name, module in checks.items():
+            up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+            scale = 0.9 if name.startswith("lora_te") else 0.6
+            expected = originals[name] + scale * (2.0 / 4) * (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
+            assert torch.allclose(module.weight, expected, rtol=1e-6, atol=1e-7), name
+            assert not torch.allclose(module.weight, originals[name], atol=1e-4)
+
+
+def test_on_the_fly_and_merged_agree_and_stack(m, tmp_path):
+    a = write(kohya_lora(m, kinds=None, seed=4), tmp_path / "a.safetensors")
+    b = write(kohya_lora(m, seed=5, alpha=None), tmp_path / "b.safetensors")
+    before = weights(m)
+    base = unet_out(m)
+    results = {}
+    for merge in (True, False):
+        with L.apply_lora(m, a, 0.8, merge=merge), L.apply_lora(m, b, -0.4, text_encoder_scale=0.3, merge=merge):
+            results[merge] = unet_out(m), text_out(m)
+            if not merge:
+                assert all(torch.equal(before[k], v) for k, v in weights(m).items())  # hooks leave weights alone
+    (merged_u, merged_t), (live_u, live_t) = results[True], results[False]
+    scale = base.abs().max()
+    assert (merged_u - base).abs().max() > 0.05 * scale
+    assert (merged_u - live_u).abs().max() < 1e-5 * scale
+    assert (merged_t - live_t).abs().max() < 1e-5 * merged_t.abs().max()
+    assert torch.equal(unet_out(m), base)  # all removed
+    # the same LoRA merged and another on the fly, at once
+    with L.apply_lora(m, a, 0.8, merge=True), L.apply_lora(m, b, -0.4, text_encoder_scale=0.3, merge=False):
+        assert (unet_out(m) - merged_u).abs().max() < 1e-5 * scale
+
+
+def test_unmatched_entries_are_reported_and_misfits_refused(m, tmp_path):
+    tensors = kohya_lora(m, seed=6)
+    tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32, 1, 1)
+    tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 4, 1, 1)
+    tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.hada_w1_a"] = torch.zeros(4, 4)
+    with pytest.warns(UserWarning, match="2 entries match no layer"):
+        applied = L.apply_lora(m, write(tensors, tmp_path / "extra.safetensors"))
+    applied.remove()
+    assert applied.unmatched == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj.hada_w1_a",
+                                 "lora_unet_down_blocks_9_attentions_0_proj_in"]  # fmt: skip
+
+    wide = kohya_lora(m, seed=7)  # cross-attention keys 1024 wide, as in an SD2 LoRA
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    wide[f"{name}.lora_down.weight"] = torch.zeros(4, 1024)
+    before = weights(m)
+    with pytest.raises(CheckpointError, match=f"{name}: down \\[4, 1024\\]"):
+        L.apply_lora(m, write(wide, tmp_path / "sd2.safetensors"))
+    assert all(torch.equal(before[k], v) for k, v in weights(m).items())  # nothing half-applied
+    with pytest.raises(CheckpointError, match="no entry"):
+        L.apply_lora(m, write({"lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 8),
+                               "lora_te1_text_model_x.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "xl.safetensors"))  # fmt: skip
+    with pytest.raises(CheckpointError, match="LyCORIS"):
+        L.read_lora(write({"lora_unet_a.hada_w1_a": torch.zeros(4, 4)}, tmp_path / "loha.safetensors"))
+
+
+def test_pickled_lora_files_are_read_safely(m, tmp_path):
+    torch.save(kohya_lora(m, seed=8), tmp_path / "old.pt")
+    lora = L.read_lora(tmp_path / "old.pt")
+    assert lora.name == "old" and len(lora.layers) > 20
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    torch.save({"lora_unet_a.lora_down.weight": torch.zeros(1), "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="Refused"):
+        L.read_lora(tmp_path / "evil.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity
+
+
+@pytest.fixture(scope="module")
+def reference(m, tiny_state_dict, tmp_path_factory):
+    from reference_models import diffusers_pipeline
+
+    return diffusers_pipeline(tiny_state_dict, m, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize(
+    "kinds, alpha, scale",
+    [(V1_LAYOUT, None, 1.0), (None, 2.0, 0.7)],
+    ids=["v1-layout-no-alpha", "every-layer-with-alpha-scale-0.7"],
+)
+def test_same_outputs_as_diffusers_load_lora_weights(m, reference, tmp_path, kinds, alpha, scale):
+    """A random kohya file through diffusers' converter and PEFT, and through sd15: the same UNet output and
+    the same text-encoder output. Files: the reference "v1" layout (attention layers, no alpha), and every
+    Linear and Conv2d (LoCon: ResBlock, sampler, 3×3 convs) with alpha, at scale 0.7."""
+    path = write(kohya_lora(m, kinds=kinds, seed=9, alpha=alpha), tmp_path / "parity.safetensors")
+    reference.load_lora_weights(str(path), adapter_name="parity")
+    reference.set_adapters(["parity"], adapter_weights=[scale])
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 48, generator=g), torch.tensor([500, 20])
+    ids = m.tokenizer(["a photo of a cat", "a red car"])
+    try:
+        with torch.no_grad():
+            base = m.unet(x, t, ctx)
+            theirs_u = reference.unet(x, t, ctx).sample
+            theirs_t = reference.text_encoder(ids).last_hidden_state
+            for merge in (True, False):
+                with L.apply_lora(m, path, scale, merge=merge):
+                    ours_u, ours_t = m.unet(x, t, ctx), m.text_encoder(ids)
+                assert (ours_u - theirs_u).abs().max() < 1e-5 * theirs_u.abs().max()
+                assert (ours_t - theirs_t).abs().max() < 1e-5 * theirs_t.abs().max()
+    finally:
+        reference.unload_lora_weights()
+    assert (theirs_u - base).abs().max() > 0.05 * base.abs().max()  # the LoRA does something
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts, PNG, CLI
+
+
+def test_prompt_tag_applies_the_lora_for_the_call_and_is_recorded(m, tmp_path):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    path = write(kohya_lora(m, seed=10), folder / "film.safetensors")
+    m.lora_dirs = [folder]
+    kwargs = dict(steps=2, seed=5, width=64, height=64)
+    before = weights(m)
+    tagged = m.generate("a cat <lora:film:0.7>", **kwargs)[0]
+    assert all(torch.equal(before[k], v) for k, v in weights(m).items())  # taken off after the call
+    plain = m.generate("a cat ", **kwargs)[0]
+    assert tagged.tobytes() != plain.tobytes()
+    with m.load_lora(path, 0.7):
+        loaded = m.generate("a cat ", **kwargs)[0]
+        assert m.loras and m.loras[0].tag == "<lora:film:0.7>"
+        both = m.generate("a cat <lora:film:0.7>", **kwargs)[0]  # not applied twice
+        with pytest.raises(ValueError, match="different scale"):
+            m.generate("a cat <lora:film:0.5>", **kwargs)
+    assert not m.loras
+    assert np.array_equal(np.asarray(tagged), np.asarray(loaded)) and np.array_equal(np.asarray(tagged), np.asarray(both))
+
+    addnet = L.lora_file_hash(path)
+    assert len(addnet) == 12
+    for image in (tagged, loaded):
+        s = image.info["sd15"]
+        assert s.prompt.rstrip() == "a cat <lora:film:0.7>" and s.lora_hashes == {"film": addnet}
+        text = format_parameters(s)
+        assert text.startswith("a cat <lora:film:0.7>\n") and f'Lora hashes: "film: {addnet}"' in text
+        assert parse_parameters(text)["lora_hashes"] == {"film": addnet}
+    with pytest.raises(ValueError, match="'missing' named in the prompt is not in"):
+        m.generate("a cat <lora:missing:1>", **kwargs)
+    with pytest.raises(ValueError, match="different LoRAs"):
+        m.generate(["a <lora:film:1>", "b"], **kwargs)
+    m.lora_dirs = [L.DEFAULT_LORA_DIR]
+
+
+def test_cli_lora_and_embedding_flags_and_rerun_from_png(tiny_checkpoint, m, tmp_path, monkeypatch):
+    from sd15.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "weights" / "lora").mkdir(parents=True)
+    write(kohya_lora(m, seed=11), tmp_path / "weights" / "lora" / "ink.safetensors")
+    elsewhere = write(kohya_lora(m, seed=12, kinds=None), tmp_path / "paper style.safetensors")
+    write({"emb_params": torch.randn(2, 48, generator=torch.Generator().manual_seed(0))}, tmp_path / "shiny.safetensors")
+    common = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "9", "--model", str(tiny_checkpoint), "--no-progress"]
+    assert main(["generate", "a (shiny:1.2) boat <lora:ink:0.6>", "--lora", f"{elsewhere}:0.5", "--clip-skip", "2",
+                 "--embedding", "shiny.safetensors", *common, "-o", "first.png"]) == 0  # fmt: skip
+    text = read_parameters(tmp_path / "first.png")
+    prompt, settings = text.split("\n")
+    assert prompt == "a (shiny:1.2) boat <lora:ink:0.6> <lora:paper style:0.5>"
+    assert "Clip skip: 2" in settings and 'TI hashes: "shiny: ' in settings
+    assert re.search(r'Lora hashes: "paper style: [0-9a-f]{12}, ink: [0-9a-f]{12}"', settings)
+
+    # the PNG alone (with the LoRA files in a folder and the embedding given) reproduces the image
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "paper style.safetensors").write_bytes(elsewhere.read_bytes())
+    (tmp_path / "loras" / "ink.safetensors").write_bytes((tmp_path / "weights" / "lora" / "ink.safetensors").read_bytes())
+    assert main(["generate", "--from-png", "first.png", "--lora-dir", "loras", "--embedding", "shiny.safetensors",
+                 "--model", str(tiny_checkpoint), "--no-progress", "-o", "again.png"]) == 0  # fmt: skip
+    first, again = (np.asarray(Image.open(tmp_path / f)) for f in ("first.png", "again.png"))
+    assert np.array_equal(first, again)
+    assert main(["generate", "a boat", "--lora", "nothere.safetensors:0.5", *common]) == 2
