@@ -394,16 +394,9 @@ def run_inpaint(args) -> None:
         mask,
         args.prompt,
         strength=args.strength,
-        negative_prompt=args.negative or "",
-        steps=args.steps or 50,
-        guidance_scale=args.cfg if args.cfg is not None else 7.5,
-        sampler=args.sampler or "pndm",
         seed=seed,
-        num_images=args.num_images,
-        karras=bool(args.karras),
         fit=args.fit,
-        progress=not args.no_progress,
-        clip_skip=args.clip_skip or 1,
+        **_image_sampling_kwargs(args),
         mask_blur=args.mask_blur,
         padding=args.padding,
         paste_back=not args.no_paste_back,
@@ -412,6 +405,20 @@ def run_inpaint(args) -> None:
         callback=_preview_callback(m, args),
     )
     _save(m, model_path, images, paths)
+
+
+def _image_sampling_kwargs(args) -> dict:
+    """The sampling settings img2img and inpaint take from the command line, with the library's defaults."""
+    return dict(
+        negative_prompt=args.negative or "",
+        steps=args.steps or 50,
+        guidance_scale=args.cfg if args.cfg is not None else 7.5,
+        sampler=args.sampler or "pndm",
+        num_images=args.num_images,
+        karras=bool(args.karras),
+        progress=not args.no_progress,
+        clip_skip=args.clip_skip or 1,
+    )
 
 
 def run_img2img(args) -> None:
@@ -429,17 +436,10 @@ def run_img2img(args) -> None:
         image,
         args.prompt,
         strength=args.strength,
-        negative_prompt=args.negative or "",
-        steps=args.steps or 50,
-        guidance_scale=args.cfg if args.cfg is not None else 7.5,
-        sampler=args.sampler or "pndm",
         seed=seed,
-        num_images=args.num_images,
-        karras=bool(args.karras),
         fit=args.fit,
-        progress=not args.no_progress,
+        **_image_sampling_kwargs(args),
         callback=_preview_callback(m, args),
-        clip_skip=args.clip_skip or 1,
     )
     _save(m, model_path, images, paths)
 
