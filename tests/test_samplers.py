@@ -13,9 +13,9 @@ Observed differences are <= 7e-6 after 50 steps; a single timestep off by one mo
 (`test_tolerance_catches_an_off_by_one_timestep`), so 1e-4 separates rounding from mistakes.
 """
 
-import diffusers  # test-only oracle
 import inspect
 
+import diffusers  # test-only oracle
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """The SD1.5 noise schedule and timestep grids (sd15.schedule) against FACTS.md and diffusers 0.42.1."""
 
-import diffusers  # test-only oracle
 import numpy as np
+import diffusers  # test-only oracle
 import pytest
 import torch
 
