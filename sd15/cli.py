@@ -424,8 +424,6 @@ def _image_sampling_kwargs(args) -> dict:
 def run_img2img(args) -> None:
     import secrets
 
-    from PIL import Image, UnidentifiedImageError
-
     if not 0 < args.strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     image = _open_image(args.image, "image")

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import images as image_io
-from . import lora as lora_io
 from . import pipeline, tiling
-from . import prompts as prompt_io
 from .samplers import plan_sampling
 from .vae import LATENT_SCALE
 
@@ -126,10 +124,9 @@ def hires_fix(
                                 progress, clip_skip=clip_skip)  # fmt: skip
     out = pipeline._finish(m, latents, output_type)
     if output_type == "pil":
-        for i, im in enumerate(out):
-            im.info["sd15"] = pipeline.GenerationSettings(
-                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, width,
-                height, karras, eta, strength, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
-            )  # fmt: skip
+        pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
+                                 sampler=sampler, width=width, height=height, karras=karras, eta=eta,
+                                 strength=strength, clip_skip=clip_skip)  # fmt: skip
+        for im in out:
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}
     return out

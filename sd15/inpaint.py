@@ -47,9 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import images as image_io
-from . import lora as lora_io
 from . import pipeline, schedule, tiling
-from . import prompts as prompt_io
 from .samplers import plan_sampling
 from .vae import LATENT_SCALE
 
@@ -352,9 +350,7 @@ def inpaint(
 
     out = pipeline._finish(m, result, output_type, composite if (paste_back or region is not None) else None)
     if output_type == "pil":
-        for i, im in enumerate(out):
-            im.info["sd15"] = pipeline.GenerationSettings(
-                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, W, H,
-                karras, eta, strength, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
-            )  # fmt: skip
+        pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
+                                 sampler=sampler, width=W, height=H, karras=karras, eta=eta, strength=strength,
+                                 clip_skip=clip_skip)  # fmt: skip
     return out

@@ -125,6 +125,16 @@ def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Ten
     return eps_model
 
 
+def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives: list[str], seed: int, **fields) -> None:
+    """Attach to each PIL image the GenerationSettings its PNG will record (image i: prompts[i], seed + i),
+    with the LoRAs and textual inversions its prompt used."""
+    for i, image in enumerate(images):
+        image.info["sd15"] = GenerationSettings(
+            prompt=lora_io.recorded_prompt(m, prompts[i]), negative_prompt=negatives[i], seed=seed + i,
+            **fields, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
+        )  # fmt: skip
+
+
 def _generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
@@ -273,11 +283,8 @@ def generate(
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)
     out = _finish(m, result, output_type)
     if output_type == "pil":
-        for i, image in enumerate(out):
-            image.info["sd15"] = GenerationSettings(
-                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, width,
-                height, karras, eta, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
-            )  # fmt: skip
+        record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                        width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip)  # fmt: skip
     return out
 
 
@@ -330,9 +337,6 @@ def img2img(
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)
     out = _finish(m, result, output_type)
     if output_type == "pil":
-        for i, im in enumerate(out):
-            im.info["sd15"] = GenerationSettings(
-                lora_io.recorded_prompt(m, prompts[i]), negatives[i], steps, guidance_scale, sampler, seed + i, width,
-                height, karras, eta, strength, clip_skip=clip_skip, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
-            )  # fmt: skip
+        record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                        width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip)  # fmt: skip
     return out

@@ -19,28 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from .cli import _finite_float, _positive_int  # the same argument checks as the other commands
 
 
 def _common(p: argparse.ArgumentParser, writes: bool = True) -> None:
@@ -70,7 +51,7 @@ def add_commands(sub) -> None:
                        description="Two models: (1 - alpha)·A + alpha·B. Three: A + alpha·(B - C).")  # fmt: skip
     m.add_argument("models", nargs="+", metavar="MODEL", help="A B (weighted sum) or A B C (add difference)")
     m.add_argument("-o", "--output", required=True, help="NAME.safetensors or a folder name (diffusers layout)")
-    m.add_argument("--alpha", type=_finite, default=0.5, help="weight of B (default 0.5)")
+    m.add_argument("--alpha", type=_finite_float, default=0.5, help="weight of B (default 0.5)")
     _common(m)
 
     i = sub.add_parser("inspect", help="what a checkpoint holds")
@@ -83,7 +64,7 @@ def add_commands(sub) -> None:
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="print JSON")
-    d.add_argument("--top", type=_positive, default=10, help="how many of the most different tensors to list")
+    d.add_argument("--top", type=_positive_int, default=10, help="how many of the most different tensors to list")
     _common(d, writes=False)
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from sd15.cli import main
 from test_checkpoint import RunsCode  # a pickle whose loading would run a shell command
-from sd15.random_weights import random_checkpoint, save_checkpoint
+from sd15.random_weights import save_checkpoint
 
 
 @pytest.fixture
