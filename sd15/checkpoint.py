@@ -177,7 +177,7 @@ def open_checkpoint(path: str | os.PathLike) -> SafetensorsFile | TensorDict:
         raise CheckpointError(f"No such checkpoint file: {path}")
     if path.is_dir():
         if (path / "model_index.json").is_file():  # a diffusers folder, read in the original layout
-            from .convert import DiffusersFolder
+            from .streaming import DiffusersFolder
 
             return DiffusersFolder(path)
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it (or a diffusers folder)")

@@ -1,7 +1,7 @@
 """Streaming, verified checkpoint conversions: original single file <-> diffusers folder, .ckpt -> .safetensors,
 dtype changes, EMA extraction, pruning, VAE replacement, component extraction, and merges.
 
-How a conversion runs:
+How a conversion runs (the reading and writing live in sd15.streaming):
 
 1. The input is opened as a lazy view in the original single-file layout: `keys()`, `shape(key)`,
    `dtype_name(key)`, `get(key)`. A .safetensors file is read by `MappedSafetensors`, which maps each tensor's
@@ -19,19 +19,12 @@ How a conversion runs:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import mmap
 import os
-import re
 import shutil
-import struct
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -45,414 +38,26 @@ from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
-    SafetensorsFile,
-    TensorDict,
     check_state_dict,
     ema_key,
     identify,
-    load_pickle,
-    open_checkpoint,
-    read_safetensors_header,
+)
+from .streaming import (
+    DATA,
+    DiffusersFolder,
+    Item,
+    Report,
+    path_label,
+    atomic_output,
+    cast,
+    item,
+    open_source,
+    reshape,
+    verify,
+    write_verified,
 )
 
 SD1_KINDS = ("sd1", "sd1-inpainting")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-DATA = Path(__file__).parent / "data"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """A dtype from a safetensors name ("F16") or a torch name ("float16")."""
-    return ST_DTYPES.get(name) or getattr(torch, name)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-
-
-class MappedSafetensors:
-    """A .safetensors file read one tensor at a time. Each tensor is a view of its own copy-on-write memory
-    map of the file, unmapped when the tensor is freed, so reading a whole file never holds more than the
-    tensors still in use. Writing to a tensor never reaches the file."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        header = read_safetensors_header(self.path)  # validates offsets against the file size
-        self.metadata = header.pop("__metadata__", None) or {}
-        with open(self.path, "rb") as f:
-            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-        self._info = {}
-        for key, entry in header.items():
-            dtype = ST_DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{self.path}: tensor {key!r} has an unknown dtype {entry.get('dtype')!r}")
-            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(f"{self.path} is corrupt: tensor {key!r} of shape {list(shape)} "
-                                      f"has {end - begin} bytes")  # fmt: skip
-            self._info[key] = (dtype, shape, begin, end)
-
-    def keys(self):
-        return self._info.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._info[key][1]
-
-    def dtype_name(self, key: str) -> str:
-        return ST_NAMES[self._info[key][0]]
-
-    def get(self, key: str) -> torch.Tensor:
-        dtype, shape, begin, end = self._info[key]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        start = self._data_start + begin
-        base = start - start % mmap.ALLOCATIONGRANULARITY  # a map must start on a page boundary
-        with open(self.path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), self._data_start + end - base, offset=base, access=mmap.ACCESS_COPY)
-        data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=start - base)  # keeps `mapped` alive
-        return data.view(dtype).reshape(shape)
-
-
-class _Shards:
-    """Several .safetensors files named by a `*.safetensors.index.json` weight map, read as one."""
-
-    def __init__(self, index_path: Path):
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = {name: MappedSafetensors(index_path.parent / name) for name in set(weight_map.values())}
-        self._where = {key: files[name] for key, name in weight_map.items()}
-        self.metadata, self.path = {}, index_path
-
-    def keys(self):
-        return self._where.keys()
-
-    def shape(self, key):
-        return self._where[key].shape(key)
-
-    def dtype_name(self, key):
-        return self._where[key].dtype_name(key)
-
-    def get(self, key):
-        return self._where[key].get(key)
-
-
-def open_weights(folder: Path, name: str):
-    """A diffusers component's weights: NAME.safetensors, sharded, the fp16 variant, or a .bin pickle."""
-    bin_name = "pytorch_model.bin" if name == "model" else f"{name}.bin"
-    for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.fp16.safetensors", bin_name):
-        path = folder / candidate
-        if path.is_file():
-            if candidate.endswith(".index.json"):
-                return _Shards(path)
-            return MappedSafetensors(path) if candidate.endswith(".safetensors") else TensorDict(load_pickle(path), path)
-    raise CheckpointError(f"{folder} holds no weights (looked for {name}.safetensors, {bin_name})")
-
-
-class DiffusersFolder:
-    """A diffusers folder (model_index.json, unet/, vae/, text_encoder/) seen in the original single-file
-    layout: its keys are the original file's (`model.diffusion_model.…`), renamed by `sd15.keymap`.
-
-    `copy=True` (as `sd15.load` opens it) returns tensors in memory of their own; `copy=False` (conversions)
-    returns views of the file's memory maps, which are valid only while the file is left as it is."""
-
-    def __init__(self, path: str | os.PathLike, copy: bool = True):
-        self.path, self.metadata, self.copy = Path(path), {}, copy
-        try:
-            index = json.loads((self.path / "model_index.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{self.path} is not a readable diffusers folder: {e}") from None
-        pipeline = str(index.get("_class_name", ""))
-        if "XL" in pipeline or "text_encoder_2" in index:
-            raise CheckpointError(f"{self.path} is a Stable Diffusion XL pipeline ({pipeline}); sd15 reads SD1.x")
-        self._where: dict[str, tuple] = {}  # original key -> (reader, diffusers key, original shape)
-        self.synthesized: set[str] = set()  # keys the folder lacks but the original layout has
-        for component in keymap.COMPONENTS:
-            if not (self.path / component).is_dir():
-                raise CheckpointError(f"{self.path} is a diffusers folder without {component}/")
-            reader = open_weights(self.path / component, keymap.WEIGHTS_NAME[component])
-            for dkey, key in keymap.from_diffusers(component, reader.keys()).items():
-                shape = tuple(reader.shape(dkey))
-                if component == "vae" and keymap.is_vae_attention_weight(dkey) and len(shape) == 2:
-                    shape += (1, 1)  # linear -> 1×1 conv
-                self._where[keymap.ORIGINAL_PREFIX[component] + key] = (reader, dkey, shape)
-        positions = CLIP_PREFIX + "embeddings.position_ids"
-        if positions not in self._where:  # transformers no longer saves it; the original layout has it
-            count = self._where[CLIP_PREFIX + "embeddings.position_embedding.weight"][2][0]
-            self._where[positions] = (lambda: torch.arange(count)[None], None, (1, count))
-            self.synthesized.add(positions)
-        for key, tensor in _schedule_buffers(self.path / "scheduler" / "scheduler_config.json").items():
-            self._where[key] = (lambda t=tensor: t, None, tuple(tensor.shape))
-            self.synthesized.add(key)
-
-    def keys(self):
-        return self._where.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._where[key][2]
-
-    def dtype_name(self, key: str) -> str:
-        reader, dkey, _ = self._where[key]
-        return str(reader().dtype).removeprefix("torch.") if dkey is None else reader.dtype_name(dkey)
-
-    def get(self, key: str) -> torch.Tensor:
-        reader, dkey, shape = self._where[key]
-        if dkey is None:
-            return reader()
-        tensor = reader.get(dkey).reshape(shape)
-        return tensor.clone() if self.copy else tensor
-
-
-def _schedule_buffers(scheduler_config: Path) -> dict[str, torch.Tensor]:
-    """The 12 buffers that ldm's LatentDiffusion stores beside the weights (betas, alphas_cumprod, …), which a
-    diffusers folder leaves out: recomputed by ldm's recipe when the scheduler is SD1.x's, else none."""
-    from .random_weights import schedule_buffers  # ldm's register_schedule: float64, stored as float32
-
-    try:
-        config = json.loads(scheduler_config.read_text())
-    except (OSError, ValueError):
-        return {}
-    sd1 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
-    return schedule_buffers() if all(config.get(k) == v for k, v in sd1.items()) else {}
-
-
-class ReleasingPickle:
-    """The tensors of a pickle loaded by `torch.load(weights_only=True, mmap=True)`, whose pages are dropped from
-    this process once used: each `get` first releases the pages of the tensor handed out before it.
-
-    torch maps the whole file privately and the pages a conversion touches would otherwise stay resident
-    until the end, as many as the file's size. `madvise(MADV_DONTNEED)` on a private file mapping whose pages
-    were never written only unmaps them: a later read faults them back in from the file, so a tensor sharing
-    those pages stays correct. Only ranges inside this file's own mappings (from /proc/self/maps) are
-    released; a pickle that was not memory-mapped (the legacy format) is left alone.
-    """
-
-    def __init__(self, tensors: TensorDict):
-        self.tensors, self.path, self.metadata = tensors, tensors.path, {}
-        self._maps = _file_mappings(tensors.path)
-        self._previous: torch.Tensor | None = None
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def shape(self, key):
-        return self.tensors.shape(key)
-
-    def dtype_name(self, key):
-        return self.tensors.dtype_name(key)
-
-    def get(self, key):
-        """The tensor, which must not be modified in place (its pages may be re-read from the file)."""
-        if self._previous is not None:
-            _release(self._previous, self._maps)
-        self._previous = self.tensors.get(key)
-        return self._previous
-
-
-def _file_mappings(path) -> list[tuple[int, int]]:
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    target, ranges = str(Path(path).resolve()), []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
-def _release(t: torch.Tensor, maps: list[tuple[int, int]]) -> None:
-    import ctypes
-
-    page = mmap.PAGESIZE
-    begin = t.untyped_storage().data_ptr()
-    end = begin + t.untyped_storage().nbytes()
-    begin, end = begin - begin % page, -(-end // page) * page
-    if any(lo <= begin and end <= hi for lo, hi in maps):
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # MADV_DONTNEED
-
-
-def open_source(path: str | os.PathLike):
-    """Any input in the original layout: a .safetensors file (memory-mapped per tensor), a pickle (read
-    with weights_only=True), a diffusers folder, or a diffusers component folder (config.json + weights)."""
-    path = Path(path)
-    if path.is_dir() and not (path / "model_index.json").exists() and (path / "config.json").exists():
-        return open_weights(path, "diffusion_pytorch_model" if (path / "diffusion_pytorch_model.safetensors").exists() else "model")
-    if path.is_dir() and (path / "model_index.json").is_file():
-        return DiffusersFolder(path, copy=False)
-    view = open_checkpoint(path)
-    if isinstance(view, SafetensorsFile):
-        return MappedSafetensors(path)
-    return ReleasingPickle(view) if isinstance(view, TensorDict) and sys.platform == "linux" else view
-
-
-# --------------------------------------------------------------------------------------------------
-# Planning: an output is {key: Item}, known by shape and dtype before any tensor is read
-
-
-@dataclass(frozen=True)
-class Item:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    read: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def item(view, key: str) -> Item:
-    return Item(tuple(view.shape(key)), torch_dtype(view.dtype_name(key)), partial(view.get, key))
-
-
-def cast(it: Item, dtype: torch.dtype | None) -> Item:
-    """The item in `dtype` if it is floating point (integer tensors such as position_ids keep theirs)."""
-    if dtype is None or dtype == it.dtype or not it.dtype.is_floating_point:
-        return it
-    return Item(it.shape, dtype, lambda: it.read().to(dtype))
-
-
-def reshape(it: Item, shape: tuple[int, ...]) -> Item:
-    return Item(tuple(shape), it.dtype, lambda: it.read().reshape(shape))
-
-
-@dataclass
-class Report:
-    output: Path
-    tensors: int = 0
-    bytes: int = 0
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing and checking
-
-
-def _bytes(t: torch.Tensor):
-    """The tensor's bytes as a buffer (no copy when it is already contiguous)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _label(path: Path) -> str:
-    """A file being written, named as the user will see it: `.NAME.partial-PID/unet/x` shown as NAME/unet/x."""
-    parts = Path(path).parts
-    for i, part in enumerate(parts):
-        m = re.fullmatch(r"\.(.+)\.partial-\d+", part)
-        if m:
-            return "/".join((m[1], *parts[i + 1 :]))
-    return Path(path).name
-
-
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, leave=False)
-
-
-def write_safetensors(path: Path, items: dict[str, Item], metadata: dict | None, progress: bool) -> dict[str, str]:
-    """Write `items` as a .safetensors file, tensor by tensor; return each tensor's SHA-256."""
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for key, it in items.items():
-        header[key] = {"dtype": ST_NAMES[it.dtype], "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes]}
-        offset += it.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-    digests = {}
-    with open(path, "xb") as f, _bar(offset, f"write {_label(path)}", progress) as bar:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for key, it in items.items():
-            t = it.read()
-            if t.dtype != it.dtype or tuple(t.shape) != it.shape:
-                raise CheckpointError(f"{key}: read {t.dtype} {list(t.shape)}, the header says {it.dtype} {list(it.shape)}")
-            data = _bytes(t)
-            f.write(data)
-            digests[key] = hashlib.sha256(data).hexdigest()
-            bar.update(len(data))
-            del t, data  # unmaps the source's pages before the next tensor is read
-        f.flush()
-        os.fsync(f.fileno())
-    return digests
-
-
-def verify(view, expected: dict[str, tuple], what: str, progress: bool, ignore: set[str] = frozenset()) -> None:
-    """Check a written output, re-read through `view`: the same keys, and per key the dtype, shape and SHA-256
-    of its bytes in `expected` ({key: (shape, dtype, sha256)})."""
-    keys = set(view.keys()) - set(ignore)
-    if keys != set(expected):
-        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
-        raise CheckpointError(f"verification of {what} failed: missing {missing[:5]}, unexpected {extra[:5]}")
-    total = sum(math.prod(s) * d.itemsize for s, d, _ in expected.values())
-    with _bar(total, f"check {what}", progress) as bar:
-        for key, (shape, dtype, digest) in expected.items():
-            if torch_dtype(view.dtype_name(key)) != dtype or tuple(view.shape(key)) != tuple(shape):
-                raise CheckpointError(f"verification of {what} failed: {key} is {view.dtype_name(key)} "
-                                      f"{list(view.shape(key))} on disk, {dtype} {list(shape)} planned")  # fmt: skip
-            t = view.get(key)
-            data = _bytes(t)
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise CheckpointError(f"verification of {what} failed: {key} reads back different bytes")
-            bar.update(len(data))
-            del t, data
-
-
-def _check_format(path: Path) -> None:
-    """The safetensors library, an independent reader of the format, must open the file and list its keys."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            list(f.keys())
-    except Exception as e:
-        raise CheckpointError(f"verification failed: the safetensors library cannot read {path.name}: {e}") from None
-
-
-def write_verified(path: Path, items: dict[str, Item], metadata: dict | None, progress: bool) -> dict[str, str]:
-    digests = write_safetensors(path, items, metadata, progress)
-    _check_format(path)
-    expected = {k: (it.shape, it.dtype, digests[k]) for k, it in items.items()}
-    verify(MappedSafetensors(path), expected, _label(path), progress)
-    return digests
-
-
-@contextlib.contextmanager
-def atomic_output(target: Path, force: bool, inputs: list[Path]):
-    """Yield a temporary path next to `target`; on success move it into place, on any failure remove it."""
-    target = Path(target)
-    if not target.parent.is_dir():
-        raise ValueError(f"the output's folder does not exist: {target.parent}")
-    resolved = target.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if resolved == p or resolved in p.parents:
-            raise ValueError(f"the output {target} would replace the input {p}; choose another output")
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists; pass --force to replace it")
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        yield tmp
-        if target.exists() and (target.is_dir() or tmp.is_dir()):
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------
 # The diffusers folder
 
@@ -524,7 +129,7 @@ def write_diffusers_folder(folder: Path, model: dict[str, Item], inpainting: boo
     _write_json(folder / "scheduler" / "scheduler_config.json", keymap.SCHEDULER_CONFIG)
     _write_json(folder / "model_index.json", keymap.model_index(inpainting))
     view = DiffusersFolder(folder, copy=False)
-    verify(view, expected, f"{_label(folder)} read back as an original checkpoint", progress, ignore=view.synthesized)
+    verify(view, expected, f"{path_label(folder)} read back as an original checkpoint", progress, ignore=view.synthesized)
     return total
 
 

@@ -23,7 +23,7 @@ from .checkpoint import (
     VAE_PREFIX,
     identify,
 )
-from .convert import DiffusersFolder, MappedSafetensors, open_source, torch_dtype
+from .streaming import DiffusersFolder, MappedSafetensors, open_source, torch_dtype
 
 GROUPS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", CLIP_PREFIX_OLD), ("ema", EMA_PREFIX))
 

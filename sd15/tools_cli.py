@@ -69,7 +69,7 @@ def add_commands(sub) -> None:
 
 
 def _dtype(name):
-    from .convert import DTYPES
+    from .streaming import DTYPES
 
     return DTYPES[name] if name else None
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import sd15
 from sd15 import convert as convert_module
+from sd15 import streaming
 from sd15 import keymap
 from sd15.checkpoint import (
     CLIP_PREFIX,
@@ -457,7 +458,7 @@ def test_unknown_architecture_is_refused(tmp_path, capsys, tensors, message):
 @pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 @pytest.mark.parametrize("output", ["out.safetensors", "out-folder"])
 def test_failure_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, failure, output):
-    original, calls = convert_module.MappedSafetensors.get, []
+    original, calls = streaming.MappedSafetensors.get, []
 
     def failing_get(self, key):
         calls.append(key)
@@ -465,7 +466,7 @@ def test_failure_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, f
             raise failure
         return original(self, key)
 
-    monkeypatch.setattr(convert_module.MappedSafetensors, "get", failing_get)
+    monkeypatch.setattr(streaming.MappedSafetensors, "get", failing_get)
     with pytest.raises(type(failure)):
         convert_module.convert(tiny_checkpoint, tmp_path / output, progress=False)
     assert len(calls) == 300
@@ -473,7 +474,7 @@ def test_failure_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, f
 
 
 def test_verification_catches_a_corrupted_write(tiny_checkpoint, tmp_path, monkeypatch):
-    write = convert_module.write_safetensors
+    write = streaming.write_safetensors
 
     def write_then_corrupt(path, items, metadata, progress):
         digests = write(path, items, metadata, progress)
@@ -484,7 +485,7 @@ def test_verification_catches_a_corrupted_write(tiny_checkpoint, tmp_path, monke
             f.write(bytes([byte[0] ^ 0xFF]))
         return digests
 
-    monkeypatch.setattr(convert_module, "write_safetensors", write_then_corrupt)
+    monkeypatch.setattr(streaming, "write_safetensors", write_then_corrupt)
     with pytest.raises(CheckpointError, match="reads back different bytes"):
         convert_module.convert(tiny_checkpoint, tmp_path / "out.safetensors", progress=False)
     with pytest.raises(CheckpointError, match="reads back different bytes"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd15.convert import MappedSafetensors
+from sd15.streaming import MappedSafetensors
 
 ROOT = Path(__file__).parents[1]
 PEAK_LIMIT = 1.5e9  # bytes
