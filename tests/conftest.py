@@ -25,3 +25,14 @@ def tiny_model(tiny_checkpoint):
     import sd15
 
     return sd15.load(tiny_checkpoint)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh current folder for CLI tests: no model or safety checker from the environment, and a HOME
+    of its own (the model-hash cache goes there, not into the real home)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SD15_MODEL", raising=False)
+    monkeypatch.delenv("SD15_SAFETY_CHECKER", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path

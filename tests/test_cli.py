@@ -12,12 +12,6 @@ from sd15.pnginfo import format_parameters, parse_parameters, read_parameters
 from sd15.pipeline import GenerationSettings
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SD15_MODEL", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the hash cache goes here, not the real home
-    return tmp_path
 
 
 def files_in(folder):

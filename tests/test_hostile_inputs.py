@@ -17,12 +17,6 @@ from test_checkpoint import RunsCode  # a pickle whose loading would run a shell
 from sd15.random_weights import save_checkpoint
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("SD15_MODEL", raising=False)
-    return tmp_path
 
 
 def snapshot(folder):

@@ -185,15 +185,12 @@ def test_other_refusals(tiny_model):
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SD15_MODEL", raising=False)
-    monkeypatch.delenv("SD15_SAFETY_CHECKER", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def workdir(workdir):
+    """conftest's CLI folder, holding photo.png and mask.png."""
     image, mask = image_and_mask(seed=2)
-    image.save(tmp_path / "photo.png")
-    mask.save(tmp_path / "mask.png")
-    return tmp_path
+    image.save(workdir / "photo.png")
+    mask.save(workdir / "mask.png")
+    return workdir
 
 
 def test_cli_inpaint_regular_checkpoint(workdir, tiny_checkpoint, capsys):

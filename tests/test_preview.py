@@ -101,13 +101,6 @@ def test_previewer_writes_every_n_steps(tiny_model, tmp_path):
         Previewer(tmp_path / "x.png", every=0)
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SD15_MODEL", raising=False)
-    monkeypatch.delenv("SD15_SAFETY_CHECKER", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    return tmp_path
 
 
 def test_cli_preview(workdir, tiny_checkpoint, taesd_files, capsys):

@@ -186,13 +186,6 @@ def test_where_the_command_line_finds_the_weights(checker_folder, tmp_path, monk
         find_safety_checker("missing")
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SD15_MODEL", raising=False)
-    monkeypatch.delenv("SD15_SAFETY_CHECKER", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    return tmp_path
 
 
 def cli(args, checkpoint):
