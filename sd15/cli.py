@@ -97,6 +97,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--taesd", metavar="PATH", default=None,
                    help="TAESD decoder for full-resolution previews (default: weights/taesd_decoder.safetensors if present)")
     p.add_argument("--deterministic", action="store_true", help="reproducible CUDA kernels (slower; docs/reliability.md)")
+    p.add_argument("--reference-path", action="store_true",
+                   help="run the plain reference modules (default on CUDA in fp16/bf16: the fast path, docs/performance.md)")
     p.add_argument("--clip-skip", type=_positive_int, default=None, help="2: condition on CLIP's penultimate layer (default 1)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable; scale 1 by default)")
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in a prompt is found (default weights/lora)")
@@ -172,7 +174,7 @@ def _load_model(args):
         from . import determinism
 
         determinism.enable()
-    m = sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype))
+    m = sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype), fast=False if getattr(args, "reference_path", False) else None)
     _load_adapters(m, args)
     _load_safety_checker(m, args)
     return m, path

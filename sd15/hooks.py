@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from . import fast
 from .clip import CLIPAttention, CLIPEncoderLayer
 from .unet import CrossAttention, ResBlock, SpatialTransformer
 
@@ -190,6 +191,9 @@ class Trace:
     def __enter__(self) -> "Trace":
         if getattr(self.m, "_trace", None) is not None:
             raise RuntimeError("a trace is already installed on this model; nest runs, not traces")
+        # the fast path's fused modules skip the submodules a trace hooks: record on the reference path
+        self._reference_path = fast.suspended(self.m)
+        self._reference_path.__enter__()
         patterns = self.capture + list(self.patch)
         for model_name in MODELS:
             model = getattr(self.m, model_name)
@@ -216,6 +220,7 @@ class Trace:
             module.probs_hook = None
         self._handles, self._attention_modules = [], []
         self.m._trace = None
+        self._reference_path.__exit__(*exc)
 
 
 def trace(m: "StableDiffusion", capture=(), patch=None, reduce=None, steps=None, device="cpu") -> Trace:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import embeddings as embeddings_io
+from . import fast as fast_path
 from . import lora, pipeline
 from . import hires as hires_io
 from . import inpaint as inpaint_io
@@ -53,6 +54,7 @@ class StableDiffusion:
     loras: list[lora.AppliedLoRA] = field(default_factory=list)  # LoRAs kept applied by load_lora
     lora_dirs: list[Path] = field(default_factory=lambda: [lora.DEFAULT_LORA_DIR])  # where <lora:name:…> is found
     safety_checker: SafetyChecker | None = None  # sd15.safety_checker: blanks flagged images when set
+    fast: fast_path.FastPath | None = None  # what sd15.fast turned on; None: the reference path
 
     @property
     def device(self) -> torch.device:
@@ -66,6 +68,8 @@ class StableDiffusion:
     img2img = pipeline.img2img
     load_embedding = embeddings_io.load_embedding
     load_embeddings_folder = embeddings_io.load_embeddings_folder
+    enable_fast_path = fast_path.enable
+    disable_fast_path = fast_path.disable
     load_lora = lora.load_lora
     unload_loras = lora.unload_loras
     inpaint = inpaint_io.inpaint
@@ -107,12 +111,15 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     ema: bool = False,
+    fast: bool | None = None,
 ) -> StableDiffusion:
     """Load an SD1.x single-file checkpoint (.safetensors, or .ckpt read with weights_only=True), or a
     diffusers folder (model_index.json, unet/, vae/, text_encoder/), read through sd15.keymap's key rules.
 
     By default the model goes to CUDA in fp16 when a GPU is present, else to the CPU in fp32.
     `ema=True` takes the UNet from the file's EMA copy (`model_ema.*`), as training checkpoints hold it.
+    `fast`: the fast path of sd15.fast (fused kernels, CUDA graphs); by default on for CUDA in fp16/bf16,
+    off otherwise. `fast=False` keeps the plain reference modules.
     Files of other families (SD2, SDXL, LoRA, a VAE alone, …) are refused with a message naming them.
     """
     ckpt = open_checkpoint(path)
@@ -144,4 +151,7 @@ def load(
     vae = _build("VAE", AutoencoderKL, VAEConfig.from_state_dict(_meta_shapes(ckpt, vae_keys)), ckpt, vae_keys, device, dtype)
     clip_config = CLIPTextConfig.from_state_dict(_meta_shapes(ckpt, clip_keys))
     text_encoder = _build("text encoder", CLIPTextModel, clip_config, ckpt, clip_keys, device, dtype)
-    return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path))
+    m = StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path))
+    if fast_path.wanted(device, dtype, fast):
+        fast_path.enable(m)
+    return m

@@ -100,18 +100,21 @@ def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Ten
     if given, is appended to x's channels at every call (the inpainting UNet's mask and masked-image latents).
     """
 
+    # one context tensor for the whole run, so that the fast path computes its cross-attention k/v once
+    context = torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond  # (2B, T, D) or (B, T, D)
+
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = x.to(m.dtype), t.to(m.device)
         if concat is not None:
             x_in = torch.cat([x_in, concat.to(x_in)], dim=1)  # (B, 4 + C', h, w)
         trace = getattr(m, "_trace", None)  # sd15.hooks: records the two branches when asked to
         if guidance_scale <= 1.0:
-            eps = m.unet(x_in, t_in, cond).to(x.dtype)
+            eps = m.unet(x_in, t_in, context).to(x.dtype)
             return trace.visit("step.eps", eps) if trace is not None and trace.wants("step.eps") else eps
         if trace is not None:
             trace.guided = True  # the UNet's points see an [uncond; cond] batch during this call
         try:
-            eps_u, eps_c = m.unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([uncond, cond])).chunk(2)
+            eps_u, eps_c = m.unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), context).chunk(2)
         finally:
             if trace is not None:
                 trace.guided = False

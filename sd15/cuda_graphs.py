@@ -1,0 +1,164 @@
+"""CUDA graphs: capture a model's forward once per input shape, then replay it with one launch.
+
+Eagerly, a UNet call launches about 1,500 kernels, and at batch 2 the CPU needs longer to launch them than
+the GPU needs to run them. A CUDA graph (`torch.cuda.CUDAGraph`) records the launches of one call into
+static input and output buffers; `replay()` then runs them all from one host call. The price is static
+shapes and addresses, so the runner here keeps:
+
+- one graph per input signature (shapes, dtypes, the non-tensor options such as `clip_skip`), captured the
+  first time that signature is seen, after two warm-up calls on a side stream (cuDNN and Triton choose and
+  compile their kernels there, outside the capture);
+- static input buffers the caller's tensors are copied into, and an output buffer copied out of (a clone,
+  since the next replay overwrites it);
+- for the UNet, the cross-attention k/v buffers of the text context (sd15.fast computes them once per
+  context): when a new context arrives it is copied in and those buffers are recomputed eagerly, once per
+  generation, not once per step;
+- a stamp of the model's state (parameter addresses, hooks): when it changes, e.g. after `.to()` or a LoRA
+  applied on the fly, every graph is dropped and captured again, since a graph would otherwise read the old
+  weights or skip the new hook.
+
+The sampler loop does not synchronise with the GPU between steps: timesteps and sigmas live on the host,
+the NaN check runs once at the end, and step noise (ancestral samplers) is one host-to-device copy.
+Gradient-enabled calls, calls made during a capture and CPU tensors go to the eager forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .model import StableDiffusion
+
+WARMUP_CALLS = 2
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: list[torch.Tensor]  # static buffers, in the order of the call's tensor arguments
+    output: torch.Tensor
+    static_context: torch.Tensor | None = None  # UNet: the context buffer, and the k/v buffers computed from it
+    kv_buffers: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
+    context_seen: tuple = (None, -1)  # (context tensor, its _version) the k/v buffers were computed from
+
+
+def _state_stamp(module: nn.Module) -> tuple:
+    """What a captured graph depends on besides its inputs: where the weights live and which hooks run."""
+    pointers = tuple(p.data_ptr() for p in module.parameters())
+    hooks = tuple(
+        (len(m._forward_hooks), len(m._forward_pre_hooks), getattr(m, "probs_hook", None) is not None)
+        for m in module.modules()
+    )
+    return pointers, hooks
+
+
+class GraphedForward:
+    """Stands in for `module.forward`: replays a captured graph per input signature.
+
+    `context_index`: the position of the argument holding the text context (the UNet's third), whose
+    cross-attention k/v the graph reads from buffers refreshed when the context changes; None for modules
+    without cross-attention (the text encoder).
+    """
+
+    def __init__(self, module: nn.Module, pool, context_index: int | None = None):
+        self.module, self.pool, self.context_index = module, pool, context_index
+        self.graphs: dict[tuple, _Graph] = {}
+        self.stamp = None
+        self.last_context = None  # the caller's context tensor of the previous call
+        self.captures = 0  # how many graphs were captured (for tests and the benchmark)
+
+    def eager(self, *args, **options):
+        return type(self.module).forward(self.module, *args, **options)
+
+    def __call__(self, *args, **options):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in options.values() if isinstance(v, torch.Tensor)]
+        if (
+            torch.is_grad_enabled()
+            or not tensors
+            or not all(t.is_cuda for t in tensors)
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return self.eager(*args, **options)
+        context = args[self.context_index] if self.context_index is not None else None
+        if context is None or context is not self.last_context:
+            stamp = _state_stamp(self.module)  # once per new context: per generation, not per step
+            if stamp != self.stamp:
+                self.graphs.clear()
+                self.stamp = stamp
+            self.last_context = context
+        key = tuple(_signature(a) for a in args) + tuple((k, _signature(v)) for k, v in sorted(options.items()))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(args, options)
+        for static, value in zip(entry.inputs, tensors):
+            static.copy_(value)
+        seen, version = entry.context_seen
+        if context is not None and (seen is not context or version != context._version):
+            self._refresh_context(entry)
+            entry.context_seen = (context, context._version)
+        entry.graph.replay()
+        return entry.output.clone()
+
+    def _capture(self, args, options) -> _Graph:
+        statics = []
+
+        def static(value):
+            if isinstance(value, torch.Tensor):
+                statics.append(value.clone())
+                return statics[-1]
+            return value
+
+        static_args = [static(a) for a in args]
+        static_options = {k: static(v) for k, v in options.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                self.eager(*static_args, **static_options)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.eager(*static_args, **static_options)
+        self.captures += 1
+        entry = _Graph(graph, statics, output)
+        if self.context_index is not None:
+            entry.static_context = static_context = static_args[self.context_index]
+            for module in self.module.modules():
+                cached = module.__dict__.get("_context_kv")
+                if cached is not None and cached[0] is static_context:
+                    entry.kv_buffers.append((module, cached[2]))  # held here, so it outlives the module's cache
+            entry.context_seen = (args[self.context_index], args[self.context_index]._version)
+        return entry
+
+    def _refresh_context(self, entry: _Graph) -> None:
+        """Recompute the cross-attention k/v of the (newly copied) static context into the graph's buffers."""
+        from .fast import fused_weight
+
+        for module, buffer in entry.kv_buffers:
+            weight, _ = fused_weight(module, ("to_k", "to_v"))
+            buffer.copy_(F.linear(entry.static_context, weight))  # (B, T, 2D)
+
+
+def _signature(value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
+    return ("value", value)
+
+
+def install(m: "StableDiffusion") -> None:
+    """Route `m.unet` and `m.text_encoder` calls through CUDA graphs (one memory pool shared by both)."""
+    pool = torch.cuda.graph_pool_handle()
+    m.unet.forward = GraphedForward(m.unet, pool, context_index=2)
+    m.text_encoder.forward = GraphedForward(m.text_encoder, pool)
+
+
+def uninstall(m: "StableDiffusion") -> None:
+    """Drop the graphs (and their memory) and go back to the modules' own forward."""
+    for module in (m.unet, m.text_encoder):
+        if isinstance(module.__dict__.get("forward"), GraphedForward):
+            del module.forward

@@ -1,0 +1,147 @@
+"""The CUDA fast path on a GPU: real Triton kernels at SD1.5's shapes, the fused attention backend actually
+chosen, CUDA graphs against eager runs, fp16/bf16 against fp32, and the deterministic mode.
+
+Collected only where CUDA is available (tests/conftest.py); `scripts/device_check.sh` runs them on the
+lent GPU. Full-size random weights (sd15.random_weights), so shapes and magnitudes are SD1.5's.
+
+Tolerances. fp16 keeps 11 significant bits (unit roundoff u = 2^-11 ≈ 4.9e-4), bf16 8 (u = 2^-8 ≈ 3.9e-3).
+A UNet call is ~100 layers deep, and rounding errors add up roughly as sqrt(depth) · u relative to the
+output's scale: ≈ 5e-3 for fp16, 4e-2 for bf16. The bounds below are those, with about 2× headroom.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import sd15
+from sd15 import cuda_graphs, determinism
+from sd15.kernels.geglu import geglu, geglu_reference
+from sd15.kernels.group_norm import group_norm, group_norm_reference
+from sd15.random_weights import random_checkpoint, save_checkpoint
+
+CUDA = torch.device("cuda")
+FP16_UNET_TOLERANCE = 1e-2
+BF16_UNET_TOLERANCE = 8e-2
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def full_checkpoint(tmp_path_factory):
+    return save_checkpoint(random_checkpoint("full", seed=0, dtype=torch.float16), tmp_path_factory.mktemp("w") / "full.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(full_checkpoint):
+    return sd15.load(full_checkpoint, device=CUDA, dtype=torch.float32, fast=False)
+
+
+def unet_inputs(dtype, batch=2, side=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, side, side, generator=g)
+    ctx = torch.randn(batch, 77, 768, generator=g)
+    return x.to(CUDA, dtype), torch.full((batch,), 501.0, device=CUDA), ctx.to(CUDA, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 8, 8), (2, 2560, 16, 16), (1, 128, 512, 512)])
+def test_group_norm_kernel_at_sd15_shapes(shape, dtype):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    x = (torch.randn(shape, generator=g, device=CUDA) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b = torch.randn(C, device=CUDA, generator=g).to(dtype), torch.randn(C, device=CUDA, generator=g).to(dtype)
+    bias = torch.randn(shape[0], C, device=CUDA, generator=g).to(dtype)
+    out = group_norm(x, w, b, 32, 1e-5, silu=True, channel_bias=bias)
+    ref = group_norm_reference(x, w, b, 32, 1e-5, silu=True, channel_bias=bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    eps = torch.finfo(dtype).eps  # one rounding of the output: 1 ulp, plus the order of the fp32 sums
+    torch.testing.assert_close(out, ref, rtol=eps, atol=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_geglu_kernel_at_sd15_shape(dtype):
+    h = torch.randn(2, 4096, 2 * 1280, device=CUDA).to(dtype)
+    eps = torch.finfo(dtype).eps  # the reference rounds twice (after gelu and after the product)
+    torch.testing.assert_close(geglu(h), geglu_reference(h), rtol=2 * eps, atol=eps)
+
+
+def test_fast_path_is_the_default_on_cuda_fp16(full_checkpoint):
+    m = sd15.load(full_checkpoint, device=CUDA)
+    assert m.dtype == torch.float16 and m.fast is not None
+    assert m.fast.ops == "triton" and m.fast.channels_last and m.fast.cuda_graphs
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, FP16_UNET_TOLERANCE), (torch.bfloat16, BF16_UNET_TOLERANCE)])
+def test_fast_unet_step_matches_fp32_reference(full_checkpoint, fp32_reference, dtype, tolerance):
+    m = sd15.load(full_checkpoint, device=CUDA, dtype=dtype)  # fast path with graphs
+    reference_half = sd15.load(full_checkpoint, device=CUDA, dtype=dtype, fast=False)
+    x, t, ctx = unet_inputs(dtype)
+    with torch.no_grad():
+        ours = m.unet(x, t, ctx)
+        ours_again = m.unet(x, t, ctx)  # replayed from the graph
+        ref32 = fp32_reference.unet(x.float(), t, ctx.float())
+        ref_half = reference_half.unet(x, t, ctx)
+    assert m.unet.forward.captures == 1
+    assert torch.equal(ours, ours_again)
+    print(f"{dtype}: fast vs fp32 {rel(ours, ref32):.2e}, reference {dtype} vs fp32 {rel(ref_half, ref32):.2e}")
+    assert rel(ours, ref32) < tolerance
+    assert rel(ref_half, ref32) < tolerance
+
+
+def test_graphs_follow_new_prompts_and_equal_eager(full_checkpoint):
+    graphed = sd15.load(full_checkpoint, device=CUDA)
+    eager = sd15.load(full_checkpoint, device=CUDA)
+    eager.enable_fast_path(cuda_graphs=False)
+    run = dict(steps=8, seed=3, output_type="np")
+    for prompt in ("a cat", "a lighthouse at night"):  # the second must not reuse the first's k/v
+        a, b = graphed.generate(prompt, **run), eager.generate(prompt, **run)
+        print(f"{prompt!r}: graphs vs eager max |Δ| = {np.abs(a - b).max():.2e}")
+        assert np.abs(a - b).max() < 1e-3  # pixels in [0, 1]; the same kernels, replayed
+    assert graphed.unet.forward.captures == 1  # one shape, captured once, refreshed per prompt
+
+
+def test_end_to_end_fp16_fast_path_against_fp32(full_checkpoint, fp32_reference):
+    m = sd15.load(full_checkpoint, device=CUDA)
+    run = dict(steps=20, seed=1, output_type="np")
+    ours, ref = m.generate("a red bicycle", **run), fp32_reference.generate("a red bicycle", **run)
+    diff = np.abs(ours - ref)
+    print(f"fp16 fast vs fp32 reference, 20 PNDM steps: mean |Δ| {diff.mean():.2e}, max {diff.max():.2e}")
+    assert diff.mean() < 2e-2  # sampling compounds the per-step fp16 error: whole-image mean, not max
+
+
+def test_attention_runs_on_a_fused_sdpa_kernel(full_checkpoint):
+    m = sd15.load(full_checkpoint, device=CUDA)
+    m.disable_fast_path()
+    m.enable_fast_path(cuda_graphs=False)  # the profiler sees the kernels of an eager call
+    x, t, ctx = unet_inputs(torch.float16)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        m.unet(x, t, ctx)
+        torch.cuda.synchronize()
+    names = [e.key.lower() for e in prof.key_averages()]
+    fused = [n for n in names if any(k in n for k in ("flash", "fmha", "cudnn_sdpa", "attention", "sdpa"))]
+    print("attention kernels:", fused)
+    assert fused, f"no fused attention kernel ran; kernels: {names[:40]}"
+    assert not any("softmax" in n for n in names), "the math (softmax) attention path ran"
+
+
+def test_deterministic_mode_gives_identical_runs(full_checkpoint):
+    determinism.enable()
+    try:
+        m = sd15.load(full_checkpoint, device=CUDA)
+        run = dict(steps=5, seed=2, output_type="np", sampler="euler_a")
+        assert np.array_equal(m.generate("a cat", **run), m.generate("a cat", **run))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def test_trace_on_a_graphed_model_records_and_restores(full_checkpoint):
+    m = sd15.load(full_checkpoint, device=CUDA)
+    with sd15.trace(m, capture=["unet.middle_block.1.transformer_blocks.0.attn2.probs"]) as tr:
+        m.generate("a cat", steps=2, seed=0, output_type="latent")
+    assert len(tr["unet.middle_block.1.transformer_blocks.0.attn2.probs"]) == 3  # PLMS: steps + 1 calls
+    assert m.fast is not None and m.fast.cuda_graphs
+    assert isinstance(m.unet.__dict__.get("forward"), cuda_graphs.GraphedForward)
