@@ -62,11 +62,12 @@ class GraphedForward:
 
     `context_index`: the position of the argument holding the text context (the UNet's third), whose
     cross-attention k/v the graph reads from buffers refreshed when the context changes; None for modules
-    without cross-attention (the text encoder).
+    without cross-attention (the text encoder). `eager_when(args, options)` picks calls to run eagerly.
     """
 
-    def __init__(self, module: nn.Module, pool, context_index: int | None = None):
+    def __init__(self, module: nn.Module, pool, context_index: int | None = None, eager_when=None):
         self.module, self.pool, self.context_index = module, pool, context_index
+        self.eager_when = eager_when  # (args, options) -> True for calls a graph cannot hold
         self.graphs: dict[tuple, _Graph] = {}
         self.stamp = None
         self.last_context = None  # the caller's context tensor of the previous call
@@ -80,8 +81,9 @@ class GraphedForward:
         if (
             torch.is_grad_enabled()
             or not tensors
-            or not all(t.is_cuda for t in tensors)
+            or not _all_on_cuda(tensors)
             or torch.cuda.is_current_stream_capturing()
+            or (self.eager_when is not None and self.eager_when(args, options))
         ):
             return self.eager(*args, **options)
         context = args[self.context_index] if self.context_index is not None else None
@@ -144,6 +146,10 @@ class GraphedForward:
             buffer.copy_(F.linear(entry.static_context, weight))  # (B, T, 2D)
 
 
+def _all_on_cuda(tensors: list[torch.Tensor]) -> bool:
+    return all(t.is_cuda for t in tensors)
+
+
 def _signature(value) -> tuple:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
@@ -154,7 +160,8 @@ def install(m: "StableDiffusion") -> None:
     """Route `m.unet` and `m.text_encoder` calls through CUDA graphs (one memory pool shared by both)."""
     pool = torch.cuda.graph_pool_handle()
     m.unet.forward = GraphedForward(m.unet, pool, context_index=2)
-    m.text_encoder.forward = GraphedForward(m.text_encoder, pool)
+    # textual-inversion tokens are placed by boolean indexing, whose output size the host must read: eager
+    m.text_encoder.forward = GraphedForward(m.text_encoder, pool, eager_when=lambda args, options: options.get("extra_tokens") is not None)
 
 
 def uninstall(m: "StableDiffusion") -> None:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of sd15, in one run on a lent CUDA machine (see docs/performance.md).
+#
+#   here:   scripts/device_check.sh --fetch     # once: the wheels the GPU image lacks, into .device/wheels
+#   there:  run(command="bash scripts/device_check.sh", carry=[".device"], timeout_s=590)
+#
+# The GPU image has torch + CUDA, triton and transformers but not diffusers (nor, perhaps, ftfy or pytest):
+# they are installed from the carried wheels into .device/site, which goes on PYTHONPATH with the project
+# root. The project's own pins do not apply there. Results go to $OUT (or ./device-results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=.device/wheels
+if [[ "${1:-}" == "--fetch" ]]; then
+    mkdir -p "$WHEELS"
+    pip download -q --no-deps -d "$WHEELS" diffusers==0.42.1 ftfy wcwidth pytest pluggy iniconfig packaging tqdm
+    for v in 3.10 3.11 3.12 3.13 3.14; do
+        pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version "$v" -d "$WHEELS" pillow
+    done
+    exit 0
+fi
+
+OUT=${OUT:-device-results}
+mkdir -p "$OUT"
+SITE=.device/site
+python -m pip install -q --no-deps --no-index --find-links "$WHEELS" -t "$SITE" \
+    diffusers ftfy wcwidth pytest pluggy iniconfig packaging tqdm pillow 2>&1 | tail -2
+export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
+python -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
+
+step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
+timeout 150 python -m pytest -q -s -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+
+step "benchmark: sd15 vs diffusers (eager and compiled), 512x512, 50 steps, fp16"
+timeout 330 python scripts/benchmark.py --repeats 5 --json "$OUT/benchmark.json" 2>"$OUT/benchmark.log" | tee "$OUT/benchmark.txt"
+
+step "the cost of --deterministic (sd15 only)"
+timeout 100 python scripts/benchmark.py --only sd15 --deterministic --repeats 3 --batch-sizes \
+    --json "$OUT/benchmark_deterministic.json" 2>"$OUT/benchmark_deterministic.log" | tee "$OUT/benchmark_deterministic.txt"
+step "done"

@@ -1,0 +1,154 @@
+"""The bookkeeping of sd15.cuda_graphs, on the CPU, with a stand-in for CUDA's graph API.
+
+A real CUDA graph replays the kernels it recorded, on the addresses it recorded: it reads its static
+inputs and the cross-attention k/v buffers as they are at replay time, and runs no Python. The stand-in
+below keeps exactly that contract: "replay" reruns the captured call with every attention layer's k/v
+pinned to the buffer the capture read (so a k/v buffer that was not refreshed stays stale, as it would on
+a GPU) and copies the result into the captured output tensor. What is checked: one capture per input
+signature, inputs copied in and outputs cloned out, k/v refreshed for a new prompt and only then, a new
+capture when the weights move or hooks change, and the eager fallbacks. tests/gpu runs the real thing.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import sd15
+from sd15 import cuda_graphs
+from sd15.fast import FastCrossAttention, fused_weight
+
+RUN = dict(steps=4, seed=3, width=64, height=64, output_type="np")
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: `replay` reruns what was captured, with k/v buffers pinned."""
+
+    def replay(self):
+        for module, kv in self.pinned:  # make each layer's k/v cache hit with the captured buffer, as it is now
+            weight, _ = fused_weight(module, ("to_k", "to_v"))
+            key = (weight.data_ptr(), weight._version, self.static_context._version)
+            module.__dict__["_context_kv"] = (self.static_context, key, kv)
+        self.output.copy_(self.call())
+
+
+class FakeCapture:
+    """Stands in for `torch.cuda.graph(g, pool)`: notes the call made inside the block."""
+
+    capturing = False
+
+    def __init__(self, graph, pool=None):
+        self.graph = graph
+
+    def __enter__(self):
+        FakeCapture.capturing = True
+        FakeCapture.calls = []
+
+    def __exit__(self, *exc):
+        FakeCapture.capturing = False
+        (runner, args, options), = FakeCapture.calls
+        self.graph.output = FakeCapture.output
+        self.graph.call = lambda: runner.module_forward(*args, **options)
+        self.graph.static_context = args[2] if len(args) > 2 else None
+        self.graph.pinned = [
+            (mod, mod.__dict__["_context_kv"][2]) for mod in runner.module.modules()
+            if isinstance(mod, FastCrossAttention) and "_context_kv" in mod.__dict__
+            and mod.__dict__["_context_kv"][0] is self.graph.static_context
+        ]
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA graph API replaced by the stand-ins; CPU tensors count as CUDA tensors for the runner."""
+    monkeypatch.setattr(cuda_graphs, "_all_on_cuda", lambda tensors: True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: torch.no_grad())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: FakeCapture.capturing)
+    real_eager = cuda_graphs.GraphedForward.eager
+
+    def eager(self, *args, **options):
+        output = real_eager(self, *args, **options)
+        if FakeCapture.capturing:
+            FakeCapture.calls.append((self, args, options))
+            FakeCapture.output = output
+        return output
+
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "eager", eager)
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "module_forward", real_eager, raising=False)
+
+
+@pytest.fixture
+def models(tiny_checkpoint, fake_cuda):
+    graphed = sd15.load(tiny_checkpoint, fast=True)
+    cuda_graphs.install(graphed)
+    eager = sd15.load(tiny_checkpoint, fast=True)
+    return graphed, eager
+
+
+def test_generations_replay_one_graph_and_match_eager(models):
+    graphed, eager = models
+    for prompt in ("a cat", "a lighthouse at night", "a cat"):  # each prompt must refresh the k/v buffers
+        a, b = graphed.generate(prompt, **RUN), eager.generate(prompt, **RUN)
+        assert np.abs(a - b).max() < 1e-6, prompt
+    runner = graphed.unet.forward
+    assert isinstance(runner, cuda_graphs.GraphedForward)
+    assert runner.captures == 1  # one shape ([uncond; cond] at 8×8) for all three generations
+    assert graphed.text_encoder.forward.captures == 1
+
+
+def test_a_stale_kv_buffer_would_be_caught(models, monkeypatch):
+    """Without the refresh, the second prompt would be drawn with the first prompt's k/v: the stand-in
+    reproduces that failure, so the test above does check the refresh."""
+    graphed, eager = models
+    graphed.generate("a cat", **RUN)
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "_refresh_context", lambda self, entry: None)
+    a, b = graphed.generate("a lighthouse at night", **RUN), eager.generate("a lighthouse at night", **RUN)
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_new_shapes_get_their_own_graph_and_outputs_are_copies(models):
+    graphed, _ = models
+    unet = graphed.unet
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        first = unet(x, t, ctx)
+        second = unet(x * 0, t, ctx)
+        assert not torch.equal(first, second)  # the first result was not overwritten by the replay
+        unet(torch.randn(2, 4, 6, 6), t, ctx)
+    assert unet.forward.captures == 2
+    with torch.enable_grad():  # training-style calls stay eager
+        unet(x, t, ctx)
+    assert unet.forward.captures == 2
+
+
+def test_moved_weights_or_new_hooks_mean_a_new_capture(models, tmp_path):
+    graphed, eager = models
+    graphed.generate("a cat", **RUN)
+    handle = graphed.unet.input_blocks[1][0].in_layers[2].register_forward_hook(lambda mod, i, out: out * 0.5)
+    try:
+        graphed.generate("a cat", **RUN)
+        assert graphed.unet.forward.captures == 2  # a graph would skip the new hook: captured again
+    finally:
+        handle.remove()
+    graphed.unet.to(torch.float64).to(torch.float32)  # new parameter tensors at new addresses
+    a, b = graphed.generate("a dog", **RUN), eager.generate("a dog", **RUN)
+    assert graphed.unet.forward.captures >= 3
+    assert np.abs(a - b).max() < 1e-6
+
+
+def test_textual_inversion_calls_stay_eager(models):
+    graphed, _ = models
+    ids = graphed.tokenizer(["a cat"])
+    extra = torch.randn(1, 48)
+    ids[0, 2] = graphed.text_encoder.embeddings.token_embedding.num_embeddings  # an extra token
+    with torch.no_grad():
+        graphed.text_encoder(ids, extra_tokens=extra)
+    assert graphed.text_encoder.forward.captures == 0
