@@ -34,6 +34,7 @@ would hook.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -79,7 +80,28 @@ def triton_ops() -> Ops:
     from .kernels.geglu import geglu
     from .kernels.group_norm import group_norm
 
-    return Ops("triton", group_norm, geglu)
+    return Ops("triton", _falling_back(group_norm, _torch_group_norm), _falling_back(geglu, _torch_geglu))
+
+
+def _falling_back(kernel: Callable, fallback: Callable) -> Callable:
+    """`kernel`, until it fails once (Triton cannot compile for every GPU, or may lack a compiler); from
+    then on `fallback`, with one warning that says so. Failures inside a CUDA-graph capture propagate."""
+    failed = False
+
+    def call(*args, **kwargs):
+        nonlocal failed
+        if not failed:
+            try:
+                return kernel(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 (any compile or launch failure: the fallback is exact)
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                failed = True
+                warnings.warn(f"the Triton kernel {kernel.__name__} failed ({type(error).__name__}: {error}); "
+                              "using PyTorch's ops instead")  # fmt: skip
+        return fallback(*args, **kwargs)
+
+    return call
 
 
 def choose_ops(device: torch.device, kernels_wanted: bool | None) -> Ops:

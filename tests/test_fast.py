@@ -228,6 +228,27 @@ def test_half_precision_fast_path_is_close_to_fp32_and_equal_to_the_half_referen
     assert np.abs(ours - same_dtype).max() < 1e-5
 
 
+def test_a_failing_kernel_falls_back_to_pytorch_once_with_a_warning(tiny_checkpoint, reference, monkeypatch):
+    import sd15.kernels.geglu as geglu_kernel
+
+    calls = []
+
+    def broken(h):
+        calls.append(h.shape)
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(geglu_kernel, "geglu", broken)
+    m = sd15.load(tiny_checkpoint, fast=False)
+    m.enable_fast_path(kernels=True)
+    tokens = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    ff = lambda model: model.unet.input_blocks[4][1].transformer_blocks[0].ff(tokens)  # noqa: E731
+    with torch.no_grad(), pytest.warns(UserWarning, match="Triton kernel broken failed .*no compiler"):
+        out = ff(m)
+    with torch.no_grad():
+        assert rel(ff(m), ff(reference)) < 1e-6 and rel(out, ff(reference)) < 1e-6
+    assert len(calls) == 1  # not tried again
+
+
 def test_compile_mode_wraps_the_reference_unet_and_is_undone(tiny_checkpoint):
     """torch.compile itself takes over a minute on this CPU, so only the switching is checked here; the
     compiled UNet's speed and output are measured by scripts/benchmark.py on the GPU."""

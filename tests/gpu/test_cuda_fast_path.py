@@ -9,6 +9,8 @@ A UNet call is ~100 layers deep, and rounding errors add up roughly as sqrt(dept
 output's scale: ≈ 5e-3 for fp16, 4e-2 for bf16. The bounds below are those, with about 2× headroom.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,8 @@ def test_fast_unet_step_matches_fp32_reference(full_checkpoint, fp32_reference, 
     m = sd15.load(full_checkpoint, device=CUDA, dtype=dtype)  # fast path with graphs
     reference_half = sd15.load(full_checkpoint, device=CUDA, dtype=dtype, fast=False)
     x, t, ctx = unet_inputs(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Triton kernel that fell back to PyTorch would warn
         ours = m.unet(x, t, ctx)
         ours_again = m.unet(x, t, ctx)  # replayed from the graph
         ref32 = fp32_reference.unet(x.float(), t, ctx.float())
