@@ -13,6 +13,8 @@ WHEELS=.device/wheels
 if [[ "${1:-}" == "--fetch" ]]; then
     mkdir -p "$WHEELS"
     pip download -q --no-deps -d "$WHEELS" diffusers==0.42.1 ftfy wcwidth pytest pluggy iniconfig packaging tqdm
+    pip download -q --no-deps --only-binary=:all: --platform any --python-version 3.12 -d "$WHEELS" \
+        requests urllib3 idna certifi charset-normalizer importlib_metadata zipp
     for v in 3.10 3.11 3.12 3.13 3.14; do
         pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version "$v" -d "$WHEELS" pillow
     done
@@ -22,8 +24,14 @@ fi
 OUT=${OUT:-device-results}
 mkdir -p "$OUT"
 SITE=.device/site
-python -m pip install -q --no-deps --no-index --find-links "$WHEELS" -t "$SITE" \
-    diffusers ftfy wcwidth pytest pluggy iniconfig packaging tqdm pillow 2>&1 | tail -2
+missing=()  # only what the image lacks, so that its own packages are not shadowed
+for spec in diffusers:diffusers ftfy:ftfy wcwidth:wcwidth pytest:pytest pluggy:pluggy iniconfig:iniconfig \
+            packaging:packaging tqdm:tqdm pillow:PIL requests:requests urllib3:urllib3 idna:idna certifi:certifi \
+            charset-normalizer:charset_normalizer; do
+    python -c "import ${spec#*:}" 2>/dev/null || missing+=("${spec%%:*}")
+done
+echo "installing from the carried wheels: ${missing[*]:-nothing}"
+[[ ${#missing[@]} -gt 0 ]] && python -m pip install -q --no-deps --no-index --find-links "$WHEELS" -t "$SITE" "${missing[@]}" 2>&1 | tail -3
 export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -31,14 +39,21 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
-python -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
+against=()
+if python -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/machine.txt" | grep -q "^diffusers"; then
+    :
+else
+    echo "diffusers does not import here: the benchmark times sd15 alone" | tee -a "$OUT/machine.txt"
+    against=(--only sd15)
+fi
 
 step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
 timeout 150 python -m pytest -q -s -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 
 step "benchmark: sd15 vs diffusers (eager and compiled), 512x512, 50 steps, fp16"
-timeout 330 python scripts/benchmark.py --repeats 5 --json "$OUT/benchmark.json" 2>"$OUT/benchmark.log" | tee "$OUT/benchmark.txt"
+timeout 330 python scripts/benchmark.py --repeats 5 ${against[@]+"${against[@]}"} --json "$OUT/benchmark.json" 2>"$OUT/benchmark.log" | tee "$OUT/benchmark.txt"
 
 step "the cost of --deterministic (sd15 only)"
 timeout 100 python scripts/benchmark.py --only sd15 --deterministic --repeats 3 --batch-sizes \
