@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from .hires import UPSCALERS as HIRES_UPSCALERS
 from .samplers import SAMPLERS
 
 DEFAULT_MODEL_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors")
@@ -120,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-steps", metavar="DIR", default=None, help="write the predicted image at each step (grid + GIF)")
     g.add_argument("--hires-scale", type=_finite_float, default=None, metavar="X",
                    help="high-resolution fix: generate at --width×--height, upscale by X (1-4), refine by img2img")
-    g.add_argument("--hires-strength", type=_finite_float, default=0.5, help="the refining pass's strength (default 0.5)")
+    g.add_argument("--hires-strength", type=_finite_float, default=None, help="the refining pass's strength (default 0.5)")
     g.add_argument("--hires-steps", type=_positive_int, default=None, help="the refining pass's steps (default: --steps)")
-    g.add_argument("--hires-upscaler", choices=("lanczos", "latent"), default="lanczos", help="how to upscale (default lanczos)")
+    g.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default=None, help="how to upscale (default lanczos)")
     _add_sampling_arguments(g)
 
     i = sub.add_parser("img2img", help="image to image")
@@ -307,6 +308,7 @@ def run_generate(args) -> None:
     )
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
+    hires = _hires_settings(args, settings)
     from .pipeline import check_settings
 
     check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"], args.num_images)
@@ -314,14 +316,26 @@ def run_generate(args) -> None:
     m, model_path = _load_model(args)
     with _inspection(m, args) as trace:
         preview = _preview_callback(m, args)
-        if args.hires_scale:  # sd15.hires: native size first, then upscaled and refined
-            hires = dict(scale=args.hires_scale, strength=args.hires_strength, hires_steps=args.hires_steps, upscaler=args.hires_upscaler)
+        if hires:  # sd15.hires: native size first, then upscaled and refined
             images = m.hires_fix(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **hires, **kwargs)
         else:
             images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **kwargs)
     _save(m, model_path, images, paths)
     if trace is not None:
         _write_inspection(m, args, trace, images, prompt)
+
+
+def _hires_settings(args, settings: dict) -> dict | None:
+    """The hires-fix arguments of sd15.hires_fix from the flags, else from the PNG (--from-png), or None."""
+    scale = args.hires_scale if args.hires_scale is not None else settings.get("hires_scale")
+    if not scale:
+        return None
+    upscaler = args.hires_upscaler or settings.get("hires_upscaler", "lanczos")
+    if upscaler not in HIRES_UPSCALERS:
+        raise UserError(f"the PNG's hires upscaler {upscaler!r} is not one sd15 has ({', '.join(HIRES_UPSCALERS)}); "
+                        "choose one with --hires-upscaler")  # fmt: skip
+    strength = args.hires_strength if args.hires_strength is not None else settings.get("strength", 0.5)
+    return dict(scale=scale, strength=strength, hires_steps=args.hires_steps or settings.get("hires_steps"), upscaler=upscaler)
 
 
 def _inspection(m, args):

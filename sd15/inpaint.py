@@ -352,5 +352,5 @@ def inpaint(
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, karras=karras, eta=eta, strength=strength,
-                                 clip_skip=clip_skip)  # fmt: skip
+                                 clip_skip=clip_skip, mask_blur=mask_blur, inpaint_padding=padding)  # fmt: skip
     return out

@@ -58,6 +58,11 @@ class GenerationSettings:
     clip_skip: int = 1  # 1: CLIP's last layer; 2: the penultimate one
     ti_hashes: dict[str, str] = field(default_factory=dict)  # textual inversions the prompts use: {name: hash}
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs in effect: {name: hash}
+    hires_scale: float | None = None  # hires fix (sd15.hires): the upscale factor; `strength` is its second pass's
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None  # "lanczos" or "latent"
+    mask_blur: float | None = None  # inpainting (sd15.inpaint)
+    inpaint_padding: int | None = None  # inpainting "only masked": the margin around the mask's box
 
 
 def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1):

@@ -38,6 +38,9 @@ SAMPLER_NAMES = {
 SAMPLERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 
 
+HIRES_UPSCALER_NAMES = {"lanczos": "Lanczos", "latent": "Latent"}  # the web UI's names
+
+
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
@@ -67,6 +70,12 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Model": model_name,
         "Denoising strength": f"{s.strength:g}" if s.strength is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
+        "Hires upscale": f"{s.hires_scale:g}" if s.hires_scale else None,
+        "Hires steps": s.hires_steps if s.hires_scale else None,
+        "Hires upscaler": HIRES_UPSCALER_NAMES[s.hires_upscaler] if s.hires_scale else None,
+        "Mask blur": f"{s.mask_blur:g}" if s.mask_blur is not None else None,
+        "Inpaint area": "Only masked" if s.inpaint_padding is not None else None,
+        "Masked area padding": s.inpaint_padding,
         "Eta": f"{s.eta:g}" if s.eta else None,
         "TI hashes": _hash_list(s.ti_hashes),
         "Lora hashes": _hash_list(s.lora_hashes),
@@ -84,7 +93,8 @@ def parse_parameters(text: str) -> dict:
 
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
     name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "ti_hashes", "lora_hashes"
-    ({name: hash}). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
+    ({name: hash}), for a hires fix "hires_scale", "hires_steps", "hires_upscaler", and for inpainting
+    "mask_blur" and "inpaint_padding". LoRAs are named in the prompt itself, as `<lora:name:scale>`.
     """
     lines = text.strip("\n").split("\n")
     last = lines[-1] if re.match(r"(.*, )?Steps: ", lines[-1]) else ""  # the settings line always has Steps
@@ -111,9 +121,14 @@ def parse_parameters(text: str) -> dict:
     result["karras"] = fields.get("Schedule type") == "Karras"
     for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
                             ("Denoising strength", "strength", float), ("Eta", "eta", float),
-                            ("Clip skip", "clip_skip", int)):  # fmt: skip
+                            ("Clip skip", "clip_skip", int), ("Hires upscale", "hires_scale", float),
+                            ("Hires steps", "hires_steps", int), ("Mask blur", "mask_blur", float),
+                            ("Masked area padding", "inpaint_padding", int)):  # fmt: skip
         if key in fields:
             result[name] = kind(fields[key])
+    if "Hires upscaler" in fields:  # names sd15 lacks (e.g. "R-ESRGAN 4x+") are kept as they are
+        upscalers = {v: k for k, v in HIRES_UPSCALER_NAMES.items()}
+        result["hires_upscaler"] = upscalers.get(fields["Hires upscaler"], fields["Hires upscaler"])
     for key, name in (("TI hashes", "ti_hashes"), ("Lora hashes", "lora_hashes")):
         if key in fields:
             result[name] = _parse_hash_list(fields[key])

@@ -69,3 +69,30 @@ def test_cli_hires(tmp_path, monkeypatch, tiny_checkpoint):
     assert main(["generate", "a castle", "--steps", "2", "--width", "64", "--height", "64", "--hires-scale", "1.5",
                  "--hires-steps", "2", "--model", str(tiny_checkpoint), "-o", "big.png", "--no-progress"]) == 0  # fmt: skip
     assert Image.open(tmp_path / "big.png").size == (96, 96)
+
+
+def test_hires_settings_are_recorded_and_reproduced_from_the_png(workdir, tiny_checkpoint):
+    from sd15.pnginfo import parse_parameters, read_parameters
+
+    args = ["--steps", "2", "--width", "64", "--height", "64", "--model", str(tiny_checkpoint), "--no-progress", "--seed", "5"]
+    assert main(["generate", "a castle", "--hires-scale", "1.5", "--hires-steps", "3", "--hires-strength", "0.4",
+                 "--hires-upscaler", "latent", "-o", "big.png", *args]) == 0  # fmt: skip
+    text = read_parameters(workdir / "big.png")
+    assert "Size: 64x64" in text and "Denoising strength: 0.4" in text  # the web UI's convention: the first pass's size
+    assert "Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent" in text
+    parsed = parse_parameters(text)
+    assert (parsed["hires_scale"], parsed["hires_steps"], parsed["hires_upscaler"], parsed["strength"]) == (1.5, 3, "latent", 0.4)
+    assert main(["generate", "--from-png", "big.png", "-o", "again.png", "--model", str(tiny_checkpoint), "--no-progress"]) == 0
+    again = Image.open(workdir / "again.png")
+    assert again.size == (96, 96)
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(workdir / "big.png")))
+
+
+def test_a_png_asking_for_an_upscaler_sd15_lacks_is_refused(workdir, tiny_checkpoint, capsys):
+    from sd15.pnginfo import save_png
+
+    text = "a castle\nSteps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 1, Size: 64x64, Denoising strength: 0.5, " \
+           "Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+"
+    save_png(Image.new("RGB", (8, 8)), workdir / "a1111.png", text)
+    assert main(["generate", "--from-png", "a1111.png", "--model", str(tiny_checkpoint), "-o", "x.png"]) == 2
+    assert "R-ESRGAN 4x+" in capsys.readouterr().err and not (workdir / "x.png").exists()

@@ -208,6 +208,7 @@ def test_cli_inpaint_regular_checkpoint(workdir, tiny_checkpoint, capsys):
     assert not np.array_equal(out[~keep], original[~keep])
     settings = parse_parameters(read_parameters(workdir / "out.png"))
     assert settings["prompt"] == "a red door" and settings["strength"] == 1.0 and settings["seed"] == 5
+    assert settings["mask_blur"] == 4.0 and "inpaint_padding" not in settings  # recorded as the web UI does
 
 
 def test_cli_inpaint_inpainting_checkpoint_with_padding(workdir, inpainting_model, capsys):
@@ -217,6 +218,9 @@ def test_cli_inpaint_inpainting_checkpoint_with_padding(workdir, inpainting_mode
                  "--height", "64", "--model", inpainting_model.path, "-o", "crop.png", "--no-progress"]) == 0  # fmt: skip
     assert "regular checkpoint" not in capsys.readouterr().err
     assert Image.open(workdir / "crop.png").size == (80, 64)
+    from sd15.pnginfo import read_parameters
+
+    assert "Inpaint area: Only masked, Masked area padding: 4" in read_parameters(workdir / "crop.png")
 
 
 @pytest.mark.parametrize(
