@@ -10,8 +10,8 @@ The mask is white (>= 0.5) where the image is to be repainted and black where it
 - A regular checkpoint (4 channels) is steered instead: after every sampler step the known region of x is
   replaced by the original image's latents noised to the step's new noise level (the clean latents after the
   last step), x <- (1 - m) · noised(init) + m · x, as diffusers' pipeline does for such a UNet (Lugmayr et
-  al. 2022, "RePaint", without its resampling). Heun is blended once per step (diffusers also after its half
-  steps), so it alone differs from diffusers there.
+  al. 2022, "RePaint", without its resampling). Heun is blended at its intermediate Euler point too, before
+  the model sees it, as diffusers' interleaved half steps are.
 
 Around that:
 - `paste_back` (default on) composites the result onto the original pixels through the mask, so pixels the mask
@@ -193,7 +193,8 @@ def _resize(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _known_region_blender(plan, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, callback):
     """A step callback for a 4-channel UNet: x <- (1 - m) · init noised to the new level + m · x, in place,
-    then the user's callback. init, noise: (N, 4, h, w) on x's device; mask (1, 1, h, w)."""
+    then the user's callback (`callback=None`: the blend alone, for Heun's intermediate point). init,
+    noise: (N, 4, h, w) on x's device; mask (1, 1, h, w)."""
     n_run = len(plan.timesteps) - plan.start
     abar = schedule.alphas_cumprod()
 
@@ -246,15 +247,15 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, str
         noises.append(noise)
     start = torch.cat(starts).to(m.device)
     mask_latent = F.interpolate(hard, size=(h, w))  # (1, 1, h, w), nearest, as diffusers
-    concat, step_callback = None, callback
+    concat, step_callback, on_predictor = None, callback, None
     if inpainting_unet:
         concat = torch.cat([mask_latent.expand(N, -1, -1, -1), torch.cat(masked)], dim=1).to(m.device)  # (N, 5, h, w)
     else:
-        step_callback = _known_region_blender(
-            plan, torch.cat(inits).to(m.device), torch.cat(noises).to(m.device), mask_latent.to(m.device), callback
-        )
+        known = (plan, torch.cat(inits).to(m.device), torch.cat(noises).to(m.device), mask_latent.to(m.device))
+        step_callback = _known_region_blender(*known, callback)
+        on_predictor = _known_region_blender(*known, None)
     return pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, step_callback,
-                         progress, clip_skip=clip_skip, concat=concat)  # fmt: skip
+                         progress, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor)  # fmt: skip
 
 
 def inpaint(

@@ -201,15 +201,16 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", leave=False)
 
 
-def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None):
+def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None):
     """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration."""
     with lora_io.prompt_loras(m, prompts):
-        return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat)
+        return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor)
 
 
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
-             concat=None):  # fmt: skip
-    """Denoise each image (or each batch of `batch_size` images) from its start latent."""
+             concat=None, on_predictor=None):  # fmt: skip
+    """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
+    if given, sees Heun's intermediate points, with info["images"] as the callback gets it."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
     stopped = False
     for lo in range(0, len(prompts), batch_size):
@@ -232,7 +233,8 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
 
         generator = generators[lo] if hi - lo == 1 else generators[lo:hi]
         with torch.no_grad():
-            latents = plan.sample(eps_model, start_latents[lo:hi], generator=generator, callback=step_callback)
+            predictor = None if on_predictor is None else (lambda info, rows=range(lo, hi): on_predictor({**info, "images": rows}))
+            latents = plan.sample(eps_model, start_latents[lo:hi], generator=generator, callback=step_callback, on_predictor=predictor)
         finished.append(latents)
         if stopped:
             break

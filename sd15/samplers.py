@@ -243,12 +243,16 @@ def heun(
     sigmas: torch.Tensor,
     timesteps: torch.Tensor,
     callback: Callback | None = None,
+    on_predictor: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Heun's second-order method: Karras et al. 2022, Algorithm 1 (deterministic, S_churn = 0).
 
     An Euler step to sigma_next, then the slope there averaged with the first (trapezoid rule); the last step,
     to sigma = 0, stays a plain Euler step. Two model evaluations per step but the last, the second at
     (sigmas[i+1], timesteps[i+1]), as diffusers' HeunDiscreteScheduler interleaves them.
+
+    `on_predictor(info)` sees the Euler point before the model is evaluated there ({"i", "sigma_next", "x"},
+    x editable in place), as diffusers' pipelines see every interleaved half step (inpainting blends it).
     """
     for i in range(len(timesteps)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -256,6 +260,8 @@ def heun(
         d = (x - denoised) / sigma  # Algorithm 1, line 3
         x_euler = x + d * (sigma_next - sigma)  # line 4
         if sigma_next > 0:  # lines 5-7: correct with the slope at the end point
+            if on_predictor is not None:
+                on_predictor({"i": i, "t": timesteps[i + 1], "sigma_next": sigma_next, "x": x_euler})
             d_next = (x_euler - denoise(eps_model, x_euler, sigma_next, timesteps[i + 1])) / sigma_next
             x = x + (d + d_next) / 2 * (sigma_next - sigma)
         else:
@@ -482,10 +488,12 @@ class SamplingPlan:
         x: torch.Tensor,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
+        on_predictor: Callable[[dict], None] | None = None,
     ) -> torch.Tensor:
         """Run the sampler from `x` (from `noise_latents`); returns the final VP latent (x_0 at sigma = 0).
 
         If `callback` returns True the run stops and the latent at that point is returned, scaled to VP.
+        `on_predictor` goes to Heun (see `heun`); the other samplers have no intermediate point.
         """
         ts, sigmas, s = self.timesteps, self.sigmas, self.start
         last = {}
@@ -504,7 +512,7 @@ class SamplingPlan:
         elif self.sampler == "euler_a":
             x = euler_a(eps_model, x, sigmas[s:], ts[s:], generator, cb)
         elif self.sampler == "heun":
-            x = heun(eps_model, x, sigmas[s:], ts[s:], cb)
+            x = heun(eps_model, x, sigmas[s:], ts[s:], cb, on_predictor)
         elif self.sampler == "lms":
             x = lms(eps_model, x, sigmas, ts, start=s, callback=cb)
         elif self.sampler == "dpmpp_2m":
