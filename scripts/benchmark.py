@@ -114,16 +114,27 @@ def diffusers_workload(pipe, args, device, dtype) -> Workload:
 
 def measure(workloads: dict[str, Workload], args, device) -> dict[str, dict]:
     """Every metric of every configuration. Timings are interleaved, each round running every
-    configuration once, so that drift in the machine's speed (clocks, other tenants) hits all alike."""
+    configuration once, so that drift in the machine's speed (clocks, other tenants) hits all alike.
+    A configuration that fails (a compiler error, say) is reported and dropped; the others go on."""
     results = {name: {} for name in workloads}
+    alive = dict(workloads)
 
     def note(name, metric, value):
         results[name][metric] = value
         print(f"  {name:20s} {metric:24s} {'-' if value is None else f'{value:.4g}'}", file=sys.stderr)
 
+    def attempt(name, fn):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 (one configuration's failure must not lose the table)
+            print(f"  {name}: failed, dropped: {type(error).__name__}: {error}", file=sys.stderr)
+            results[name]["error"] = f"{type(error).__name__}: {error}"[:300]
+            alive.pop(name, None)
+            return None
+
     with torch.no_grad():
         for name, w in workloads.items():  # first, while nothing of that configuration is warm
-            note(name, "first image (s)", seconds(w.generate, device))
+            note(name, "first image (s)", attempt(name, lambda: seconds(w.generate, device)))
         many = args.repeats * 4 if device.type == "cuda" else args.repeats  # short calls: more samples
         timings = [
             ("text encoder (ms)", lambda w: w.text, many, 1000.0),
@@ -135,16 +146,18 @@ def measure(workloads: dict[str, Workload], args, device) -> dict[str, dict]:
             timings.append((f"batch {b} (images/s)", lambda w, b=b: (lambda: w.generate(b)), max(1, args.repeats // 2), -b))
         for metric, call, repeats, scale in timings:
             samples = {name: [] for name in workloads}
-            for w in workloads.values():
-                call(w)()  # warm-up (and, for a new batch size, its graph capture)
+            for name, w in list(alive.items()):
+                attempt(name, call(w))  # warm-up (and, for a new batch size, its graph capture)
             for _ in range(repeats):
-                for name, w in workloads.items():
-                    samples[name].append(seconds(call(w), device))
-            for name in workloads:
+                for name, w in list(alive.items()):
+                    t = attempt(name, lambda: seconds(call(w), device))
+                    if t is not None:
+                        samples[name].append(t)
+            for name in alive:
                 median = statistics.median(samples[name])
                 note(name, metric, -scale / median if scale < 0 else median * scale)  # images/s for batches
-        for name, w in workloads.items():
-            note(name, "peak memory (GiB)", peak_memory(w, device))
+        for name, w in list(alive.items()):
+            note(name, "peak memory (GiB)", attempt(name, lambda: peak_memory(w, device)))
     return results
 
 
@@ -163,12 +176,15 @@ def peak_memory(w: Workload, device) -> float | None:
 
 def print_table(results: dict[str, dict]) -> None:
     names = list(results)
-    metrics = list(next(iter(results.values())))
+    metrics = [k for k in dict.fromkeys(k for r in results.values() for k in r) if k != "error"]
     print("| metric | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for metric in metrics:
         cells = [f"{results[n].get(metric):.3f}" if results[n].get(metric) is not None else "-" for n in names]
         print(f"| {metric} | " + " | ".join(cells) + " |")
+    for name in names:
+        if "error" in results[name]:
+            print(f"\n{name} failed: {results[name]['error']}")
     for ours_name in [n for n in names if n.startswith("sd15")]:
         for other in [n for n in names if n.startswith("diffusers")]:
             print(f"\nspeed-up of {ours_name} over {other} (higher is better):")
