@@ -27,6 +27,7 @@ import torch
 
 from . import images as image_io
 from . import lora as lora_io
+from . import prompt_schedule
 from . import prompts as prompt_io
 from . import safety_checker as safety
 from . import tiling
@@ -207,6 +208,26 @@ def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=
         return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor)
 
 
+def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat):
+    """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
+    for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
+    each encoded once. Returns it and a one-item list the step callback keeps at the number of steps done."""
+    steps = plan.steps - plan.start
+    stretches = []
+    for last, texts, negs in prompt_schedule.batch_schedule(prompts, negatives if guidance_scale > 1.0 else None, steps):
+        with torch.no_grad():  # cond and uncond get as many 77-token chunks (the shorter padded)
+            cond, uncond = prompt_io.encode_pair(m, texts, negs, clip_skip)
+        stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat)))
+    steps_done = [0]
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # the stretch holding step steps_done + 1 (PLMS's extra final evaluation stays in the last one)
+        model = next((model for last, model in stretches if steps_done[0] < last), stretches[-1][1])
+        return model(x, t)
+
+    return eps_model, steps_done
+
+
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
              concat=None, on_predictor=None):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
@@ -218,11 +239,11 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
         trace = getattr(m, "_trace", None)
         if trace is not None:
             trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
-        with torch.no_grad():  # cond and uncond get as many 77-token chunks (the shorter padded)
-            cond, uncond = prompt_io.encode_pair(m, prompts[lo:hi], negatives[lo:hi] if guidance_scale > 1.0 else None, clip_skip)
-        eps_model = guided_eps_model(m, cond, uncond, guidance_scale, None if concat is None else concat[lo:hi])
+        eps_model, steps_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
+                                                     None if concat is None else concat[lo:hi])  # fmt: skip
 
         def step_callback(info: dict, first: int = lo) -> bool:
+            steps_done[0] = info["i"] + 1
             if bar is not None:
                 bar.update(hi - first)
             if trace is not None:

@@ -17,7 +17,8 @@ a prompt without emphasis gives exactly the conditioning it would without this m
 Chunks (`modules/sd_hijack_clip.py`): when a chunk is full and a comma came within its last 20 tokens, the
 tokens after that comma move to the next chunk; a textual-inversion embedding is never split across chunks.
 Prompts of a batch, and the negative prompt, are padded with empty chunks (the encoding of "") to the same
-number of chunks. Prompt editing `[a:b:0.5]` and alternation `[a|b]` are not supported (they read as text).
+number of chunks. Prompt editing `[a:b:0.5]` and alternation `[a|b]` are resolved before this module sees a
+prompt (sd15.prompt_schedule: the pipeline encodes the text of each stretch of steps).
 """
 
 from __future__ import annotations

@@ -1,0 +1,165 @@
+"""Prompt editing and alternation: a prompt whose text changes during sampling, as the AUTOMATIC1111 web UI
+reads it (`modules/prompt_parser.py`).
+
+    [from:to:when]    `from` until step `when`, `to` after it
+    [to:when]         nothing until step `when`, then `to`
+    [from::when]      `from` until step `when`, then nothing
+    [a|b|c]           a at step 1, b at step 2, c at step 3, a at step 4, …
+
+`when` with a decimal point is a fraction of the steps (0.5 of 20 steps: step 10), without one a step number;
+it is capped at the number of steps, and the earlier text is used up to and including step `when`
+(steps count from 1). Brackets nest: `[[a:b:5]:c:10]`, and the text inside may carry emphasis:
+`([cat:dog:0.5]:1.2)`. Any other bracket is left as it is for sd15.prompts, which reads `[x]` and `(x:1.2)`
+as emphasis; so are escaped brackets `\\[`, and a bracket that is never closed.
+
+    schedule("a [cat:dog:0.5]", 10) -> [(5, "a cat"), (10, "a dog")]
+
+The pipeline encodes each distinct text once and conditions the steps up to each end step on it; a prompt
+without this syntax has a one-entry schedule holding the prompt unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import re
+
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*")
+
+
+@dataclass
+class _Scheduled:
+    before: list  # nodes shown up to step `when`
+    after: list  # nodes shown after it
+    when: str  # as written: "0.5" (a fraction) or "10" (a step)
+
+
+@dataclass
+class _Alternate:
+    options: list[list]  # one node list per option
+
+
+Node = "str | _Scheduled | _Alternate"
+
+
+def parse(prompt: str) -> list:
+    """The prompt as a list of nodes: text, and scheduled or alternating parts (which hold node lists)."""
+    nodes, end = _parse(prompt, 0, closers="")
+    assert end == len(prompt)
+    return nodes
+
+
+def _parse(text: str, i: int, closers: str) -> tuple[list, int]:
+    """Nodes from text[i:] up to (not including) the first character of `closers` at this level."""
+    nodes: list = []
+    while i < len(text) and text[i] not in closers:
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):  # an escaped character is text, for sd15.prompts to read
+            nodes.append(text[i : i + 2])
+            i += 2
+        elif c == "[":
+            node, i = _bracket(text, i)
+            nodes.append(node)
+        elif c == "(":  # emphasis: kept as text around its contents, which may hold scheduled parts
+            inner, j = _parse(text, i + 1, closers=")")
+            if j < len(text):
+                nodes += ["(", *inner, ")"]
+                i = j + 1
+            else:  # never closed: the rest as it is
+                nodes += ["(", *inner]
+                i = j
+        else:
+            j = i + 1
+            while j < len(text) and text[j] not in "\\[]()" + closers:
+                j += 1
+            nodes.append(text[i:j])
+            i = j
+    return nodes, i
+
+
+def _bracket(text: str, start: int) -> tuple[object, int]:
+    """The node of the `[` at text[start], and the index after its `]`. Splits its contents at the `:` and
+    `|` of its own level; a `[` that is neither editing nor alternation is kept as text (emphasis)."""
+    parts, seps, i = [], [], start + 1
+    while True:
+        part, i = _parse(text, i, closers=":|]")
+        parts.append(part)
+        if i >= len(text):  # never closed: "[" is text, and what followed is parsed as usual
+            nodes, _ = _parse(text, start + 1, closers="")
+            return _Group("[", nodes, ""), len(text)
+        if text[i] == "]":
+            break
+        seps.append(text[i])
+        i += 1
+    end = i + 1
+    number = _NUMBER.fullmatch(_plain(parts[-1])) if seps and set(seps) == {":"} else None
+    if number and len(parts) in (2, 3):
+        before, after = ([], parts[0]) if len(parts) == 2 else (parts[0], parts[1])
+        return _Scheduled(before, after, number.group(1)), end
+    if seps and set(seps) == {"|"}:
+        return _Alternate(parts), end
+    joined: list = []
+    for k, part in enumerate(parts):
+        joined += part + ([seps[k]] if k < len(seps) else [])
+    return _Group("[", joined, "]"), end
+
+
+@dataclass
+class _Group:
+    """Brackets kept as text around nodes (emphasis, or a bracket never closed)."""
+
+    open: str
+    nodes: list
+    close: str
+
+
+def _plain(nodes: list) -> str:
+    """The text of nodes that are all text (else a string no number matches)."""
+    return "".join(nodes) if all(isinstance(n, str) for n in nodes) else "\0"
+
+
+def _step(when: str, steps: int) -> int:
+    value = float(when)
+    return min(steps, int(value * steps if "." in when else value))
+
+
+def render(nodes: list, step: int, steps: int) -> str:
+    """The prompt's text at `step` (1 … steps)."""
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Scheduled):
+            out.append(render(node.before if step <= _step(node.when, steps) else node.after, step, steps))
+        elif isinstance(node, _Alternate):
+            out.append(render(node.options[(step - 1) % len(node.options)], step, steps))
+        else:
+            out.append(node.open + render(node.nodes, step, steps) + node.close)
+    return "".join(out)
+
+
+def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """[(last step, text), …]: the prompt's text for steps up to each last step, in order (steps count from 1)."""
+    nodes = parse(prompt)
+    if all(isinstance(n, str) for n in nodes):
+        return [(steps, prompt)]
+    result: list[tuple[int, str]] = []
+    for step in range(1, steps + 1):
+        text = render(nodes, step, steps)
+        if result and result[-1][1] == text:
+            result[-1] = (step, text)
+        else:
+            result.append((step, text))
+    return result
+
+
+def batch_schedule(prompts: list[str], negatives: list[str] | None, steps: int) -> list[tuple[int, list[str], list[str] | None]]:
+    """The schedules of a batch of prompts (and negative prompts) merged: [(last step, prompts, negatives), …],
+    a new entry wherever any of them changes."""
+    texts = prompts + (negatives or [])
+    schedules = [schedule(p, steps) for p in texts]
+    ends = sorted({end for s in schedules for end, _ in s})
+    merged = []
+    for end in ends:
+        at = [next(text for last, text in s if end <= last) for s in schedules]
+        merged.append((end, at[: len(prompts)], at[len(prompts) :] if negatives is not None else None))
+    return merged

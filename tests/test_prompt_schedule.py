@@ -1,0 +1,97 @@
+"""Prompt editing `[from:to:when]` and alternation `[a|b]` (sd15.prompt_schedule), and the pipeline switching
+its conditioning at the right step. The cases follow the web UI's documentation of the syntax
+(AUTOMATIC1111 wiki, "Features": prompt editing, alternating words)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sd15
+from sd15 import prompts as prompt_io
+from sd15.prompt_schedule import batch_schedule, schedule
+
+RUN = dict(steps=4, seed=2, width=64, height=64, sampler="euler", output_type="np")
+
+
+@pytest.mark.parametrize(
+    "prompt, steps, expected",
+    [
+        ("a [cat:dog:0.5]", 10, [(5, "a cat"), (10, "a dog")]),  # a fraction of the steps
+        ("a [cat:dog:3] b", 10, [(3, "a cat b"), (10, "a dog b")]),  # a step number
+        ("a [dog:4]", 10, [(4, "a "), (10, "a dog")]),  # added after step 4
+        ("[cat::0.25]", 8, [(2, "cat"), (8, "")]),  # removed after a quarter
+        ("[cat|dog]", 4, [(1, "cat"), (2, "dog"), (3, "cat"), (4, "dog")]),
+        ("[a|b|c] x", 4, [(1, "a x"), (2, "b x"), (3, "c x"), (4, "a x")]),
+        ("[[a:b:2]:c:4]", 6, [(2, "a"), (4, "b"), (6, "c")]),  # nested
+        ("([cat:dog:0.5]:1.2)", 4, [(2, "(cat:1.2)"), (4, "(dog:1.2)")]),  # inside emphasis
+        ("[(red:1.3) cat:blue dog: 2 ]", 4, [(2, "(red:1.3) cat"), (4, "blue dog")]),
+        ("[cat:dog:30]", 20, [(20, "cat")]),  # `when` past the end: capped, never switches
+        ("[cat:dog:0]", 5, [(5, "dog")]),
+        ("[cat:dog:1.0]", 5, [(5, "cat")]),  # "1.0" is the whole run
+        ("[cat:dog:1]", 5, [(1, "cat"), (5, "dog")]),  # "1" is step 1
+    ],
+)
+def test_schedules(prompt, steps, expected):
+    assert schedule(prompt, steps) == expected
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a (red:1.3) car, [blurry] BREAK night <lora:film:0.8>",  # emphasis, BREAK, tags: untouched
+        "[a:b]",  # no number: emphasis of "a:b"
+        "[a:b:c]",  # not a number either
+        "[cat:dog:0.5",  # never closed
+        "\\[cat:dog:0.5\\]",  # escaped
+        "((a)) [[b]] (c:1.1) ]x) (y",
+        "a | b",  # a bar outside brackets is text
+    ],
+)
+def test_other_brackets_are_left_as_they_are(prompt):
+    assert schedule(prompt, 7) == [(7, prompt)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab ()[]:|\\.0123", max_size=30), st.integers(1, 12))
+def test_every_step_is_covered_once_and_plain_prompts_come_back_unchanged(prompt, steps):
+    result = schedule(prompt, steps)
+    ends = [end for end, _ in result]
+    assert ends == sorted(set(ends)) and ends[-1] == steps and ends[0] >= 1
+    if not any(c in prompt for c in "[|"):
+        assert result == [(steps, prompt)]
+
+
+def test_batch_schedules_merge_at_every_change():
+    merged = batch_schedule(["[a:b:2]", "c"], ["[n:m:3]", ""], 4)
+    assert merged == [(2, ["a", "c"], ["n", ""]), (3, ["b", "c"], ["n", ""]), (4, ["b", "c"], ["m", ""])]
+    assert batch_schedule(["x"], None, 5) == [(5, ["x"], None)]
+
+
+def test_pipeline_switches_conditioning_at_the_scheduled_step(tiny_checkpoint, monkeypatch):
+    m = sd15.load(tiny_checkpoint)
+    encoded = []
+    real = prompt_io.encode_pair
+
+    def spy(model, texts, negs, clip_skip=1):
+        cond, uncond = real(model, texts, negs, clip_skip)
+        encoded.append((texts, cond))
+        return cond, uncond
+
+    seen = []
+    monkeypatch.setattr(prompt_io, "encode_pair", spy)
+    real_forward = type(m.unet).forward
+    monkeypatch.setattr(m.unet, "forward", lambda x, t, ctx: (seen.append(ctx[1:]), real_forward(m.unet, x, t, ctx))[1])
+    m.generate("a [cat:dog:2]", **RUN)  # euler: one UNet call per step
+    assert [texts for texts, _ in encoded] == [["a cat"], ["a dog"]]  # each text encoded once
+    cat, dog = encoded[0][1], encoded[1][1]
+    assert [("cat" if c.equal(cat) else "dog" if c.equal(dog) else "?") for c in seen] == ["cat", "cat", "dog", "dog"]
+
+
+def test_edited_prompt_equals_its_plain_prompt_when_it_never_switches(tiny_model):
+    never = tiny_model.generate("a [cat:dog:4]", **RUN)  # step 4 of 4: cat throughout
+    assert np.array_equal(never, tiny_model.generate("a cat", **RUN))
+    at_once = tiny_model.generate("a [cat:dog:0]", **RUN)
+    assert np.array_equal(at_once, tiny_model.generate("a dog", **RUN))
+    mixed = tiny_model.generate("a [cat:dog:2]", **RUN)
+    assert not np.array_equal(mixed, never) and not np.array_equal(mixed, at_once)
