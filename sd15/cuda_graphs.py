@@ -18,7 +18,8 @@ shapes and addresses, so the runner here keeps:
   weights or skip the new hook.
 
 The sampler loop does not synchronise with the GPU between steps: timesteps and sigmas live on the host,
-the NaN check runs once at the end, and step noise (ancestral samplers) is one host-to-device copy.
+the NaN check runs once at the end, and step noise (ancestral samplers) is one asynchronous copy from pinned
+host memory.
 Gradient-enabled calls, calls made during a capture and CPU tensors go to the eager forward.
 """
 

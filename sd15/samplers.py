@@ -73,6 +73,8 @@ def _randn_like(x: torch.Tensor, generator, dtype: torch.dtype | None = None) ->
         return torch.cat([_randn_like(row[None], g, dtype) for row, g in zip(x, generator)])
     device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype)
+    if noise.device.type == "cpu" and x.is_cuda:  # pinned, so that the copy does not wait for the GPU to go idle
+        return noise.pin_memory().to(device=x.device, dtype=x.dtype, non_blocking=True)
     return noise.to(device=x.device, dtype=x.dtype)
 
 
