@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of sd15, in one run on a lent CUDA machine (see docs/performance.md).
+# Every GPU check and benchmark of sd15 on a lent CUDA machine (see docs/performance.md), in two parts that
+# each fit one call (the machine stays warm for a short while between calls):
 #
 #   here:   scripts/device_check.sh --fetch     # once: the wheels the GPU image lacks, into .device/wheels
-#   there:  run(command="bash scripts/device_check.sh", carry=[".device"], timeout_s=590)
+#   there:  run(command="bash scripts/device_check.sh tests", carry=[".device"], timeout_s=240)   # ~3 min
+#           run(command="bash scripts/device_check.sh bench", carry=[".device"], timeout_s=360)   # ~5 min
+#   (or "all" for both in one call)
 #
 # The GPU image has torch + CUDA, triton and transformers but not diffusers (nor, perhaps, ftfy or pytest):
 # they are installed from the carried wheels into .device/site, which goes on PYTHONPATH with the project
@@ -49,13 +52,21 @@ else
     against=(--only sd15)
 fi
 
-step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
-timeout 150 python -m pytest -q -s -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+PART=${1:-all}
+if [[ "$PART" == tests || "$PART" == all ]]; then
+    step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
+    timeout 150 python -m pytest -q -s -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 
-step "benchmark: sd15 vs diffusers (eager and compiled), 512x512, 50 steps, fp16"
-timeout 330 python scripts/benchmark.py --repeats 5 ${against[@]+"${against[@]}"} --json "$OUT/benchmark.json" 2>"$OUT/benchmark.log" | tee "$OUT/benchmark.txt"
+    step "profile of one guided UNet step, reference and fast path"
+    timeout 60 python scripts/profile_unet.py --top 25 2>&1 | tee "$OUT/profile.txt" | tail -70
+fi
+if [[ "$PART" == bench || "$PART" == all ]]; then
+    step "benchmark: sd15 vs diffusers (eager and compiled), 512x512, 50 steps, fp16"
+    timeout 240 python scripts/benchmark.py --repeats 3 ${against[@]+"${against[@]}"} --json "$OUT/benchmark.json" \
+        2>"$OUT/benchmark.log" | tee "$OUT/benchmark.txt"
 
-step "the cost of --deterministic (sd15 only)"
-timeout 100 python scripts/benchmark.py --only sd15 --deterministic --repeats 3 --batch-sizes \
-    --json "$OUT/benchmark_deterministic.json" 2>"$OUT/benchmark_deterministic.log" | tee "$OUT/benchmark_deterministic.txt"
+    step "the cost of --deterministic (sd15 only)"
+    timeout 90 python scripts/benchmark.py --only sd15 --deterministic --repeats 3 --batch-sizes \
+        --json "$OUT/benchmark_deterministic.json" 2>"$OUT/benchmark_deterministic.log" | tee "$OUT/benchmark_deterministic.txt"
+fi
 step "done"
