@@ -82,7 +82,7 @@ def sd15_workload(m, args, device) -> Workload:
     h = args.size // 8
     x = torch.randn(2, 4, h, h, device=device, dtype=m.dtype)
     t = torch.full((2,), 501.0, device=device)
-    ctx = torch.randn(2, 77, 768, device=device, dtype=m.dtype)
+    ctx = torch.randn(2, 77, m.unet.config.context_dim, device=device, dtype=m.dtype)
     ids = m.tokenizer([PROMPT, ""]).to(device)
     z = torch.randn(1, 4, h, h, device=device, dtype=m.dtype)
     run = dict(steps=args.steps, width=args.size, height=args.size, output_type="np", seed=0)
@@ -99,7 +99,7 @@ def diffusers_workload(pipe, args, device, dtype) -> Workload:
     h = args.size // 8
     x = torch.randn(2, 4, h, h, device=device, dtype=dtype)
     t = torch.full((2,), 501.0, device=device)
-    ctx = torch.randn(2, 77, 768, device=device, dtype=dtype)
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
     ids = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     z = torch.randn(1, 4, h, h, device=device, dtype=dtype)
     run = dict(num_inference_steps=args.steps, width=args.size, height=args.size, output_type="np")
@@ -208,6 +208,7 @@ def main() -> None:
     p.add_argument("--deterministic", action="store_true", help="time sd15 under sd15.determinism.enable()")
     p.add_argument("--sd15-compile", action="store_true", help="also time sd15's torch.compile mode (CUDA)")
     p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--weights", choices=("full", "tiny"), default="full", help="tiny: a quick run of the script itself")
     args = p.parse_args()
     if args.deterministic:
         determinism.enable()  # before any cuBLAS call
@@ -217,7 +218,7 @@ def main() -> None:
     on_cuda = device.type == "cuda"
     torch.manual_seed(0)
 
-    checkpoint = random_checkpoint("full", seed=0)
+    checkpoint = random_checkpoint(args.weights, seed=0)
     workloads: dict[str, Workload] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_checkpoint(checkpoint, Path(tmp) / "random-sd15.safetensors")

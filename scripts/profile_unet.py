@@ -42,7 +42,7 @@ def profile_step(m, size: int, device: torch.device, top: int) -> None:
     h = size // 8
     x = torch.randn(2, 4, h, h, device=device, dtype=m.dtype)
     t = torch.full((2,), 501.0, device=device)
-    ctx = torch.randn(2, 77, 768, device=device, dtype=m.dtype)
+    ctx = torch.randn(2, 77, m.unet.config.context_dim, device=device, dtype=m.dtype)
     cuda = device.type == "cuda"
     with torch.no_grad():
         for _ in range(3):  # warm-up: autotuning, Triton compilation, the k/v cache
@@ -74,12 +74,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--weights", choices=("full", "tiny"), default="full", help="tiny: a quick run of the script itself")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(random_checkpoint("full", seed=0), Path(tmp) / "random-sd15.safetensors")
+        path = save_checkpoint(random_checkpoint(args.weights, seed=0), Path(tmp) / "random-sd15.safetensors")
         for name, fast in (("reference path", False), ("fast path (eager, no CUDA graph)", True)):
             m = sd15.load(path, device=device, dtype=dtype, fast=False)
             if fast:

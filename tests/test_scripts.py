@@ -1,0 +1,36 @@
+"""The GPU session's scripts run end to end (on tiny random weights, on the CPU), so that the few minutes
+of a lent GPU are not lost to a crash in them. What they measure is not checked here: timings are never
+tested, and their numbers come from the GPU (docs/performance.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_benchmark_runs_sd15_and_diffusers_and_prints_the_ratios(tmp_path):
+    out = run(str(ROOT / "scripts" / "benchmark.py"), "--device", "cpu", "--weights", "tiny", "--size", "64", "--steps", "2",
+              "--repeats", "1", "--batch-sizes", "2", "--json", str(tmp_path / "b.json"), cwd=tmp_path)  # fmt: skip
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert list(results) == ["sd15 reference", "sd15 fast", "diffusers eager"]
+    for name, metrics in results.items():
+        assert "error" not in metrics, (name, metrics)
+        assert all(metrics[k] > 0 for k in ("first image (s)", "text encoder (ms)", "UNet guided step (ms)",
+                                            "VAE decode (ms)", "end to end (s)", "batch 2 (images/s)"))  # fmt: skip
+    assert "| UNet guided step (ms) |" in out
+    assert "speed-up of sd15 reference over diffusers eager" in out and "speed-up of sd15 fast over diffusers eager" in out
+
+
+def test_profile_runs_on_both_paths(tmp_path):
+    out = run(str(ROOT / "scripts" / "profile_unet.py"), "--device", "cpu", "--weights", "tiny", "--size", "64", "--top", "5",
+              cwd=tmp_path)  # fmt: skip
+    assert "reference path" in out and "fast path" in out
+    assert out.count("matmul / conv") >= 2 and "total" in out
