@@ -197,7 +197,7 @@ def to_diffusers(component: str, keys) -> dict[str, str]:
         return _rename(keys, unet_pairs(unet_structure_original(keys)), False, "UNet")
     if component == "vae":
         return _rename(keys, vae_pairs(vae_structure_original(keys)), False, "VAE")
-    return {k: k if k.startswith("text_model.") else "text_model." + k for k in keys}
+    return _text_model_keys(keys)
 
 
 def from_diffusers(component: str, keys) -> dict[str, str]:
@@ -210,6 +210,11 @@ def from_diffusers(component: str, keys) -> dict[str, str]:
         return _rename(keys, unet_pairs(unet_structure_diffusers(keys)), True, "diffusers UNet")
     if component == "vae":
         return _rename(keys, vae_pairs(vae_structure_diffusers(keys)), True, "diffusers VAE")
+    return _text_model_keys(keys)
+
+
+def _text_model_keys(keys: list[str]) -> dict[str, str]:
+    """Text-encoder keys, the same in both layouts but for the `text_model.` level older files lack."""
     return {k: k if k.startswith("text_model.") else "text_model." + k for k in keys}
 
 

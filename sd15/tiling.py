@@ -263,21 +263,26 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "can't allocate memory" in message
 
 
+def _unless_out_of_memory(fn, x: torch.Tensor):
+    """fn(x), or None when it runs out of memory (the caches are emptied, so a tiled retry has room)."""
+    try:
+        return fn(x)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+    if x.device.type == "cuda":
+        torch.cuda.empty_cache()  # after the except block, so the error's frames no longer hold the memory
+    return None
+
+
 @torch.no_grad()
 def decode(vae: AutoencoderKL, z: torch.Tensor, tiled: bool | None = None, tile: int | None = None) -> torch.Tensor:
     """z (B, 4, h, w), unscaled -> image (B, 3, 8h, 8w): untiled when it fits, else tiled (`tiled` forces it)."""
     f = vae.downscale_factor
     if tiled is None:
         tiled = should_tile(vae, z.shape[-2] * f, z.shape[-1] * f, z.shape[0], z.device, z.dtype)
-    if not tiled:
-        try:
-            return vae.decode(z)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if not _is_out_of_memory(e):
-                raise
-            del e
-            if z.device.type == "cuda":
-                torch.cuda.empty_cache()
+    if not tiled and (images := _unless_out_of_memory(vae.decode, z)) is not None:
+        return images
     return decode_tiled(vae, z, tile)
 
 
@@ -286,13 +291,6 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, tiled: bool | None = None, 
     """images (B, 3, H, W) in [-1, 1] -> q(z|x): untiled when it fits, else tiled (`tiled` forces it)."""
     if tiled is None:
         tiled = should_tile(vae, images.shape[-2], images.shape[-1], images.shape[0], images.device, images.dtype, False)
-    if not tiled:
-        try:
-            return vae.encode(images)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if not _is_out_of_memory(e):
-                raise
-            del e
-            if images.device.type == "cuda":
-                torch.cuda.empty_cache()
+    if not tiled and (posterior := _unless_out_of_memory(vae.encode, images)) is not None:
+        return posterior
     return encode_tiled(vae, images, tile)
