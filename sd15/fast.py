@@ -14,7 +14,8 @@ to memory-bound passes over the feature maps. The fast path removes that overhea
 3. cross-attention k, v from the text are computed once per prompt (per context tensor), not once per
    step: they depend on the context and the weights only, and both stay fixed for a whole generation.
 4. Triton kernels (sd15.kernels) for the memory-bound elementwise work: GroupNorm fused with the SiLU
-   after it and with the ResBlock's timestep-embedding add before it, and GEGLU. Without Triton (or on
+   after it and with the ResBlock's timestep-embedding add before it, GEGLU, and each transformer
+   sublayer's residual add fused with the LayerNorm after it. Without Triton (or on
    the CPU) the same fused modules call PyTorch's own ops.
 5. CUDA graphs (sd15.cuda_graphs): the whole UNet call is captured once per shape and replayed, so a step
    costs one launch instead of ~1,500.
@@ -54,11 +55,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Ops:
-    """The two fused elementwise operations, from Triton or from PyTorch (same signatures, same maths)."""
+    """The fused memory-bound operations, from Triton or from PyTorch (same signatures, same maths)."""
 
     name: str
     group_norm: Callable  # (x, weight, bias, num_groups, eps, silu=False, channel_bias=None) -> like x
     geglu: Callable  # (B, T, 2F) -> (B, T, F): a · GELU(gate)
+    add_layer_norm: Callable  # (x, delta, weight, bias, eps) -> (x + delta, LayerNorm(x + delta))
 
 
 def _torch_group_norm(x, weight, bias, num_groups, eps, silu=False, channel_bias=None):
@@ -73,14 +75,25 @@ def _torch_geglu(h):
     return a * F.gelu(gate)
 
 
-TORCH_OPS = Ops("torch", _torch_group_norm, _torch_geglu)
+def _torch_add_layer_norm(x, delta, weight, bias, eps):
+    total = x + delta
+    return total, F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
+
+
+TORCH_OPS = Ops("torch", _torch_group_norm, _torch_geglu, _torch_add_layer_norm)
 
 
 def triton_ops() -> Ops:
+    from .kernels.add_layer_norm import add_layer_norm
     from .kernels.geglu import geglu
     from .kernels.group_norm import group_norm
 
-    return Ops("triton", _falling_back(group_norm, _torch_group_norm), _falling_back(geglu, _torch_geglu))
+    return Ops(
+        "triton",
+        _falling_back(group_norm, _torch_group_norm),
+        _falling_back(geglu, _torch_geglu),
+        _falling_back(add_layer_norm, _torch_add_layer_norm),
+    )
 
 
 def _falling_back(kernel: Callable, fallback: Callable) -> Callable:
@@ -201,6 +214,21 @@ class FastGEGLU(unet.GEGLU):
         return self.ops.geglu(self.proj(x))  # (B, T, F)
 
 
+class FastBasicTransformerBlock(unet.BasicTransformerBlock):
+    """unet.BasicTransformerBlock with each residual add fused into the LayerNorm that follows it.
+
+    Each `x = x + sublayer(…)` and the LayerNorm of the new x that the next sublayer takes are one pass:
+    x, h = x + attn1(norm1(x)), norm2(that sum);  x, h = x + attn2(h, context), norm3(that sum);  x + ff(h).
+    """
+
+    ops: Ops = TORCH_OPS
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x, h = self.ops.add_layer_norm(x, self.attn1(self.norm1(x)), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x, h = self.ops.add_layer_norm(x, self.attn2(h, context), self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        return x + self.ff(h)
+
+
 class FastGroupNorm(nn.GroupNorm):
     """nn.GroupNorm through the fast path's group_norm (for norms not followed by a SiLU)."""
 
@@ -258,6 +286,7 @@ class FastCLIPAttention(clip.CLIPAttention):
 FAST_CLASSES: dict[type, type] = {
     unet.CrossAttention: FastCrossAttention,
     unet.GEGLU: FastGEGLU,
+    unet.BasicTransformerBlock: FastBasicTransformerBlock,
     unet.ResBlock: FastResBlock,
     nn.GroupNorm: FastGroupNorm,
     vae.ResnetBlock: FastResnetBlock,
@@ -297,7 +326,7 @@ def enable(m: "StableDiffusion", kernels: bool | None = None, channels_last: boo
     on_cuda = m.device.type == "cuda"
     if compile and kernels:
         raise RuntimeError("torch.compile makes its own kernels from the reference modules; leave kernels unset")
-    ops = Ops("inductor", None, None) if compile else choose_ops(m.device, kernels)
+    ops = Ops("inductor", None, None, None) if compile else choose_ops(m.device, kernels)
     channels_last = on_cuda if channels_last is None else channels_last
     cuda_graphs = on_cuda and not compile if cuda_graphs is None else cuda_graphs
     if cuda_graphs and not on_cuda:

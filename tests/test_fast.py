@@ -75,7 +75,7 @@ def test_fast_unet_text_encoder_and_vae_match_the_reference(fast_model, referenc
 
 
 def test_fast_modules_with_the_triton_kernels_match_the_reference(tiny_checkpoint, reference):
-    """The Triton GroupNorm(+SiLU, +embedding add) and GEGLU inside the fast modules, run by triton's CPU
+    """The Triton GroupNorm(+SiLU, +embedding add), GEGLU and add+LayerNorm inside the fast modules, run by triton's CPU
     interpreter (one module of each kind: the interpreter takes seconds per kernel launch). Their
     statistics are summed in another order than PyTorch's, so fp32: 1e-5, as above."""
     m = sd15.load(tiny_checkpoint, fast=False)
@@ -83,15 +83,18 @@ def test_fast_modules_with_the_triton_kernels_match_the_reference(tiny_checkpoin
     g = torch.Generator().manual_seed(5)
     x, emb = torch.randn(1, 32, 4, 4, generator=g), torch.randn(1, 128, generator=g)
     tokens, h = torch.randn(1, 16, 64, generator=g), torch.randn(1, 64, 8, 8, generator=g)
+    context = torch.randn(1, 77, 48, generator=g)  # (B, T, context_dim) of the tiny UNet
     pairs = [
         (lambda u: u.input_blocks[1][0](x, emb), fast.FastResBlock),  # GN+SiLU, GN+SiLU+embedding add
         (lambda u: u.input_blocks[4][1].transformer_blocks[0].ff(tokens), fast.FastGEGLU),
         (lambda u: u.input_blocks[4][1].norm(h), fast.FastGroupNorm),
+        (lambda u: u.input_blocks[4][1].transformer_blocks[0](tokens, context), fast.FastBasicTransformerBlock),
     ]
     with torch.no_grad():
         for call, cls in pairs:
             assert rel(call(m.unet), call(reference.unet)) < 1e-5, cls.__name__
         assert type(m.unet.input_blocks[4][1].transformer_blocks[0].ff.net[0]) is fast.FastGEGLU
+        assert type(m.unet.input_blocks[4][1].transformer_blocks[0]) is fast.FastBasicTransformerBlock
         block = lambda vae: vae.decoder.up[1].block[0](torch.randn(1, 64, 4, 4, generator=torch.Generator().manual_seed(6)))  # noqa: E731
         assert type(m.vae.decoder.up[1].block[0]) is fast.FastResnetBlock
         assert rel(block(m.vae), block(reference.vae)) < 1e-5

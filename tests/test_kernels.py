@@ -22,6 +22,7 @@ from sd15.kernels import triton_available  # noqa: E402
 
 try:
     from sd15.kernels import group_norm as gn
+    from sd15.kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
     from sd15.kernels.geglu import geglu, geglu_reference
 except ImportError as error:  # every test here fails with this message; the rest of the suite still runs
     TRITON_MISSING = f"sd15.kernels needs triton, which our CI installs (pip install triton): {error!r}"
@@ -143,3 +144,54 @@ def test_geglu_matches_reference(dtype, shape):
 def test_geglu_non_contiguous():
     h = torch.randn(2 * 24, 5, device=DEVICE, dtype=torch.float16).transpose(0, 1)  # (5, 48), last stride 5
     torch.testing.assert_close(geglu(h), geglu_reference(h), rtol=2 * 2**-10, atol=1e-5)
+
+
+# add + LayerNorm. The sum is rounded once to the input dtype, as the reference add rounds it: equal in
+# float32 and float16 (both round to nearest), within one ulp in bf16 (the interpreter truncates). The
+# normalised output is checked against the reference LayerNorm of the kernel's own sum, so that a one-ulp
+# difference in the sum is not amplified into the check: one rounding of a float32 result, 1 ulp.
+
+
+def _add_norm_inputs(shape, dtype, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    D = shape[-1]
+    x = (offset + torch.randn(shape, generator=g)).to(DEVICE, dtype)  # (…, D), the residual stream
+    delta = torch.randn(shape, generator=g).to(DEVICE, dtype)  # a sublayer's output
+    weight = (1 + 0.5 * torch.randn(D, generator=g)).to(DEVICE, dtype)
+    bias = (0.5 * torch.randn(D, generator=g)).to(DEVICE, dtype)
+    return x, delta, weight, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 7, 320), (3, 640), (1, 5, 1280), (2, 3, 96)])  # SD1.5's widths, and one not a power of two
+def test_add_layer_norm_matches_reference(dtype, shape):
+    x, delta, weight, bias = _add_norm_inputs(shape, dtype, seed=shape[-1])
+    total, normed = add_layer_norm(x, delta, weight, bias, 1e-5)
+    expected_total, _ = add_layer_norm_reference(x, delta, weight, bias, 1e-5)
+    assert total.shape == normed.shape == x.shape and total.dtype == normed.dtype == dtype
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(total, expected_total, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(total, expected_total)
+    _, expected_normed = add_layer_norm_reference(total, torch.zeros_like(total), weight, bias, 1e-5)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(normed, expected_normed, rtol=rtol, atol=atol)
+
+
+def test_add_layer_norm_large_mean():
+    """Rows at 1e3 ± 1 (see test_group_norm_large_mean): the variance comes from centred values."""
+    x, delta, weight, bias = _add_norm_inputs((4, 320), torch.float32, offset=1e3)
+    total, normed = add_layer_norm(x, delta, weight, bias, 1e-5)
+    _, exact = add_layer_norm_reference(total.double(), torch.zeros_like(total).double(), weight.double(), bias.double(), 1e-5)
+    torch.testing.assert_close(normed.double(), exact, rtol=0, atol=4 * 2**-14 * weight.abs().max().item())
+
+
+def test_add_layer_norm_non_contiguous():
+    """A transposed residual (the SpatialTransformer's tokens of a contiguous map) and a delta in another dtype."""
+    x, delta, weight, bias = _add_norm_inputs((2, 6, 320), torch.float16)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # (2, 6, 320) with last stride 6
+    delta = delta.float()
+    total, normed = add_layer_norm(x, delta, weight, bias, 1e-6)
+    expected_total, expected_normed = add_layer_norm_reference(x, delta.half(), weight, bias, 1e-6)
+    assert torch.equal(total, expected_total)
+    torch.testing.assert_close(normed, expected_normed, rtol=2**-10, atol=1e-5)

@@ -3,10 +3,12 @@
 - `group_norm.py`: GroupNorm (Wu & He 2018) over (B, C, H, W) feature maps, optionally fused with the
   ResBlock's per-channel embedding add before it and the SiLU after it.
 - `geglu.py`: the GEGLU gate of the transformer feed-forward (Shazeer 2020), `a * gelu(gate)`.
+- `add_layer_norm.py`: a transformer sublayer's residual add fused with the LayerNorm after it.
 
 The kernel modules import triton at the top, so import them only when `triton_available()` says so;
 this package itself imports nothing heavy and never fails without triton. The references
-(`group_norm_reference`, `geglu_reference`) are the readable definition and the tests' oracle.
+(`group_norm_reference`, `geglu_reference`, `add_layer_norm_reference`) are the readable definition and
+the tests' oracle.
 Callers choose between kernel and reference; there is no dispatcher here.
 """
 
