@@ -16,10 +16,12 @@ import pytest
 import torch
 
 import sd15
-from sd15 import cuda_graphs, determinism
+from sd15 import cuda_graphs, determinism, pipeline
+from sd15.kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from sd15.kernels.geglu import geglu, geglu_reference
 from sd15.kernels.group_norm import group_norm, group_norm_reference
 from sd15.random_weights import random_checkpoint, save_checkpoint
+from sd15.samplers import plan_sampling
 
 CUDA = torch.device("cuda")
 FP16_UNET_TOLERANCE = 1e-2
@@ -68,6 +70,20 @@ def test_geglu_kernel_at_sd15_shape(dtype):
     h = torch.randn(2, 4096, 2 * 1280, device=CUDA).to(dtype)
     eps = torch.finfo(dtype).eps  # the reference rounds twice (after gelu and after the product)
     torch.testing.assert_close(geglu(h), geglu_reference(h), rtol=2 * eps, atol=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, width", [(4096, 320), (1024, 640), (256, 1280), (64, 1280)])
+def test_add_layer_norm_kernel_at_sd15_shapes(tokens, width, dtype):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    x, delta = (torch.randn(2, tokens, width, device=CUDA, generator=g).to(dtype) for _ in range(2))
+    w, b = torch.randn(width, device=CUDA, generator=g).to(dtype), torch.randn(width, device=CUDA, generator=g).to(dtype)
+    total, normed = add_layer_norm(x, delta, w, b, 1e-5)
+    ref_total, _ = add_layer_norm_reference(x, delta, w, b, 1e-5)
+    assert torch.equal(total, ref_total)  # one float32 add rounded to nearest, on both sides
+    _, ref_normed = add_layer_norm_reference(total, torch.zeros_like(total), w, b, 1e-5)
+    eps = torch.finfo(dtype).eps  # one rounding of a float32 result
+    torch.testing.assert_close(normed, ref_normed, rtol=eps, atol=eps)
 
 
 def test_fast_path_is_the_default_on_cuda_fp16(full_checkpoint):
@@ -148,3 +164,26 @@ def test_trace_on_a_graphed_model_records_and_restores(full_checkpoint):
     assert len(tr["unet.middle_block.1.transformer_blocks.0.attn2.probs"]) == 3  # PLMS: steps + 1 calls
     assert m.fast is not None and m.fast.cuda_graphs
     assert isinstance(m.unet.__dict__.get("forward"), cuda_graphs.GraphedForward)
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "euler_a", "dpmpp_2m_sde"])
+def test_the_sampler_loop_never_waits_for_the_gpu(full_checkpoint, sampler):
+    """CUDA's sync debug mode raises at any synchronising call (a read back, a copy from pageable memory)
+    inside the loop: the graph replays and the fresh noise must be queued without waiting for the GPU.
+    (tests/test_no_host_sync.py checks the same on the CPU, on the meta device.)"""
+    m = sd15.load(full_checkpoint, device=CUDA)
+    with torch.no_grad():
+        cond, uncond = pipeline.encode_text(m, ["a cat"]), pipeline.encode_text(m, [""])
+    eps_model = pipeline.guided_eps_model(m, cond, uncond, guidance_scale=7.5)
+    plan = plan_sampling(sampler, 6)
+    x = plan.noise_latents(torch.randn(1, 4, 64, 64, device=CUDA, dtype=m.dtype))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        plan.sample(eps_model, x, generator=generator)  # warm-up: graph capture synchronises, once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = plan.sample(eps_model, x, generator=generator)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
