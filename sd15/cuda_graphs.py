@@ -1,6 +1,6 @@
 """CUDA graphs: capture a model's forward once per input shape, then replay it with one launch.
 
-Eagerly, a UNet call launches about 1,500 kernels, and at batch 2 the CPU needs longer to launch them than
+Eagerly, a UNet call launches about 700 kernels, and at batch 2 the CPU needs longer to launch them than
 the GPU needs to run them. A CUDA graph (`torch.cuda.CUDAGraph`) records the launches of one call into
 static input and output buffers; `replay()` then runs them all from one host call. The price is static
 shapes and addresses, so the runner here keeps:

@@ -1,7 +1,7 @@
 """The fast path: the same modules and weights, computed with fewer and larger kernels.
 
 On a GPU, one guided UNet step of SD1.5 at 512×512 is 1.6 TFLOP, about 2 ms of an H200's fp16 tensor
-cores; run eagerly it takes 20-45 ms, because most of the time goes to launching ~1,500 small kernels and
+cores; run eagerly it takes 20-45 ms, because most of the time goes to launching ~700 small kernels and
 to memory-bound passes over the feature maps. The fast path removes that overhead in five ways:
 
 1. channels-last (NHWC) feature maps, the layout cuDNN's fp16/bf16 convolutions and the Triton GroupNorm
