@@ -184,7 +184,7 @@ def main() -> None:
 
     print(f"{args.size}×{args.size}, {args.dtype}; floors on an H200: FLOPs at {H200_TFLOPS:.0f} TFLOP/s, "
           f"memory-bound bytes at {H200_TB_PER_S} TB/s")  # fmt: skip
-    print(f"| component | path | kernels | GFLOP | compute floor (ms) | memory-bound GB | memory-bound floor (ms) |")
+    print("| component | path | kernels | GFLOP | compute floor (ms) | memory-bound GB | memory-bound floor (ms) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for component in paths["reference"]:
         for path, results in paths.items():
