@@ -57,3 +57,20 @@ def test_count_work_reproduces_the_flop_figures_and_shows_what_the_fusions_remov
         ours, theirs = fast[component][0], reference[component][0]
         assert ours.bytes["memory-bound"] < 0.8 * theirs.bytes["memory-bound"], component
     assert sum(fast[unet][0].kernels.values()) < sum(reference[unet][0].kernels.values())
+
+
+def test_every_triton_kernel_variant_of_the_full_size_model_compiles_for_sm90(tmp_path):
+    """scripts/compile_kernels.py: the variants the fast path launches at 512×512, compiled to cubins for
+    the H100/H200 without a GPU (a kernel that cannot compile would otherwise fail in a GPU session).
+    At most 20 variants: each costs the first image on a new machine about half a second of compiling."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_kernels.py"), "--arch", "90"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = int(done.stdout.split(" kernel variants")[0].rsplit(" ", 1)[1])
+    assert 0 < variants <= 20
+    assert f"compiled all {variants} in" in done.stdout
+    for kernel in ("_partial_stats_kernel", "_finalize_stats_kernel", "_apply_kernel", "_geglu_kernel", "_add_layer_norm_kernel"):
+        assert kernel in done.stdout

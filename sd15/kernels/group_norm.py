@@ -82,7 +82,7 @@ def group_norm(x, weight, bias, num_groups, eps, silu=False, channel_bias=None):
     rstd = torch.empty_like(mean)
     _finalize_stats_kernel[(B * num_groups,)](
         partial[0], partial[1], partial[2], mean, rstd, num_chunks, eps,
-        BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
+        BLOCK_CHUNKS=triton.next_power_of_2(MAX_STATS_CHUNKS),  # one compiled variant for every shape
     )  # fmt: skip
     grid = (triton.cdiv(HW, APPLY_BLOCK_HW), triton.cdiv(C, APPLY_BLOCK_C), B)
     _apply_kernel[grid](
