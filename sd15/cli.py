@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", default=None)
-    g.add_argument("--width", type=_size, default=None, help="width in pixels, a multiple of 8 (default 512)")
-    g.add_argument("--height", type=_size, default=None, help="height in pixels, a multiple of 8 (default 512)")
+    g.add_argument("-W", "--width", type=_size, default=None, help="width in pixels, a multiple of 8 (default 512)")
+    g.add_argument("-H", "--height", type=_size, default=None, help="height in pixels, a multiple of 8 (default 512)")
     g.add_argument("--from-png", default=None, help="take every setting from this PNG's parameters; flags override")
     g.add_argument("--attention-maps", metavar="DIR", default=None, help="write a cross-attention overlay per prompt token")
     g.add_argument("--save-steps", metavar="DIR", default=None, help="write the predicted image at each step (grid + GIF)")
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="many prompts from a JSON-lines file; resumable; torchrun for many GPUs")
     b.add_argument("prompts", help="a .jsonl file: one prompt string or settings object per line")
     b.add_argument("--out", required=True, help="output folder (images named by content, manifest.json)")
-    b.add_argument("--width", type=_size, default=512)
-    b.add_argument("--height", type=_size, default=512)
+    b.add_argument("-W", "--width", type=_size, default=512)
+    b.add_argument("-H", "--height", type=_size, default=512)
     _add_sampling_arguments(b)
 
     d = sub.add_parser("download", help=f"fetch {HUB_FILE} into weights/ (needs huggingface_hub and the network)")

@@ -40,10 +40,11 @@ def test_generate_writes_png_whose_parameters_reproduce_it(workdir, tiny_checkpo
 
 
 def test_several_images_get_numbered_files_and_consecutive_seeds(workdir, tiny_checkpoint):
-    assert main(["generate", "a cat", "-n", "2", "--steps", "2", "--width", "64", "--height", "64", "--seed", "7",
+    assert main(["generate", "a cat", "-n", "2", "--steps", "2", "-W", "64", "-H", "56", "--seed", "7",
                  "--model", str(tiny_checkpoint), "-o", "cat.png", "--no-progress"]) == 0  # fmt: skip
     assert [str(p) for p in files_in(workdir)] == ["cat-0.png", "cat-1.png"]
     assert parse_parameters(read_parameters(workdir / "cat-1.png"))["seed"] == 8
+    assert Image.open(workdir / "cat-1.png").size == (64, 56)  # -W/-H as CompVis' txt2img.py has them
 
 
 def test_model_from_environment_and_weights_folder(workdir, tiny_checkpoint, monkeypatch):
