@@ -77,21 +77,54 @@ def test_resume_after_sigkill_makes_every_image_exactly_once(tmp_path, tiny_chec
     assert sorted(v["file"] for v in manifest.values()) == pngs(out)
 
 
-def test_torchrun_two_processes_match_one(tmp_path, tiny_checkpoint):
-    """Two CPU ranks (gloo) share the jobs; each image equals the single-process one byte for byte.
-    Both runs use one thread per process: results on the CPU depend on the thread count (docs/reliability.md)."""
-    prompts = write_prompts(tmp_path, 5)
-    env = {**os.environ, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, tiny_checkpoint):
+    """The batch of 4 prompts (5 images) run by one plain process: what every distributed layout must equal.
+    One thread per process everywhere: results on the CPU depend on the thread count (docs/reliability.md)."""
+    folder = tmp_path_factory.mktemp("batch")
+    prompts = write_prompts(folder, 5)
+    env = {**os.environ, "HOME": str(folder), "OMP_NUM_THREADS": "1"}
     tail = ["-m", "sd15.cli", "batch", str(prompts), "--model", str(tiny_checkpoint), *ARGS]
-    two = subprocess.run([*torchrun, *tail, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, *tail, "--out", str(folder / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert len(pngs(folder / "one")) == 5
+    return folder / "one", tail, env
+
+
+def assert_same_batch(out: Path, reference: Path) -> None:
+    assert pngs(out) == pngs(reference)
+    for name in pngs(reference):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    manifest = lambda folder: json.loads((folder / "manifest.json").read_text())  # noqa: E731
+    assert manifest(out).keys() == manifest(reference).keys()
+
+
+def test_torchrun_two_processes_match_one(tmp_path, single_process_run):
+    """Two CPU ranks (gloo) on one node share the jobs; each image equals the single-process one byte for byte."""
+    reference, tail, env = single_process_run
+    launch = [*TORCHRUN, "--nproc-per-node", "2", "--master-port", "29517"]
+    two = subprocess.run([*launch, *tail, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "rank 0/2: made" in two.stdout and "rank 1/2: made" in two.stdout
-    one = subprocess.run([sys.executable, *tail, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    assert pngs(tmp_path / "two") == pngs(tmp_path / "one") and len(pngs(tmp_path / "one")) == 5
-    for name in pngs(tmp_path / "one"):
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
-    assert json.loads((tmp_path / "two" / "manifest.json").read_text()).keys() == json.loads(
-        (tmp_path / "one" / "manifest.json").read_text()
-    ).keys()
+    assert_same_batch(tmp_path / "two", reference)
+
+
+def test_torchrun_two_nodes_sharing_the_output_folder_match_one(tmp_path, single_process_run):
+    """Two nodes of one process each, as on two machines: two torchrun launches with --nnodes 2 and their own
+    --node-rank, meeting at one address, writing to one shared folder. Global ranks come from the node rank,
+    while each process's LOCAL_RANK is 0 (the device it would pick on its own machine)."""
+    reference, tail, env = single_process_run
+    nodes = [
+        subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                          "--master-addr", "127.0.0.1", "--master-port", "29518", *tail, "--out", str(tmp_path / "shared")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for node in (0, 1)
+    ]
+    results = [node.communicate(timeout=300) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stderr[-2000:]
+    assert "rank 0/2: made" in results[0][0] and "rank 1/2: made" in results[1][0]
+    assert_same_batch(tmp_path / "shared", reference)
