@@ -13,9 +13,11 @@ shapes and addresses, so the runner here keeps:
 - for the UNet, the cross-attention k/v buffers of the text context (sd15.fast computes them once per
   context): when a new context arrives it is copied in and those buffers are recomputed eagerly, once per
   generation, not once per step;
-- a stamp of the model's state (parameter addresses, hooks): when it changes, e.g. after `.to()` or a LoRA
-  applied on the fly, every graph is dropped and captured again, since a graph would otherwise read the old
-  weights or skip the new hook.
+- a stamp of the model's state (parameter addresses, hooks and what they compute with): when it changes,
+  e.g. after `.to()` or a LoRA applied on the fly, every graph is dropped and captured again, since a graph
+  would otherwise read the old weights or skip the new hook;
+- eager calls while a submodule has a hook that may only watch (any hook but an on-the-fly LoRA's): a
+  replay runs no Python, so such a hook would see the capture and then nothing.
 
 The sampler loop does not synchronise with the GPU between steps: timesteps and sigmas live on the host,
 the NaN check runs once at the end, and step noise (ancestral samplers) is one asynchronous copy from pinned
@@ -48,14 +50,35 @@ class _Graph:
     context_seen: tuple = (None, -1)  # (context tensor, its _version) the k/v buffers were computed from
 
 
+OBSERVER = "observer"  # the state of a hook that gives none: Python a graph replay would not run
+
+
+def _hook_state(hook) -> object:
+    """A hook that is a method of an object with `graph_state()` (an on-the-fly LoRA) computes on the GPU
+    from that state, which a graph captures; any other hook may be Python that watches (appends outputs to
+    a list, prints), which a replay would silently skip."""
+    graph_state = getattr(getattr(hook, "__self__", None), "graph_state", None)
+    return graph_state() if callable(graph_state) else OBSERVER
+
+
 def _state_stamp(module: nn.Module) -> tuple:
-    """What a captured graph depends on besides its inputs: where the weights live and which hooks run."""
+    """What a captured graph depends on besides its inputs: where the weights live and which hooks run,
+    with what. (The module's own hooks run around the graph, not in it, so they are left out.)"""
     pointers = tuple(p.data_ptr() for p in module.parameters())
     hooks = tuple(
-        (len(m._forward_hooks), len(m._forward_pre_hooks), getattr(m, "probs_hook", None) is not None)
+        (
+            tuple(_hook_state(h) for h in m._forward_hooks.values()),
+            tuple(_hook_state(h) for h in m._forward_pre_hooks.values()),
+            OBSERVER if getattr(m, "probs_hook", None) is not None else None,
+        )
         for m in module.modules()
+        if m is not module
     )
     return pointers, hooks
+
+
+def _observed(stamp: tuple) -> bool:
+    return any(OBSERVER in forward + pre + (probs,) for forward, pre, probs in stamp[1])
 
 
 class GraphedForward:
@@ -71,6 +94,7 @@ class GraphedForward:
         self.eager_when = eager_when  # (args, options) -> True for calls a graph cannot hold
         self.graphs: dict[tuple, _Graph] = {}
         self.stamp = None
+        self.observed = False  # a submodule has a hook a replay would skip (see _hook_state)
         self.last_context = None  # the caller's context tensor of the previous call
         self.captures = 0  # how many graphs were captured (for tests and the benchmark)
 
@@ -92,8 +116,10 @@ class GraphedForward:
             stamp = _state_stamp(self.module)  # once per new context: per generation, not per step
             if stamp != self.stamp:
                 self.graphs.clear()
-                self.stamp = stamp
+                self.stamp, self.observed = stamp, _observed(stamp)
             self.last_context = context
+        if self.observed:  # a hook that watches must see every call: no graph
+            return self.eager(*args, **options)
         key = tuple(_signature(a) for a in args) + tuple((k, _signature(v)) for k, v in sorted(options.items()))
         entry = self.graphs.get(key)
         if entry is None:

@@ -204,6 +204,11 @@ class _LayerPatch:
         self.live: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.handle = None
 
+    def graph_state(self) -> tuple:
+        """What the forward hook computes with, for sd15.cuda_graphs: a captured graph holds the live LoRAs'
+        tensors and scales, so it is captured again when they change (and the hook counts as graph-safe)."""
+        return tuple((key, down.data_ptr(), up.data_ptr(), scale) for key, (down, up, scale) in self.live.items())
+
     @staticmethod
     def of(module: nn.Module) -> "_LayerPatch":
         if getattr(module, "_sd15_lora", None) is None:

@@ -6,7 +6,8 @@ below keeps exactly that contract: "replay" reruns the captured call with every 
 pinned to the buffer the capture read (so a k/v buffer that was not refreshed stays stale, as it would on
 a GPU) and copies the result into the captured output tensor. What is checked: one capture per input
 signature, inputs copied in and outputs cloned out, k/v refreshed for a new prompt and only then, a new
-capture when the weights move or hooks change, and the eager fallbacks. tests/gpu runs the real thing.
+capture when the weights move or LoRA hooks change, eager calls while a hook watches, and the eager
+fallbacks. tests/gpu runs the real thing.
 """
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import sd15
 from sd15 import cuda_graphs
 from sd15.fast import FastCrossAttention, fused_weight
+from lora_files import random_attention_lora
 
 RUN = dict(steps=4, seed=3, width=64, height=64, output_type="np")
 
@@ -129,19 +131,44 @@ def test_new_shapes_get_their_own_graph_and_outputs_are_copies(models):
     assert unet.forward.captures == 2
 
 
-def test_moved_weights_or_new_hooks_mean_a_new_capture(models, tmp_path):
+def test_moved_weights_or_new_loras_mean_a_new_capture(models, tmp_path):
     graphed, eager = models
     graphed.generate("a cat", **RUN)
-    handle = graphed.unet.input_blocks[1][0].in_layers[2].register_forward_hook(lambda mod, i, out: out * 0.5)
+    path = random_attention_lora(eager, tmp_path / "lora.safetensors")
     try:
-        graphed.generate("a cat", **RUN)
-        assert graphed.unet.forward.captures == 2  # a graph would skip the new hook: captured again
+        for scale in (0.8, 0.4):  # on the fly: a forward hook whose tensors and scale a graph holds
+            for m in (graphed, eager):
+                m.unload_loras()
+                m.load_lora(path, scale=scale, merge=False)
+            a, b = graphed.generate("a cat", **RUN), eager.generate("a cat", **RUN)
+            assert np.abs(a - b).max() < 1e-6, scale
+        assert graphed.unet.forward.captures == 3  # no LoRA, 0.8, 0.4: a graph would replay the old one
+        assert not graphed.unet.forward.observed  # a LoRA's hook computes inside the graph: still graphed
     finally:
-        handle.remove()
+        for m in (graphed, eager):
+            m.unload_loras()
     graphed.unet.to(torch.float64).to(torch.float32)  # new parameter tensors at new addresses
     a, b = graphed.generate("a dog", **RUN), eager.generate("a dog", **RUN)
-    assert graphed.unet.forward.captures >= 3
+    assert graphed.unet.forward.captures == 4
     assert np.abs(a - b).max() < 1e-6
+
+
+def test_a_hook_that_watches_sees_every_call(models):
+    """A replay runs no Python: a hook that records outputs would see the capture and then nothing. While
+    one is on a submodule the runner stays eager, and it captures again once the hook is gone."""
+    graphed, eager = models
+    graphed.generate("a cat", **RUN)
+    seen = []
+    handle = graphed.unet.input_blocks[1][0].in_layers[2].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    try:
+        a = graphed.generate("a cat", **RUN)
+    finally:
+        handle.remove()
+    assert len(seen) == RUN["steps"] + 1  # every UNet call of PNDM's steps + 1, and no warm-up or capture
+    assert graphed.unet.forward.observed and graphed.unet.forward.captures == 1
+    assert np.abs(a - eager.generate("a cat", **RUN)).max() < 1e-6
+    graphed.generate("a cat", **RUN)
+    assert not graphed.unet.forward.observed and graphed.unet.forward.captures == 2
 
 
 def test_textual_inversion_calls_stay_eager(models):

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import sd15
 from sd15 import fast
 from sd15.fast import FastCrossAttention
+from lora_files import random_attention_lora
 
 RUN = dict(steps=3, seed=7, width=64, height=64, output_type="np")
 
@@ -166,23 +167,9 @@ def test_kv_cache_follows_in_place_changes_of_context_and_weights(fast_model, re
             ref_layer.to_v.weight.mul_(2.0)
 
 
-def _lora_file(m, path):
-    """A random LoRA on every attention projection of the UNet (q, k, v, out) and the text encoder."""
-    from sd15 import lora as L
-
-    g, tensors = torch.Generator().manual_seed(3), {}
-    for name, (_, _, module) in L.lora_targets(m.unet, m.text_encoder).items():
-        if isinstance(module, torch.nn.Linear) and ("attn" in name or "self_attn" in name):
-            out_f, in_f = module.weight.shape
-            tensors[f"{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g) / in_f**0.5
-            tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
-    save_file(tensors, str(path))
-    return path
-
-
 @pytest.mark.parametrize("merge", [True, False])
 def test_loras_merged_or_on_the_fly_reach_the_fused_layers(fast_model, reference, tmp_path, merge):
-    path = _lora_file(reference, tmp_path / "l.safetensors")
+    path = random_attention_lora(reference, tmp_path / "l.safetensors")
     plain = fast_model.generate("a cat", **RUN)
     for m in (fast_model, reference):
         m.load_lora(path, scale=0.8, merge=merge)
@@ -194,6 +181,29 @@ def test_loras_merged_or_on_the_fly_reach_the_fused_layers(fast_model, reference
     assert np.abs(ours - plain).max() > 1e-3  # the LoRA changes the image …
     assert np.abs(ours - ref).max() < 1e-5  # … in the fast path exactly as in the reference path
     assert np.abs(fast_model.generate("a cat", **RUN) - plain).max() < 1e-6  # and unloading undoes it
+
+
+def test_a_hook_on_a_fused_norm_or_silu_sees_its_output(fast_model, reference):
+    """Fused blocks do not call their norms' and SiLUs' own forward; with a hook on one, a block runs the
+    reference forward, so the hook sees what it would on the reference path."""
+    names = ["unet.input_blocks.1.0.in_layers.0", "unet.input_blocks.1.0.out_layers.1",
+             "unet.input_blocks.4.1.transformer_blocks.0.norm2", "vae.decoder.up.1.block.0.norm1"]  # fmt: skip
+    seen = {id(m): [] for m in (fast_model, reference)}
+    handles = []
+    for m in (fast_model, reference):
+        for name in names:
+            model, path = name.split(".", 1)
+            module = getattr(m, model).get_submodule(path)
+            handles.append(module.register_forward_hook(lambda mod, args, out, log=seen[id(m)]: log.append(out)))
+    try:
+        for m in (fast_model, reference):
+            m.generate("a cat", **RUN)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ours, theirs = seen[id(fast_model)], seen[id(reference)]
+    assert len(ours) == len(theirs) > len(names)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(ours, theirs))
 
 
 def test_trace_records_on_the_reference_path_and_restores_the_fast_path(fast_model, reference):
