@@ -27,6 +27,7 @@ Gradient-enabled calls, calls made during a capture and CPU tensors go to the ea
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,34 +85,39 @@ def _observed(stamp: tuple) -> bool:
 class GraphedForward:
     """Stands in for `module.forward`: replays a captured graph per input signature.
 
-    `context_index`: the position of the argument holding the text context (the UNet's third), whose
-    cross-attention k/v the graph reads from buffers refreshed when the context changes; None for modules
-    without cross-attention (the text encoder). `eager_when(args, options)` picks calls to run eagerly.
+    Every call's arguments are taken by name (`unet(x, t, ctx)` and `unet(x, t=t, context=ctx)` are one
+    signature and share a graph). `context`: the name of the argument holding the text context (the
+    UNet's), whose cross-attention k/v the graph reads from buffers refreshed when the context changes;
+    None for modules without cross-attention (the text encoder). `eager_when(named)` picks calls to run
+    eagerly.
     """
 
-    def __init__(self, module: nn.Module, pool, context_index: int | None = None, eager_when=None):
-        self.module, self.pool, self.context_index = module, pool, context_index
-        self.eager_when = eager_when  # (args, options) -> True for calls a graph cannot hold
+    def __init__(self, module: nn.Module, pool, context: str | None = None, eager_when=None):
+        self.module, self.pool, self.context_name = module, pool, context
+        self.parameter_names = list(inspect.signature(type(module).forward).parameters)[1:]  # after self
+        self.eager_when = eager_when  # (named arguments) -> True for calls a graph cannot hold
         self.graphs: dict[tuple, _Graph] = {}
         self.stamp = None
         self.observed = False  # a submodule has a hook a replay would skip (see _hook_state)
         self.last_context = None  # the caller's context tensor of the previous call
         self.captures = 0  # how many graphs were captured (for tests and the benchmark)
 
-    def eager(self, *args, **options):
-        return type(self.module).forward(self.module, *args, **options)
+    def eager(self, **named):
+        return type(self.module).forward(self.module, **named)
 
     def __call__(self, *args, **options):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in options.values() if isinstance(v, torch.Tensor)]
+        named = {**dict(zip(self.parameter_names, args)), **options}
+        names = sorted(named)  # the order of the static input buffers, and of the signature
+        tensors = [named[k] for k in names if isinstance(named[k], torch.Tensor)]
         if (
             torch.is_grad_enabled()
             or not tensors
             or not _all_on_cuda(tensors)
             or torch.cuda.is_current_stream_capturing()
-            or (self.eager_when is not None and self.eager_when(args, options))
+            or (self.eager_when is not None and self.eager_when(named))
         ):
-            return self.eager(*args, **options)
-        context = args[self.context_index] if self.context_index is not None else None
+            return self.eager(**named)
+        context = named.get(self.context_name) if self.context_name else None
         if context is None or context is not self.last_context:
             stamp = _state_stamp(self.module)  # once per new context: per generation, not per step
             if stamp != self.stamp:
@@ -119,11 +125,11 @@ class GraphedForward:
                 self.stamp, self.observed = stamp, _observed(stamp)
             self.last_context = context
         if self.observed:  # a hook that watches must see every call: no graph
-            return self.eager(*args, **options)
-        key = tuple(_signature(a) for a in args) + tuple((k, _signature(v)) for k, v in sorted(options.items()))
+            return self.eager(**named)
+        key = tuple((k, _signature(named[k])) for k in names)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(args, options)
+            entry = self.graphs[key] = self._capture(named, names)
         for static, value in zip(entry.inputs, tensors):
             static.copy_(value)
         seen, version = entry.context_seen
@@ -133,8 +139,8 @@ class GraphedForward:
         entry.graph.replay()
         return entry.output.clone()
 
-    def _capture(self, args, options) -> _Graph:
-        statics = []
+    def _capture(self, named: dict, names: list[str]) -> _Graph:
+        statics = []  # clones of the call's tensors, in the order of `names`
 
         def static(value):
             if isinstance(value, torch.Tensor):
@@ -142,26 +148,26 @@ class GraphedForward:
                 return statics[-1]
             return value
 
-        static_args = [static(a) for a in args]
-        static_options = {k: static(v) for k, v in options.items()}
+        static_named = {k: static(named[k]) for k in names}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
-                self.eager(*static_args, **static_options)
+                self.eager(**static_named)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self.eager(*static_args, **static_options)
+            output = self.eager(**static_named)
         self.captures += 1
         entry = _Graph(graph, statics, output)
-        if self.context_index is not None:
-            entry.static_context = static_context = static_args[self.context_index]
+        if self.context_name is not None:
+            entry.static_context = static_context = static_named[self.context_name]
             for module in self.module.modules():
                 cached = module.__dict__.get("_context_kv")
                 if cached is not None and cached[0] is static_context:
                     entry.kv_buffers.append((module, cached[2]))  # held here, so it outlives the module's cache
-            entry.context_seen = (args[self.context_index], args[self.context_index]._version)
+            context = named[self.context_name]
+            entry.context_seen = (context, context._version)
         return entry
 
     def _refresh_context(self, entry: _Graph) -> None:
@@ -186,9 +192,9 @@ def _signature(value) -> tuple:
 def install(m: "StableDiffusion") -> None:
     """Route `m.unet` and `m.text_encoder` calls through CUDA graphs (one memory pool shared by both)."""
     pool = torch.cuda.graph_pool_handle()
-    m.unet.forward = GraphedForward(m.unet, pool, context_index=2)
+    m.unet.forward = GraphedForward(m.unet, pool, context="context")
     # textual-inversion tokens are placed by boolean indexing, whose output size the host must read: eager
-    m.text_encoder.forward = GraphedForward(m.text_encoder, pool, eager_when=lambda args, options: options.get("extra_tokens") is not None)
+    m.text_encoder.forward = GraphedForward(m.text_encoder, pool, eager_when=lambda named: named.get("extra_tokens") is not None)
 
 
 def uninstall(m: "StableDiffusion") -> None:

@@ -47,10 +47,10 @@ class FakeCapture:
 
     def __exit__(self, *exc):
         FakeCapture.capturing = False
-        (runner, args, options), = FakeCapture.calls
+        (runner, named), = FakeCapture.calls
         self.graph.output = FakeCapture.output
-        self.graph.call = lambda: runner.module_forward(*args, **options)
-        self.graph.static_context = args[2] if len(args) > 2 else None
+        self.graph.call = lambda: runner.module_forward(**named)
+        self.graph.static_context = named.get("context")
         self.graph.pinned = [
             (mod, mod.__dict__["_context_kv"][2]) for mod in runner.module.modules()
             if isinstance(mod, FastCrossAttention) and "_context_kv" in mod.__dict__
@@ -76,10 +76,10 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: FakeCapture.capturing)
     real_eager = cuda_graphs.GraphedForward.eager
 
-    def eager(self, *args, **options):
-        output = real_eager(self, *args, **options)
+    def eager(self, **named):
+        output = real_eager(self, **named)
         if FakeCapture.capturing:
-            FakeCapture.calls.append((self, args, options))
+            FakeCapture.calls.append((self, named))
             FakeCapture.output = output
         return output
 
@@ -125,6 +125,7 @@ def test_new_shapes_get_their_own_graph_and_outputs_are_copies(models):
         second = unet(x * 0, t, ctx)
         assert not torch.equal(first, second)  # the first result was not overwritten by the replay
         unet(torch.randn(2, 4, 6, 6), t, ctx)
+        assert torch.equal(unet(x, t=t, context=ctx), first)  # by name: the same graph and k/v buffers
     assert unet.forward.captures == 2
     with torch.enable_grad():  # training-style calls stay eager
         unet(x, t, ctx)
