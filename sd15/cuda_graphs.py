@@ -22,7 +22,8 @@ shapes and addresses, so the runner here keeps:
 The sampler loop does not synchronise with the GPU between steps: timesteps and sigmas live on the host,
 the NaN check runs once at the end, and step noise (ancestral samplers) is one asynchronous copy from pinned
 host memory.
-Gradient-enabled calls, calls made during a capture and CPU tensors go to the eager forward.
+Calls that autograd must record (an input or a parameter requires grad), calls made during a capture and
+CPU tensors go to the eager forward.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class GraphedForward:
         self.graphs: dict[tuple, _Graph] = {}
         self.stamp = None
         self.observed = False  # a submodule has a hook a replay would skip (see _hook_state)
+        self.trainable = False  # some parameter requires grad
         self.last_context = None  # the caller's context tensor of the previous call
         self.captures = 0  # how many graphs were captured (for tests and the benchmark)
 
@@ -110,8 +112,7 @@ class GraphedForward:
         names = sorted(named)  # the order of the static input buffers, and of the signature
         tensors = [named[k] for k in names if isinstance(named[k], torch.Tensor)]
         if (
-            torch.is_grad_enabled()
-            or not tensors
+            not tensors
             or not _all_on_cuda(tensors)
             or torch.cuda.is_current_stream_capturing()
             or (self.eager_when is not None and self.eager_when(named))
@@ -123,9 +124,12 @@ class GraphedForward:
             if stamp != self.stamp:
                 self.graphs.clear()
                 self.stamp, self.observed = stamp, _observed(stamp)
+                self.trainable = any(p.requires_grad for p in self.module.parameters())
             self.last_context = context
         if self.observed:  # a hook that watches must see every call: no graph
             return self.eager(**named)
+        if torch.is_grad_enabled() and (self.trainable or any(t.requires_grad for t in tensors)):
+            return self.eager(**named)  # autograd needs the eager ops (a graph records no backward)
         key = tuple((k, _signature(named[k])) for k in names)
         entry = self.graphs.get(key)
         if entry is None:

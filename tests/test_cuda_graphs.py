@@ -127,8 +127,14 @@ def test_new_shapes_get_their_own_graph_and_outputs_are_copies(models):
         unet(torch.randn(2, 4, 6, 6), t, ctx)
         assert torch.equal(unet(x, t=t, context=ctx), first)  # by name: the same graph and k/v buffers
     assert unet.forward.captures == 2
-    with torch.enable_grad():  # training-style calls stay eager
-        unet(x, t, ctx)
+    runner, eager_calls = unet.forward, []
+    real_eager = runner.eager
+    runner.eager = lambda **named: (eager_calls.append(sorted(named)), real_eager(**named))[1]
+    with torch.enable_grad():
+        unet(x, t, ctx)  # grad mode, but nothing requires grad (sd15.load freezes the weights): replayed
+        assert eager_calls == []
+        out = unet(x.clone().requires_grad_(), t, ctx)  # guidance by gradient, say: autograd must see it
+    assert eager_calls == [["context", "t", "x"]] and out.grad_fn is not None
     assert unet.forward.captures == 2
 
 
