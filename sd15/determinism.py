@@ -11,7 +11,13 @@ differ in the last bits. `enable()` asks PyTorch for deterministic algorithms ev
 - cuDNN: `deterministic = True`, `benchmark = False` (no autotuning: the same algorithm every run);
 - cuBLAS: `CUBLAS_WORKSPACE_CONFIG=:4096:8`, which cuBLAS needs for reproducible GEMM reductions; it must
   be set before the first cuBLAS call, so `enable()` belongs at the start of the program;
-- TF32 matmul off, so reductions keep full float32 precision.
+- TF32 matmul off, so reductions keep full float32 precision;
+- but `torch.utils.deterministic.fill_uninitialized_memory = False`: PyTorch's deterministic mode would
+  also fill every new empty tensor with NaN, so that a program reading memory it never wrote sees NaN
+  instead of whatever was there. sd15 writes every element of what it allocates (its outputs are compared
+  element by element with reference implementations in the tests), so the fill would only cost a write
+  pass over every new feature map. A kernel that did read unwritten memory would still be caught: its
+  runs would differ, which `tests/gpu` checks by comparing two deterministic runs bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ def enable() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def is_enabled() -> bool:

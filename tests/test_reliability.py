@@ -82,9 +82,10 @@ def test_deterministic_flag_sets_the_library_switches(tiny_checkpoint, tmp_path)
         "             '-o', sys.argv[2], '--no-progress', '--deterministic'])\n"
         "import os\n"
         "print(code, torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,\n"
-        "      torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'])\n"
+        "      torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'],\n"
+        "      torch.utils.deterministic.fill_uninitialized_memory)\n"
     )
     out = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint), str(tmp_path / "d.png")],
                          capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1].split() == ["0", "True", "True", "False", ":4096:8"]
+    assert out.stdout.splitlines()[-1].split() == ["0", "True", "True", "False", ":4096:8", "False"]

@@ -155,6 +155,7 @@ def test_deterministic_mode_gives_identical_runs(full_checkpoint):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+        torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def test_trace_on_a_graphed_model_records_and_restores(full_checkpoint):
