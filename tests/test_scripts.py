@@ -74,3 +74,12 @@ def test_every_triton_kernel_variant_of_the_full_size_model_compiles_for_sm90(tm
     assert f"compiled all {variants} in" in done.stdout
     for kernel in ("_partial_stats_kernel", "_finalize_stats_kernel", "_apply_kernel", "_geglu_kernel", "_add_layer_norm_kernel"):
         assert kernel in done.stdout
+
+
+def test_half_precision_error_runs_and_reports_both_dtypes(tmp_path):
+    out = run(str(ROOT / "scripts" / "half_precision_error.py"), "--weights", "tiny", "--size", "64", "--steps", "2",
+              cwd=tmp_path)  # fmt: skip
+    for dtype in ("torch.float16", "torch.bfloat16"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(dtype))
+        relative = float(line.split("UNet call ")[1].split()[0])
+        assert 0 < relative < 0.1  # half precision moves the output, and not by much
