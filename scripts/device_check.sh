@@ -3,7 +3,7 @@
 # each fit one call (the machine stays warm for a short while between calls):
 #
 #   here:   scripts/device_check.sh --fetch     # once: the wheels the GPU image lacks, into .device/wheels
-#   there:  run(command="bash scripts/device_check.sh tests", carry=[".device"], timeout_s=240)   # ~3 min
+#   there:  run(command="bash scripts/device_check.sh tests", carry=[".device"], timeout_s=280)   # ~3-4 min
 #           run(command="bash scripts/device_check.sh bench", carry=[".device"], timeout_s=360)   # ~5 min
 #   (or "all" for both in one call)
 #
@@ -55,7 +55,7 @@ fi
 PART=${1:-all}
 if [[ "$PART" == tests || "$PART" == all ]]; then
     step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
-    timeout 150 python -m pytest -q -s -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+    timeout 190 python -m pytest -q -s -p no:cacheprovider --durations=10 tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 
     step "profile of one guided UNet step, reference and fast path"
     timeout 60 python scripts/profile_unet.py --top 25 2>&1 | tee "$OUT/profile.txt" | tail -70
