@@ -295,9 +295,8 @@ def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_
         batch = [p.chunks[i] if i < len(p.chunks) else empty for p in prompts]
         ids = torch.tensor([c.ids for c in batch], device=m.device)  # (B, 77)
         z = m.text_encoder(ids, clip_skip=clip_skip, extra_tokens=extra)  # (B, 77, D)
-        weights = torch.tensor([c.weights for c in batch], device=m.device)  # (B, 77)
-        if (weights != 1).any():
-            z = apply_emphasis(z, weights)
+        if any(w != 1 for c in batch for w in c.weights):  # decided on the host: no read back from the device
+            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device))  # weights (B, 77)
         parts.append(z)
     return torch.cat(parts, dim=1)  # (B, 77·k, D)
 

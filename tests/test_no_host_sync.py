@@ -5,6 +5,7 @@ until the GPU has finished all the work queued so far, so the next step's launch
 replay) cannot be queued ahead: the GPU idles between steps. The CPU has no such wait to observe, so the
 loop runs here on PyTorch's meta device: tensors with shapes and dtypes but no data, where every read back
 raises. Only the schedule (timesteps and sigmas, CPU tensors made before the loop) is read as numbers.
+(Emphasis in a prompt is decided from the token weights on the host for the same reason.)
 """
 
 import pytest
@@ -46,6 +47,23 @@ def test_each_sampler_with_guidance_runs_without_reading_the_device(meta_model, 
     assert out.device == META and out.shape == (2, 4, 8, 8)
     assert calls and all(device == META for device in calls)  # the UNet itself ran, on meta
     assert steps_seen == list(range(len(plan.timesteps)))  # PNDM reports its warm-up's extra evaluation too
+
+
+def test_the_pipeline_from_prompts_to_latents_runs_without_reading_the_device(tiny_checkpoint):
+    """Prompt encoding (emphasis, BREAK, prompt editing, negative prompts), guidance, per-image generators,
+    the progress bar and the step callback: the whole denoising stage of `generate`, on the meta device."""
+    m = sd15.load(tiny_checkpoint, fast=False)
+    m.unet.to(META)
+    m.text_encoder.to(META)
+    plan = plan_sampling("euler_a", 4)
+    seen = []
+    latents = pipeline._denoise(
+        m, plan, ["a [cat:dog:2]", "a (red:1.2) car BREAK blue sky"], ["", "blurry"],
+        torch.zeros(2, 4, 8, 8, device=META), pipeline._generators(5, 2), 7.5, 1,
+        callback=lambda info: seen.append((info["i"], list(info["images"]))), progress=True,
+    )  # fmt: skip
+    assert latents.device == META and latents.shape == (2, 4, 8, 8)
+    assert seen == [(i, [image]) for image in (0, 1) for i in range(4)]
 
 
 def test_inpainting_conditioning_and_img2img_start_run_without_reading_the_device(tmp_path):
