@@ -100,7 +100,6 @@ class GraphedForward:
         self.graphs: dict[tuple, _Graph] = {}
         self.stamp = None
         self.observed = False  # a submodule has a hook a replay would skip (see _hook_state)
-        self.trainable = False  # some parameter requires grad
         self.last_context = None  # the caller's context tensor of the previous call
         self.captures = 0  # how many graphs were captured (for tests and the benchmark)
 
@@ -124,11 +123,10 @@ class GraphedForward:
             if stamp != self.stamp:
                 self.graphs.clear()
                 self.stamp, self.observed = stamp, _observed(stamp)
-                self.trainable = any(p.requires_grad for p in self.module.parameters())
             self.last_context = context
         if self.observed:  # a hook that watches must see every call: no graph
             return self.eager(**named)
-        if torch.is_grad_enabled() and (self.trainable or any(t.requires_grad for t in tensors)):
+        if torch.is_grad_enabled() and _autograd_wants(tensors, self.module):
             return self.eager(**named)  # autograd needs the eager ops (a graph records no backward)
         key = tuple((k, _signature(named[k])) for k in names)
         entry = self.graphs.get(key)
@@ -181,6 +179,12 @@ class GraphedForward:
         for module, buffer in entry.kv_buffers:
             weight, _ = fused_weight(module, ("to_k", "to_v"))
             buffer.copy_(F.linear(entry.static_context, weight))  # (B, T, 2D)
+
+
+def _autograd_wants(tensors: list[torch.Tensor], module: nn.Module) -> bool:
+    """Whether autograd would record this call: some input or weight requires grad (checked on every call
+    in grad mode, since `requires_grad_` changes no address a stamp would see)."""
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
 
 
 def _all_on_cuda(tensors: list[torch.Tensor]) -> bool:

@@ -134,7 +134,11 @@ def test_new_shapes_get_their_own_graph_and_outputs_are_copies(models):
         unet(x, t, ctx)  # grad mode, but nothing requires grad (sd15.load freezes the weights): replayed
         assert eager_calls == []
         out = unet(x.clone().requires_grad_(), t, ctx)  # guidance by gradient, say: autograd must see it
-    assert eager_calls == [["context", "t", "x"]] and out.grad_fn is not None
+        assert eager_calls == [["context", "t", "x"]] and out.grad_fn is not None
+        unet.requires_grad_(True)  # fine-tuning, say: the same addresses and hooks, and autograd wants them
+        out = unet(x, t, ctx)
+        unet.requires_grad_(False)
+    assert len(eager_calls) == 2 and out.grad_fn is not None
     assert unet.forward.captures == 2
 
 
