@@ -95,11 +95,7 @@ def record_variants(dtype: torch.dtype, size: int = 512) -> dict[Variant, int]:
             setattr(module, name, _Recorder(getattr(module, name), seen))
     try:
         models = count_work.build(dtype, fast_path=True)
-        ops = fast.Ops("triton", group_norm.group_norm, geglu.geglu, add_layer_norm.add_layer_norm)
-        for model in (models.unet, models.vae, models.text_encoder):
-            for module in model.modules():
-                if isinstance(getattr(type(module), "ops", None), fast.Ops):
-                    module.ops = ops
+        fast.use_ops(models, fast.Ops("triton", group_norm.group_norm, geglu.geglu, add_layer_norm.add_layer_norm))
         with torch.no_grad():
             for call in count_work.calls(models, size, dtype).values():
                 call()

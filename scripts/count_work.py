@@ -164,9 +164,7 @@ def count(models, size: int, dtype: torch.dtype) -> dict:
     results = {}
     for name, call in calls(models, size, dtype).items():
         counter = WorkCounter()
-        for module in (m for model in (models.unet, models.vae, models.text_encoder) for m in model.modules()):
-            if hasattr(type(module), "ops") and isinstance(type(module).ops, fast.Ops):
-                module.ops = counting_ops(counter)
+        fast.use_ops(models, counting_ops(counter))
         with torch.no_grad(), fused_attention(counter), FlopCounterMode(display=False) as flops, counter:
             call()
         results[name] = (counter, flops.get_total_flops())

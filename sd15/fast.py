@@ -347,13 +347,12 @@ def enable(m: "StableDiffusion", kernels: bool | None = None, channels_last: boo
             fast = FAST_CLASSES.get(type(module))
             if fast is not None:
                 module.__class__ = fast
-                if hasattr(fast, "ops"):
-                    module.ops = ops
         for name, module in model.named_modules():  # fuse now, not during a first call or a graph capture
             if isinstance(module, FastCrossAttention):
                 fused_weight(module, ("to_k", "to_v") if name.endswith("attn2") else ("to_q", "to_k", "to_v"))
             elif isinstance(module, FastCLIPAttention):
                 fused_weight(module, ("q_proj", "k_proj", "v_proj"), with_bias=True)
+    use_ops(m, ops)
     if cuda_graphs:
         from . import cuda_graphs as graphs
 
@@ -363,6 +362,14 @@ def enable(m: "StableDiffusion", kernels: bool | None = None, channels_last: boo
         m.unet.forward = torch.compile(type(m.unet).forward.__get__(m.unet), mode=mode, dynamic=False, fullgraph=True)
     m.fast = FastPath(ops.name, channels_last, cuda_graphs, compile)
     return m.fast
+
+
+def use_ops(m: "StableDiffusion", ops: Ops) -> None:
+    """Point every fused module of `m` at `ops` (Triton's, PyTorch's, or a script's instrumented ones)."""
+    for model in _models(m):
+        for module in model.modules():
+            if isinstance(getattr(type(module), "ops", None), Ops):
+                module.ops = ops
 
 
 def disable(m: "StableDiffusion") -> None:
