@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # reference_models: the diffusers side
 
 import sd15  # noqa: E402
 from sd15 import determinism  # noqa: E402
-from sd15.random_weights import random_checkpoint, save_checkpoint  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from sd15.random_weights import random_checkpoint_file  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -241,10 +243,9 @@ def main() -> None:
     on_cuda = device.type == "cuda"
     torch.manual_seed(0)
 
-    checkpoint = random_checkpoint(args.weights, seed=0)
     workloads: dict[str, Workload] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(checkpoint, Path(tmp) / "random-sd15.safetensors")
+        path = random_checkpoint_file(args.weights, 0, tmp)
         if args.only != "diffusers":
             configs = {"sd15 reference": dict(fast=False)}
             if on_cuda:  # before "sd15 fast", so that its first image pays for compiling the Triton kernels
@@ -262,7 +263,7 @@ def main() -> None:
             from reference_models import diffusers_pipeline
 
             m = sd15.load(path, device="cpu", dtype=torch.float32, fast=False)  # only for its configs
-            pipe = diffusers_pipeline(checkpoint, m, Path(tmp))
+            pipe = diffusers_pipeline(load_file(path), m, Path(tmp))
             del m
             pipe = pipe.to(device, dtype)
             pipe.set_progress_bar_config(disable=True)
@@ -274,7 +275,6 @@ def main() -> None:
                     pipe.unet, mode="reduce-overhead", fullgraph=True)})  # fmt: skip
                 compiled.set_progress_bar_config(disable=True)
                 workloads["diffusers compiled"] = diffusers_workload(compiled, args, device, dtype)
-        del checkpoint
         results = measure(workloads, args, device)
 
     env = f"{torch.cuda.get_device_name(device) if on_cuda else 'CPU'}, torch {torch.__version__}, {str(dtype)[6:]}, " \

@@ -3,7 +3,7 @@
 # each fit one call (the machine stays warm for a short while between calls):
 #
 #   here:   scripts/device_check.sh --fetch     # once: the wheels the GPU image lacks, into .device/wheels
-#   there:  run(command="bash scripts/device_check.sh tests", carry=[".device"], timeout_s=280)   # ~3-4 min
+#   there:  run(command="bash scripts/device_check.sh tests", carry=[".device"], timeout_s=330)   # ~4-5 min
 #           run(command="bash scripts/device_check.sh bench", carry=[".device"], timeout_s=360)   # ~5 min
 #   (or "all" for both in one call)
 #
@@ -37,6 +37,10 @@ echo "installing from the carried wheels: ${missing[*]:-nothing}"
 [[ ${#missing[@]} -gt 0 ]] && python -m pip install -q --no-deps --no-index --find-links "$WHEELS" -t "$SITE" "${missing[@]}" 2>&1 | tail -3
 export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The scripts draw the same full-size random weights: once, into a folder that is not carried, so that it
+# survives from the tests call to the bench call while the machine stays warm.
+export SD15_RANDOM_WEIGHTS_CACHE="$PWD/.device-cache"
+mkdir -p "$SD15_RANDOM_WEIGHTS_CACHE"
 
 step() { echo; echo "=== $1 ($(date +%T))"; }
 
@@ -57,8 +61,11 @@ if [[ "$PART" == tests || "$PART" == all ]]; then
     step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
     timeout 190 python -m pytest -q -s -p no:cacheprovider --durations=10 tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 
+    step "what each part of the fast path gives: one guided UNet step and one VAE decode"
+    timeout 75 python scripts/ablate_fast_path.py --json "$OUT/ablation.json" 2>"$OUT/ablation.log" | tee "$OUT/ablation.txt"
+
     step "profile of one guided UNet step, reference and fast path"
-    timeout 60 python scripts/profile_unet.py --top 25 2>&1 | tee "$OUT/profile.txt" | tail -70
+    timeout 50 python scripts/profile_unet.py --top 25 2>&1 | tee "$OUT/profile.txt" | tail -70
 fi
 if [[ "$PART" == bench || "$PART" == all ]]; then
     step "benchmark: sd15 vs diffusers (eager and compiled), 512x512, 50 steps, fp16"

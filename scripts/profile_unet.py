@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sd15  # noqa: E402
-from sd15.random_weights import random_checkpoint, save_checkpoint  # noqa: E402
+from sd15.random_weights import random_checkpoint_file  # noqa: E402
 
 KINDS = [  # (kind, substrings of kernel or op names), first match wins
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
@@ -80,7 +80,7 @@ def main() -> None:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(random_checkpoint(args.weights, seed=0), Path(tmp) / "random-sd15.safetensors")
+        path = random_checkpoint_file(args.weights, 0, tmp)
         for name, fast in (("reference path", False), ("fast path (eager, no CUDA graph)", True)):
             m = sd15.load(path, device=device, dtype=dtype, fast=False)
             if fast:

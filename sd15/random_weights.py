@@ -121,3 +121,19 @@ def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Pat
     else:
         torch.save({"state_dict": sd, "global_step": 0, "epoch": 0}, path)
     return path
+
+
+CACHE_VARIABLE = "SD15_RANDOM_WEIGHTS_CACHE"
+
+
+def random_checkpoint_file(size: str, seed: int, folder: str | os.PathLike) -> Path:
+    """`random_checkpoint(size, seed)` saved as .safetensors in `folder`, or in the folder named by the
+    environment variable SD15_RANDOM_WEIGHTS_CACHE when it is set, where the file is made once and reused
+    by later runs (the GPU session's scripts each need the same full-size weights, which take seconds to
+    draw). The file is written under a temporary name and renamed, so a killed run leaves no partial file."""
+    folder = Path(os.environ.get(CACHE_VARIABLE) or folder)
+    path = folder / f"random-sd15-{size}-seed{seed}.safetensors"
+    if not path.exists():
+        partial = save_checkpoint(random_checkpoint(size, seed=seed), folder / f".{path.stem}.{os.getpid()}.partial.safetensors")
+        os.replace(partial, path)
+    return path

@@ -269,3 +269,19 @@ def test_make_random_checkpoint_script(tmp_path):
     assert m.info.kind == "sd1-inpainting"
     expected = random_checkpoint("tiny", seed=3, inpainting=True)
     assert torch.equal(m.unet.out[2].weight, expected[UNET_PREFIX + "out.2.weight"])  # seeded: reproducible
+
+
+def test_random_checkpoint_file_is_made_once_in_the_cache_and_reused(tmp_path, monkeypatch):
+    from sd15.random_weights import CACHE_VARIABLE, random_checkpoint_file
+
+    monkeypatch.delenv(CACHE_VARIABLE, raising=False)
+    plain = random_checkpoint_file("tiny", 3, tmp_path / "plain")
+    assert plain.parent == tmp_path / "plain"
+    monkeypatch.setenv(CACHE_VARIABLE, str(tmp_path / "cache"))
+    first = random_checkpoint_file("tiny", 3, tmp_path / "ignored")
+    assert first.parent == tmp_path / "cache" and not (tmp_path / "ignored").exists()
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # no partial file left behind
+    assert first.read_bytes() == plain.read_bytes()  # seeded: the same weights wherever they are saved
+    stamp = first.stat().st_mtime_ns
+    assert random_checkpoint_file("tiny", 3, tmp_path / "ignored") == first and first.stat().st_mtime_ns == stamp
+    assert random_checkpoint_file("tiny", 4, tmp_path / "ignored") != first

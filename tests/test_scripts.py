@@ -36,6 +36,29 @@ def test_profile_runs_on_both_paths(tmp_path):
     assert out.count("matmul / conv") >= 2 and "total" in out
 
 
+def test_ablation_runs_its_ladder_and_prints_the_table(tmp_path):
+    out = run(str(ROOT / "scripts" / "ablate_fast_path.py"), "--device", "cpu", "--weights", "tiny", "--size", "64",
+              "--calls", "1", "--json", str(tmp_path / "a.json"), cwd=tmp_path)  # fmt: skip
+    results = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert list(results) == ["reference, NCHW", "reference, channels-last", "fused modules, PyTorch ops"]
+    for name, metrics in results.items():
+        assert "error" not in metrics, (name, metrics)
+        assert metrics["UNet guided step (ms)"] > 0 and metrics["VAE decode (ms)"] > 0
+    assert "| fused modules, PyTorch ops |" in out
+
+
+def test_ablation_ladder_on_cuda_names_every_part_and_each_sdpa_backend():
+    """The CUDA rows cannot run here; their construction (torch's SDPA backend names) can."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablate_fast_path", ROOT / "scripts" / "ablate_fast_path.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    names = [name for name, _ in ablate.ladder(cuda=True)]
+    assert names[3:6] == ["+ Triton kernels", "+ CUDA graphs", "+ cudnn.benchmark"]
+    assert [n for n in names if "SDPA" in n] == [f"graphs, SDPA forced to {b}" for b in ("flash", "cuDNN", "memory-efficient")]
+
+
 def test_count_work_reproduces_the_flop_figures_and_shows_what_the_fusions_remove():
     """scripts/count_work.py on the full-size models (meta device: no data, seconds). Its FLOPs must be
     FACTS.md's, measured on the real configs (1.607 T per guided UNet step, 2.515 T per VAE decode); the
