@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -104,25 +105,30 @@ def sd15_workload(m, args, device) -> Workload:
 def diffusers_workload(pipe, args, device, dtype) -> Workload:
     h = args.size // 8
     x = torch.randn(2, 4, h, h, device=device, dtype=dtype)
-    t = torch.full((2,), 501.0, device=device)
     ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
+    t = torch.tensor(501, device=device)  # as the pipeline passes it (0-d int64), so a compiled UNet is not recompiled
     ids = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     z = torch.randn(1, 4, h, h, device=device, dtype=dtype)
     run = dict(num_inference_steps=args.steps, width=args.size, height=args.size, output_type="np")
     return Workload(
         text=lambda: pipe.text_encoder(ids),
-        unet=lambda: pipe.unet(x, t, encoder_hidden_states=ctx),
+        unet=lambda: pipe.unet(x, t, encoder_hidden_states=ctx, timestep_cond=None, cross_attention_kwargs=None,
+                               added_cond_kwargs=None, return_dict=False)[0],  # the pipeline's call, argument for argument
         vae=lambda: pipe.vae.decode(z),
         generate=lambda n=1: pipe(PROMPT, num_images_per_prompt=n, generator=torch.Generator().manual_seed(0), **run),
         weight_bytes=parameter_bytes(pipe.unet, pipe.vae, pipe.text_encoder),
     )
 
 
-def measure(workloads: dict[str, Workload], args, device) -> dict[str, dict]:
-    """Every metric of every configuration. Timings are interleaved, each round running every
-    configuration once, so that drift in the machine's speed (clocks, other tenants) hits all alike.
+class TimeUp(BaseException):
+    """SIGTERM (a time limit such as `timeout`'s) arrived: stop measuring, and print what was measured."""
+
+
+def measure(workloads: dict[str, Workload], args, device, results: dict[str, dict]) -> None:
+    """Every metric of every configuration, into `results`. Timings are interleaved, each round running
+    every configuration once, so that drift in the machine's speed (clocks, other tenants) hits all alike.
     A configuration that fails (a compiler error, say) is reported and dropped; the others go on."""
-    results = {name: {} for name in workloads}
+    results.update({name: {} for name in workloads})
     alive = dict(workloads)
 
     def note(name, metric, value):
@@ -166,7 +172,6 @@ def measure(workloads: dict[str, Workload], args, device) -> dict[str, dict]:
                 note(name, metric, -scale / median if scale < 0 else median * scale)  # images/s for batches
         for name, w in list(alive.items()):
             note(name, "peak memory, later image (GiB)", attempt(name, lambda: peak_memory(w, device)))
-    return results
 
 
 def first_image(w: Workload, device) -> tuple[float, float | None]:
@@ -275,14 +280,26 @@ def main() -> None:
                     pipe.unet, mode="reduce-overhead", fullgraph=True)})  # fmt: skip
                 compiled.set_progress_bar_config(disable=True)
                 workloads["diffusers compiled"] = diffusers_workload(compiled, args, device, dtype)
-        results = measure(workloads, args, device)
+        results: dict[str, dict] = {}
+        signal.signal(signal.SIGTERM, _time_up)
+        try:
+            measure(workloads, args, device, results)
+        except TimeUp:
+            print("\nstopped by SIGTERM (a time limit): the table holds what was measured before", file=sys.stderr)
+            stopped = True
+        else:
+            stopped = False
 
     env = f"{torch.cuda.get_device_name(device) if on_cuda else 'CPU'}, torch {torch.__version__}, {str(dtype)[6:]}, " \
           f"{args.size}×{args.size}, {args.steps} PNDM steps, guidance 7.5, median of {args.repeats}"
-    print(f"\n{env}\n")
+    print(f"\n{env}{' (stopped early by a time limit)' if stopped else ''}\n")
     print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"environment": env, "stopped_early": stopped, "results": results}, indent=2))
+
+
+def _time_up(signum, frame):
+    raise TimeUp
 
 
 if __name__ == "__main__":

@@ -200,7 +200,9 @@ def _signature(value) -> tuple:
 def install(m: "StableDiffusion") -> None:
     """Route `m.unet` and `m.text_encoder` calls through CUDA graphs (one memory pool shared by both)."""
     pool = torch.cuda.graph_pool_handle()
-    m.unet.forward = GraphedForward(m.unet, pool, context="context")
+    # a timestep given as a Python number would be a constant of the graph, made a tensor by a host copy that
+    # capture forbids: such calls (not the samplers', which pass tensors) run eagerly
+    m.unet.forward = GraphedForward(m.unet, pool, context="context", eager_when=lambda named: not isinstance(named.get("t"), torch.Tensor))
     # textual-inversion tokens are placed by boolean indexing, whose output size the host must read: eager
     m.text_encoder.forward = GraphedForward(m.text_encoder, pool, eager_when=lambda named: named.get("extra_tokens") is not None)
 

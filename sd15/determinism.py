@@ -23,12 +23,20 @@ differ in the last bits. `enable()` asks PyTorch for deterministic algorithms ev
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 
 def enable() -> None:
     """Make later CUDA work reproducible run to run (see the module docstring for what it sets)."""
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+        warnings.warn(
+            "sd15.determinism.enable() was called after CUDA started: PyTorch reads CUBLAS_WORKSPACE_CONFIG at "
+            "its first matrix product, so if one already ran, the next will raise. Call enable() before any "
+            "CUDA work, or start Python with CUBLAS_WORKSPACE_CONFIG=:4096:8 set.",
+            stacklevel=2,
+        )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True

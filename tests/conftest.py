@@ -6,7 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_models.py
-if not torch.cuda.is_available():  # Triton kernels run under triton's CPU interpreter (set before they are imported)
+if torch.cuda.is_available():  # tests/gpu turns on deterministic mode, whose cuBLAS setting is read at the first GEMM
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+else:  # Triton kernels run under triton's CPU interpreter (set before they are imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     collect_ignore = ["gpu"]  # tests/gpu needs a GPU: scripts/device_check.sh runs it on one
 

@@ -190,3 +190,17 @@ def test_textual_inversion_calls_stay_eager(models):
     with torch.no_grad():
         graphed.text_encoder(ids, extra_tokens=extra)
     assert graphed.text_encoder.forward.captures == 0
+
+
+def test_a_timestep_given_as_a_number_runs_eagerly(models):
+    """`unet(x, 500, ctx)` is allowed (UNet.forward makes t a tensor); in a graph that would be a host copy
+    during capture, which CUDA forbids, and a capture per timestep value."""
+    graphed, eager = models
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        ours = graphed.unet(x, 500, ctx)
+        assert torch.equal(ours, eager.unet(x, torch.tensor([500, 500]), ctx))
+        graphed.unet(x, t=250.0, context=ctx)
+        assert graphed.unet.forward.captures == 0
+        graphed.unet(x, torch.tensor([500, 500]), ctx)
+    assert graphed.unet.forward.captures == 1

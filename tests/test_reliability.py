@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -89,3 +90,25 @@ def test_deterministic_flag_sets_the_library_switches(tiny_checkpoint, tmp_path)
                          capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1].split() == ["0", "True", "True", "False", ":4096:8", "False"]
+
+
+def test_enabling_determinism_after_cuda_started_warns_how_to_fix_it(monkeypatch):
+    """PyTorch reads CUBLAS_WORKSPACE_CONFIG once, at the first GEMM; set later it is ignored and the next
+    GEMM under deterministic mode raises. enable() says so when CUDA is already up and the variable unset."""
+    from sd15 import determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    try:
+        with pytest.warns(UserWarning, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+            determinism.enable()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            determinism.enable()  # set beforehand: nothing to say
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        torch.utils.deterministic.fill_uninitialized_memory = True

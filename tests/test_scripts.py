@@ -29,6 +29,26 @@ def test_benchmark_runs_sd15_and_diffusers_and_prints_the_ratios(tmp_path):
     assert "speed-up of sd15 reference over diffusers eager" in out and "speed-up of sd15 fast over diffusers eager" in out
 
 
+def test_benchmark_stopped_by_a_time_limit_still_prints_what_it_measured(tmp_path):
+    """On the GPU it runs under `timeout`: SIGTERM mid-run must leave the table and the JSON, not nothing."""
+    import signal
+
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cpu", "--weights", "tiny", "--size", "64",
+           "--steps", "2", "--repeats", "50", "--batch-sizes", "--only", "sd15", "--json", str(tmp_path / "b.json")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # per-metric progress lines
+        if "UNet guided step" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped early by a time limit" in out and "| UNet guided step (ms) |" in out
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["stopped_early"] is True
+    assert saved["results"]["sd15 reference"]["first image (s)"] > 0
+    assert "end to end (s)" not in saved["results"]["sd15 reference"]  # 50 repeats of everything: not reached
+
+
 def test_profile_runs_on_both_paths(tmp_path):
     out = run(str(ROOT / "scripts" / "profile_unet.py"), "--device", "cpu", "--weights", "tiny", "--size", "64", "--top", "5",
               cwd=tmp_path)  # fmt: skip

@@ -33,6 +33,16 @@ def rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def true_fp32():
+    """cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa, like fp16's) unless told not to, which
+    would make the fp32 reference about as inexact as what it checks."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def full_checkpoint(tmp_path_factory):
     return save_checkpoint(random_checkpoint("full", seed=0, dtype=torch.float16), tmp_path_factory.mktemp("w") / "full.safetensors")
