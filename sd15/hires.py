@@ -90,7 +90,8 @@ def hires_fix(
         raise ValueError(f"the hires strength must be in (0, 1], got {strength!r}")
     hires_steps = steps if hires_steps is None else hires_steps
     big_w, big_h = upscaled_size(width, height, scale)
-    pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images)
+    pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
+    pipeline.check_prompts(prompt, negative_prompt)
     pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images)
     if output_type not in pipeline.OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {pipeline.OUTPUT_TYPES}, got {output_type!r}")

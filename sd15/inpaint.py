@@ -330,7 +330,8 @@ def inpaint(
         if not hard.any():  # a sliver of mask lost in the resize: keep its pixels
             hard = (F.interpolate(hard_source[..., y0:y1, x0:x1], size=(height, width), mode="nearest") > 0).float()
     H, W = pixels.shape[-2:]
-    pipeline.check_settings(steps, guidance_scale, sampler, W, H, num_images)
+    pipeline.check_settings(steps, guidance_scale, sampler, W, H, num_images, seed=seed, eta=eta, batch_size=batch_size)
+    pipeline.check_prompts(prompt, negative_prompt)
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = pipeline._generators(seed, len(prompts))

@@ -18,6 +18,7 @@ time by default (`batch_size=1`), so on the CPU an image is bit-identical whatev
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_PIXELS = 4096 * 4096  # refuse absurd sizes before allocating anything
+MAX_IMAGES = 10_000  # per call: more is a batch job (sd15 batch), which also resumes after a stop
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -66,21 +69,47 @@ class GenerationSettings:
     inpaint_padding: int | None = None  # inpainting "only masked": the margin around the mask's box
 
 
-def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1):
-    """Refuse impossible settings with a message that says what to change."""
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1, *,
+                   seed: int | None = None, eta: float = 0.0, batch_size: int = 1):  # fmt: skip
+    """Refuse impossible settings with a message that says what to change, before anything is allocated."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    if not isinstance(steps, int) or steps < 1 or steps > 1000:
+    if not _whole(steps) or steps < 1 or steps > 1000:
         raise ValueError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
-    if not math.isfinite(guidance_scale):
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance scale must be a finite number, got {guidance_scale!r}")
     for name, side in (("width", width), ("height", height)):
-        if not isinstance(side, int) or side < 8 or side % 8:
+        if not _whole(side) or side < 8 or side % 8:
             raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {side!r}")
     if width * height > MAX_PIXELS:
         raise ValueError(f"{width}×{height} is larger than sd15 allows ({MAX_PIXELS} pixels); SD1.5 works best near 512×512")
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"the number of images must be at least 1, got {num_images!r}")
+    if not _whole(num_images) or num_images < 1 or num_images > MAX_IMAGES:
+        raise ValueError(f"the number of images must be a whole number from 1 to {MAX_IMAGES}, got {num_images!r}")
+    if not _whole(batch_size) or batch_size < 1:
+        raise ValueError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
+    if seed is not None and (not _whole(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - (num_images - 1)):
+        raise ValueError(f"seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]} (image i uses seed + i), "
+                         f"got {seed!r}")  # fmt: skip
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number from 0 (DDIM) to 1 (as random as DDPM), got {eta!r}")
+
+
+def check_prompts(*prompts) -> None:
+    """Each argument a prompt or a list of prompts: text that a PNG can record (UTF-8), refused before the
+    run rather than after it."""
+    for group in prompts:
+        for text in [group] if isinstance(group, str) else group if isinstance(group, (list, tuple)) else [group]:
+            if not isinstance(text, str):
+                raise ValueError(f"a prompt must be text (a str), got {type(text).__name__} {text!r:.60}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(f"prompt {text!r:.60} holds {text[error.start]!r}, which is not a Unicode character "
+                                 f"(a lone surrogate, from bytes that are not UTF-8); give the prompt as UTF-8") from None  # fmt: skip
 
 
 def _prompt_lists(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:
@@ -295,7 +324,8 @@ def generate(
     called after every step with {"i", "t", "sigma", "x", "denoised", "images"} and stops the run by
     returning True (the images finished so far, and the current one as it stands, are returned).
     """
-    check_settings(steps, guidance_scale, sampler, width, height, num_images)
+    check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
+    check_prompts(prompt, negative_prompt)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
@@ -350,7 +380,8 @@ def img2img(
     if pixels.shape[0] != 1:
         raise ValueError("img2img takes one image; call it once per image")
     height, width = pixels.shape[-2:]
-    check_settings(steps, guidance_scale, sampler, width, height, num_images)
+    check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
+    check_prompts(prompt, negative_prompt)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
