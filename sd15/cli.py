@@ -14,6 +14,7 @@ saying what was wrong, and writes nothing; `--debug` shows the traceback instead
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -101,7 +102,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--reference-path", action="store_true",
                    help="run the plain reference modules (default on CUDA in fp16/bf16: the fast path, docs/performance.md)")
     p.add_argument("--clip-skip", type=_positive_int, default=None, help="2: condition on CLIP's penultimate layer (default 1)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable; scale 1 by default)")
+    p.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable; scale 1 by default)")
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in a prompt is found (default weights/lora)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="textual-inversion file (repeatable)")
     p.add_argument("--embeddings-dir", default=None, help="load every embedding in this folder (default weights/embeddings)")
@@ -185,9 +186,12 @@ def _lora_spec(text: str) -> tuple[Path, float]:
     """--lora FILE or FILE:SCALE (a trailing `:number` is the scale, so `C:\\x.safetensors` stays a path)."""
     path, sep, scale = text.rpartition(":")
     try:
-        return (Path(path), float(scale)) if sep and path else (Path(text), 1.0)
+        path, value = (Path(path), float(scale)) if sep and path else (Path(text), 1.0)
     except ValueError:
         return Path(text), 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the scale must be a finite number (usually 0 to 1), got {scale}")
+    return path, value
 
 
 def _load_adapters(m, args) -> None:
@@ -209,8 +213,7 @@ def _load_adapters(m, args) -> None:
         if not Path(args.lora_dir).is_dir():
             raise UserError(f"--lora-dir is not a folder: {args.lora_dir}")
         m.lora_dirs = [Path(args.lora_dir)]
-    for spec in args.lora:
-        path, scale = _lora_spec(spec)
+    for path, scale in args.lora:  # parsed by _lora_spec
         if not path.is_file():
             raise UserError(f"no such LoRA file: {path}")
         with warnings.catch_warnings(record=True) as caught:
@@ -254,13 +257,36 @@ def _preview_callback(m, args):
     return Previewer(args.preview, args.preview_every, taesd=taesd)
 
 
-def _output_paths(output: str | None, count: int, seed: int) -> list[Path]:
-    base = Path(output) if output else Path("outputs") / f"{seed}.png"
+def _output_paths(args, seed: int, inputs: tuple = ()) -> list[Path]:
+    """The PNGs this run will write (-o NAME, or NAME-0.png, NAME-1.png, …), checked before anything runs
+    together with --preview: none may replace one of the run's `inputs` or be a folder, and each must
+    lie below a folder (so that an hour of sampling does not end in a write error)."""
+    base = Path(args.output) if args.output else Path("outputs") / f"{seed}.png"
     if base.suffix.lower() != ".png":
         raise UserError(f"the output must be a .png file, got {base}")
-    if count == 1:
-        return [base]
-    return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(count)]
+    paths = [base] if args.num_images == 1 else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(args.num_images)]
+    preview = [Path(args.preview)] if getattr(args, "preview", None) else []
+    sources = [Path(p) for p in inputs if p]
+    for path, what in [*((p, "output") for p in paths), *((p, "--preview file") for p in preview)]:
+        if any(_same_file(path, source) for source in sources):
+            raise UserError(f"the {what} {path} is also an input of this run; choose another name (sd15 never replaces its inputs)")
+        if path.is_dir():
+            raise UserError(f"the {what} {path} is a folder; give a .png file name")
+        folder = next(a for a in (path.absolute().parent, *path.absolute().parents) if a.exists())
+        if not folder.is_dir():
+            raise UserError(f"cannot write the {what} {path}: {folder} is a file, not a folder")
+    if preview and preview[0].absolute() in [p.absolute() for p in paths]:
+        raise UserError(f"--preview {preview[0]} is also an output of this run; give the preview its own name")
+    return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.absolute() == b.absolute() or a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
 
 
 def _settings_from_png(path: str) -> dict:
@@ -309,10 +335,16 @@ def run_generate(args) -> None:
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
     hires = _hires_settings(args, settings)
-    from .pipeline import check_settings
+    from .hires import check_hires_settings
+    from .pipeline import check_prompts, check_settings
 
-    check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"], args.num_images)
-    paths = _output_paths(args.output, args.num_images, kwargs["seed"])
+    check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"],
+                   args.num_images, seed=kwargs["seed"], eta=kwargs["eta"])  # fmt: skip
+    check_prompts(prompt, kwargs["negative_prompt"])
+    if hires:
+        check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
+                             hires["hires_steps"], hires["upscaler"], kwargs["sampler"], kwargs["guidance_scale"], args.num_images)  # fmt: skip
+    paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png,))
     m, model_path = _load_model(args)
     with _inspection(m, args) as trace:
         preview = _preview_callback(m, args)
@@ -400,7 +432,8 @@ def run_inpaint(args) -> None:
         raise UserError(f"the mask {args.mask} is {mask.width}×{mask.height} pixels but the image is "
                         f"{image.width}×{image.height}; they must be the same size")  # fmt: skip
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    paths = _output_paths(args.output, args.num_images, seed)
+    _check_image_run(args, image, seed)
+    paths = _output_paths(args, seed, inputs=(args.image, args.mask))
     m, model_path = _load_model(args)
     if m.unet.config.in_channels == 4:
         print("note: a regular checkpoint inpaints by blending; an inpainting checkpoint (9-channel UNet) does better",
@@ -421,6 +454,19 @@ def run_inpaint(args) -> None:
         callback=_preview_callback(m, args),
     )
     _save(m, model_path, images, paths)
+
+
+def _check_image_run(args, image, seed: int) -> None:
+    """img2img's and inpaint's settings, refused before the model loads (the library checks them again)."""
+    from .pipeline import check_prompts, check_settings
+    from .samplers import plan_sampling
+
+    kw = _image_sampling_kwargs(args)
+    width, height = (args.width or 512, args.height or 512) if getattr(args, "padding", None) is not None else (
+        max(8, image.width // 8 * 8), max(8, image.height // 8 * 8))  # fmt: skip
+    check_settings(kw["steps"], kw["guidance_scale"], kw["sampler"], width, height, args.num_images, seed=seed)
+    check_prompts(args.prompt, kw["negative_prompt"])
+    plan_sampling(kw["sampler"], kw["steps"], strength=args.strength, karras=kw["karras"])  # a strength that leaves no step
 
 
 def _image_sampling_kwargs(args) -> dict:
@@ -444,7 +490,8 @@ def run_img2img(args) -> None:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     image = _open_image(args.image, "image")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    paths = _output_paths(args.output, args.num_images, seed)
+    _check_image_run(args, image, seed)
+    paths = _output_paths(args, seed, inputs=(args.image,))
     m, model_path = _load_model(args)
     images = m.img2img(
         image,
@@ -508,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     run = COMMANDS.get(args.command) or tools_cli.COMMANDS[args.command]
     try:
         run(args)
-    except (UserError, CheckpointError, ValueError, FileExistsError) as e:
+    except (UserError, CheckpointError, ValueError, OSError) as e:  # OSError: a file that cannot be read or written
         if getattr(args, "debug", False):
             raise
         print(f"sd15 {args.command}: error: {e}", file=sys.stderr)

@@ -73,6 +73,8 @@ def _read_pickle(path: Path):
 def _as_vectors(value, path: Path, key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2) or not value.is_floating_point():
         raise CheckpointError(f"{path}: {key} is not a vector or a (n, D) matrix of vectors")
+    if not torch.isfinite(value).all():
+        raise CheckpointError(f"{path}: {key} holds NaN or infinite numbers; the file is damaged")
     return value.detach().float().reshape(-1, value.shape[-1]).cpu()  # (n, D)
 
 
@@ -96,7 +98,8 @@ def read_embedding(path: str | os.PathLike, name: str | None = None) -> TextualI
     if "string_to_param" in data:  # the web UI's training output
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
-            raise CheckpointError(f"{path}: string_to_param should hold one entry, holds {len(params)}")
+            held = f"{len(params)} entries" if isinstance(params, dict) else f"a {type(params).__name__}"
+            raise CheckpointError(f"{path}: string_to_param should be a dict of one entry, it holds {held}")
         vectors, default_name = _as_vectors(next(iter(params.values())), path, "string_to_param"), path.stem
     elif "emb_params" in data:
         vectors, default_name = _as_vectors(data["emb_params"], path, "emb_params"), path.stem
@@ -186,7 +189,12 @@ def add_embedding(m: "StableDiffusion", embedding: TextualInversion) -> TextualI
         )
     if embedding.vectors.shape[0] > 75:
         raise CheckpointError(f"embedding {embedding.name!r} has {embedding.vectors.shape[0]} vectors; at most 75 fit a prompt chunk")
-    m.embeddings.add(embedding, m.tokenizer.tokenize(embedding.name))
+    trigger = m.tokenizer.tokenize(embedding.name)
+    if not trigger:
+        where = f"{embedding.path}" if embedding.path else "an embedding"
+        raise CheckpointError(f"{where}: its trigger word {embedding.name!r} has no tokens to match in a prompt; "
+                              "rename the file (or pass a name)")  # fmt: skip
+    m.embeddings.add(embedding, trigger)
     return embedding
 
 

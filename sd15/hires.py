@@ -53,6 +53,22 @@ def upscale_latents(m: "StableDiffusion", latents: torch.Tensor, width: int, hei
     return torch.cat(out)
 
 
+def check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler, sampler, guidance_scale=7.5,
+                         num_images=1) -> tuple[int, int, int]:  # fmt: skip
+    """Refuse a second pass that cannot run, before anything is loaded; returns its width, height and steps."""
+    if upscaler not in UPSCALERS:
+        raise ValueError(f"upscaler must be one of {UPSCALERS}, got {upscaler!r}")
+    if not 1.0 <= scale <= 4.0:
+        raise ValueError(f"the hires scale must be between 1 and 4, got {scale!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"the hires strength must be in (0, 1], got {strength!r}")
+    hires_steps = steps if hires_steps is None else hires_steps
+    big_w, big_h = upscaled_size(width, height, scale)
+    pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images)
+    plan_sampling(sampler, hires_steps, strength=strength)  # refuses a strength that leaves the pass no step
+    return big_w, big_h, hires_steps
+
+
 def hires_fix(
     m: "StableDiffusion",
     prompt: str | list[str],
@@ -82,17 +98,10 @@ def hires_fix(
     settings, with `strength` the second pass's) and `info["sd15_hires"]` ({"scale", "steps", "upscaler",
     "width", "height"}).
     """
-    if upscaler not in UPSCALERS:
-        raise ValueError(f"upscaler must be one of {UPSCALERS}, got {upscaler!r}")
-    if not 1.0 <= scale <= 4.0:
-        raise ValueError(f"the hires scale must be between 1 and 4, got {scale!r}")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"the hires strength must be in (0, 1], got {strength!r}")
-    hires_steps = steps if hires_steps is None else hires_steps
-    big_w, big_h = upscaled_size(width, height, scale)
     pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
-    pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images)
+    big_w, big_h, hires_steps = check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler, sampler,
+                                                     guidance_scale, num_images)  # fmt: skip
     if output_type not in pipeline.OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {pipeline.OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)

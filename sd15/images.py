@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 FITS = ("resize", "crop")
 
@@ -33,6 +33,7 @@ def _fit_pil(image: Image.Image, fit: str) -> Image.Image:
 
 def _to_pil_rgb(image) -> Image.Image:
     if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)  # a photo stored sideways with an EXIF rotation: as it is shown
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # flatten onto white
             return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")

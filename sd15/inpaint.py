@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import images as image_io
 from . import pipeline, schedule, tiling
@@ -112,6 +112,7 @@ def mask_tensor(mask) -> torch.Tensor:
 
 
 def _pil_mask_array(mask: Image.Image) -> np.ndarray:
+    mask = ImageOps.exif_transpose(mask)  # as shown, like the image (sd15.images)
     mode = mask.mode
     if mode in ("1", "L"):
         return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
@@ -151,9 +152,9 @@ def feather(hard: torch.Tensor, blur: float) -> torch.Tensor:
     """
     if blur <= 0:
         return hard
-    radius = max(1, math.ceil(3 * blur))
+    radius = min(max(1, math.ceil(3 * blur)), max(hard.shape[-2:]))  # beyond the image's side, only edge copies
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * blur**2))
+    kernel = torch.exp(-((x / blur) ** 2) / 2)
     kernel = kernel / kernel.sum()
     blurred = F.conv2d(F.pad(hard, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
     blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
@@ -225,8 +226,8 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, str
     f = m.vae.downscale_factor
     h, w = pixels.shape[-2] // f, pixels.shape[-1] // f
     N = len(prompts)
-    if latents is not None and tuple(latents.shape) != (N, latent_channels, h, w):
-        raise ValueError(f"latents must have shape {(N, latent_channels, h, w)}, got {tuple(latents.shape)}")
+    if latents is not None:
+        latents = pipeline.given_latents(latents, (N, latent_channels, h, w))
     with torch.no_grad():
         image_posterior = None
         if not inpainting_unet or strength < 1.0:

@@ -33,6 +33,7 @@ Two ways to apply, for any number of LoRAs at once:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -122,12 +123,32 @@ def read_lora(path: str | os.PathLike, name: str | None = None) -> LoRA:
         if "lora_down.weight" not in found or "lora_up.weight" not in found:
             unsupported += found.values()  # an entry without both matrices cannot be applied
             continue
-        alpha = float(ckpt.get(found["alpha"]).item()) if "alpha" in found else None
-        layers[layer_name] = LoRALayer(ckpt.get(found["lora_down.weight"]), ckpt.get(found["lora_up.weight"]), alpha)
+        alpha = _alpha(path, found["alpha"], ckpt.get(found["alpha"])) if "alpha" in found else None
+        down, up = ckpt.get(found["lora_down.weight"]), ckpt.get(found["lora_up.weight"])
+        for key, tensor in ((found["lora_down.weight"], down), (found["lora_up.weight"], up)):
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{path}: {key} is not finite floating-point numbers ({tensor.dtype}); the file is damaged")
+        layers[layer_name] = LoRALayer(down, up, alpha)
     if not layers:
         kind = " (LyCORIS LoHa/LoKr layers, which sd15 does not apply)" if any(re.search(r"hada_|lokr_", k) for k in unsupported) else ""
         raise CheckpointError(f"{path} holds no kohya-style LoRA layers (lora_unet_…/lora_te_… .lora_down/.lora_up){kind}")
     return LoRA(name or path.stem, layers, path, lora_file_hash(path), sorted(unsupported), dict(ckpt.metadata))
+
+
+def _alpha(path: Path, key: str, tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1:
+        raise CheckpointError(f"{path}: {key} must hold one number, it has shape {tuple(tensor.shape)}")
+    alpha = float(tensor.item())
+    if not math.isfinite(alpha):
+        raise CheckpointError(f"{path}: {key} is {alpha}, not a finite number; the file is damaged")
+    return alpha
+
+
+def check_scale(scale, what: str = "LoRA scale") -> float:
+    """A LoRA weight the user gave: a finite number (with NaN or infinity every image would be NaN)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"the {what} must be a finite number (usually 0 to 1), got {scale!r}")
+    return float(scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +337,8 @@ def apply_lora(
     """
     if not isinstance(lora, LoRA):
         lora = read_lora(lora)
-    te_scale = scale if text_encoder_scale is None else text_encoder_scale
+    scale = check_scale(scale)
+    te_scale = scale if text_encoder_scale is None else check_scale(text_encoder_scale, "text encoder's LoRA scale")
     matched, unmatched = match_lora(m, lora)
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")

@@ -98,6 +98,21 @@ def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, 
         raise ValueError(f"eta must be a number from 0 (DDIM) to 1 (as random as DDPM), got {eta!r}")
 
 
+def given_latents(latents, shape: tuple[int, ...]) -> torch.Tensor:
+    """The caller's starting noise (a tensor or array of `shape`), as float32 on the CPU, checked to be finite
+    (NaN noise would run every step and end in a NumericsError)."""
+    if not isinstance(latents, torch.Tensor):
+        if type(latents).__module__ != "numpy":
+            raise ValueError(f"latents must be a tensor of shape {shape}, got {type(latents).__name__}")
+        latents = torch.from_numpy(latents)
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+    noise = latents.float().cpu()
+    if not torch.isfinite(noise).all():
+        raise ValueError("latents hold NaN or infinite values; give finite noise (unit variance)")
+    return noise
+
+
 def check_prompts(*prompts) -> None:
     """Each argument a prompt or a list of prompts: text that a PNG can record (UTF-8), refused before the
     run rather than after it."""
@@ -336,9 +351,7 @@ def generate(
     if latents is None:
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (N, 4, h, w) on the CPU
     else:
-        noise = latents.float().cpu()
-        if noise.shape != (len(prompts), *shape):
-            raise ValueError(f"latents must have shape {(len(prompts), *shape)}, got {tuple(noise.shape)}")
+        noise = given_latents(latents, (len(prompts), *shape))
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
     start = plan.noise_latents(noise).to(m.device)
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)

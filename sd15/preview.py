@@ -180,8 +180,11 @@ class Previewer:
         i = info["i"] + 1
         if i % self.every == 0 or (self.total is not None and i == self.total):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            self.image(info["denoised"][:1]).save(tmp, format="PNG")
-            os.replace(tmp, self.path)  # a viewer never sees a half-written file
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")  # one per process: runs may share a preview
+            try:
+                self.image(info["denoised"][:1]).save(tmp, format="PNG")
+                os.replace(tmp, self.path)  # a viewer never sees a half-written file
+            finally:
+                tmp.unlink(missing_ok=True)
             self.written += 1
         return self.then(info) if self.then is not None else None

@@ -134,3 +134,147 @@ def test_existing_conversion_output_is_not_replaced(workdir, tiny_checkpoint, ca
     err = refused(["convert", str(tiny_checkpoint), str(target)], capsys)
     assert "--force" in err
     assert target.read_bytes() == b"keep me"
+
+
+def _png(path, size=(64, 64), colour=(120, 80, 40)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_no_command_replaces_its_own_inputs(workdir, tiny_checkpoint, capsys):
+    """-o or --preview naming an input (the same path, or another name for the same file) is refused before
+    the model loads: the user's image, mask or source PNG is never overwritten."""
+    _png(workdir / "in.png")
+    Image.new("L", (64, 64), 255).save(workdir / "mask.png")
+    os.link(workdir / "in.png", workdir / "alias.png")
+    from sd15.pnginfo import save_png
+
+    save_png(Image.new("RGB", (64, 64)), workdir / "gen.png", "a cat\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 64x64")
+    before = snapshot(workdir)
+    model = ["--model", str(tiny_checkpoint), "--steps", "2"]
+    for args in (["img2img", "in.png", "a cat", "-o", "in.png"],
+                 ["img2img", "in.png", "a cat", "-o", "./sub/../in.png"],
+                 ["img2img", "in.png", "a cat", "-o", "alias.png"],
+                 ["img2img", "in.png", "a cat", "-o", "out.png", "--preview", "in.png"],
+                 ["inpaint", "in.png", "mask.png", "a cat", "-o", "mask.png"],
+                 ["generate", "--from-png", "gen.png", "-o", "gen.png"]):  # fmt: skip
+        err = refused([*args, *model], capsys)
+        assert "input of this run" in err, (args, err)
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "output, n, make, message",
+    [
+        ("adir.png", "1", lambda d: (d / "adir.png").mkdir(), "is a folder"),
+        ("in.png/x.png", "1", lambda d: _png(d / "in.png"), "is a file, not a folder"),
+        ("two.png", "2", lambda d: (d / "two-1.png").mkdir(), "is a folder"),  # -n 2: the second image's name
+    ],
+)
+def test_unwritable_outputs_are_refused_before_the_run(workdir, tiny_checkpoint, capsys, output, n, make, message):
+    make(workdir)
+    before = snapshot(workdir)
+    err = refused(["generate", "a", "--model", str(tiny_checkpoint), "--steps", "1", "-W", "64", "-H", "64",
+                   "-n", n, "-o", output], capsys)  # fmt: skip
+    assert message in err
+    assert snapshot(workdir) == before
+
+
+def test_a_write_error_after_the_run_is_one_line_not_a_traceback(workdir, tiny_checkpoint, capsys, monkeypatch):
+    from sd15 import pnginfo
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pnginfo, "save_png", disk_full)
+    err = refused(["generate", "a", "--model", str(tiny_checkpoint), "--steps", "1", "-W", "64", "-H", "64", "-o", "x.png"], capsys)
+    assert "No space left on device" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", str(2**64)], "seed must be"),
+        (["--seed", str(2**64 - 1), "-n", "2"], "image i uses seed + i"),
+        (["-n", "100000000"], "from 1 to 10000"),
+        (["--lora", "x.safetensors:nan"], "finite"),
+        (["--lora", "x.safetensors:inf"], "finite"),
+        (["--hires-scale", "4", "-W", "2048", "-H", "2048"], "larger than"),
+        (["--hires-scale", "2", "--hires-strength", "0.01", "--hires-steps", "10"], "leaves no step"),
+        (["--negative", "a \udcff cat"], "not a Unicode character"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_model_loads(workdir, tiny_checkpoint, capsys, monkeypatch, args, message):
+    from sd15 import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded before the settings were checked"))
+    before = snapshot(workdir)
+    err = refused(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", "x.png", *args], capsys)
+    assert message in err
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("img2img", ["--strength", "0.01", "--steps", "10"], "leaves no step"),
+        ("img2img", ["--seed", "-99999999999999999999999"], "seed must be"),
+        ("inpaint", ["--strength", "0.01", "--steps", "10"], "leaves no step"),
+    ],
+)
+def test_image_commands_refuse_bad_settings_before_the_model_loads(workdir, tiny_checkpoint, capsys, monkeypatch,
+                                                                    command, args, message):  # fmt: skip
+    from sd15 import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded before the settings were checked"))
+    _png(workdir / "in.png")
+    Image.new("L", (64, 64), 255).save(workdir / "mask.png")
+    inputs = ["in.png", "mask.png"] if command == "inpaint" else ["in.png"]
+    before = snapshot(workdir)
+    err = refused([command, *inputs, "a cat", "--model", str(tiny_checkpoint), "-o", "x.png", *args], capsys)
+    assert message in err
+    assert snapshot(workdir) == before
+
+
+def test_a_huge_mask_blur_feathers_without_allocating_more_than_the_image():
+    from sd15.inpaint import feather
+
+    hard = torch.zeros(1, 1, 64, 48)
+    hard[..., 10:40, 10:30] = 1
+    wide = feather(hard, 1e9)  # a kernel of 6e9 taps before the radius was bounded by the image
+    assert wide.shape == hard.shape and torch.isfinite(wide).all()
+    assert torch.equal(feather(hard, 1e300), wide)  # beyond the image's size, any blur is the same
+    assert (wide[hard == 0] == 0).all()
+
+
+def test_exif_rotated_photos_are_used_as_they_are_shown(tiny_model):
+    from sd15.images import to_tensor
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))  # 64 wide, 48 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    path_bytes = __import__("io").BytesIO()
+    stored.save(path_bytes, format="JPEG", exif=exif.tobytes())
+    photo = Image.open(path_bytes)
+    assert photo.size == (64, 48)
+    assert to_tensor(photo).shape[-2:] == (64, 48)  # shown 48 wide and 64 high
+
+
+@pytest.mark.parametrize(
+    "latents, message",
+    [
+        (np.zeros((1, 4, 8, 8), dtype=np.float32) * np.nan, "NaN or infinite"),
+        ("noise", "must be a tensor"),
+        (torch.zeros(1, 4, 9, 8), "must have shape"),
+    ],
+)
+def test_given_latents_are_checked_up_front(tiny_model, latents, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate("a cat", steps=2, width=64, height=64, latents=latents)
+
+
+def test_numpy_latents_are_taken_like_a_tensor(tiny_model):
+    noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    a = tiny_model.generate("a cat", steps=2, width=64, height=64, latents=noise, output_type="np")
+    b = tiny_model.generate("a cat", steps=2, width=64, height=64, latents=torch.from_numpy(noise), output_type="np")
+    assert np.array_equal(a, b)
