@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with a message that says why and what to do."""
 
 
+def printable(text) -> str:
+    """A key or metadata value from a file, safe to print: control characters (terminal escape sequences,
+    carriage returns) are shown escaped, as Python writes them in a string literal."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading files
 
@@ -68,17 +76,35 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path} is not a valid .safetensors file: unreadable header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a valid .safetensors file: its header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path} is not a valid .safetensors file: its __metadata__ is not a map of strings")
     data_size = size - 8 - n
     for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = info.get("data_offsets", (0, -1)) if isinstance(info, dict) else (0, -1)
-        if not 0 <= begin <= end <= data_size:
-            raise CheckpointError(
-                f"{path} is truncated or corrupt: tensor {key!r} lies at bytes {begin}..{end} "
-                f"but the file holds {data_size} bytes of data. Download it again."
-            )
+        if key != "__metadata__":
+            _check_entry(path, key, info, data_size)
     return header
+
+
+def _check_entry(path: Path, key: str, info, data_size: int) -> None:
+    """One tensor's header entry: {"dtype": str, "shape": [int, …], "data_offsets": [begin, end]} inside the data."""
+
+    def integers(x) -> bool:
+        return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not integers(info.get("shape")):
+        raise CheckpointError(f"{path} is not a valid .safetensors file: the header entry of tensor {key!r} "
+                              f"lacks a dtype name or a shape (a list of sizes): {printable(info)[:200]}")  # fmt: skip
+    offsets = info.get("data_offsets")
+    if not integers(offsets) or len(offsets) != 2:
+        raise CheckpointError(f"{path} is not a valid .safetensors file: tensor {key!r} has data_offsets "
+                              f"{printable(offsets)[:100]}, not [begin, end]")  # fmt: skip
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: tensor {key!r} lies at bytes {begin}..{end} "
+            f"but the file holds {data_size} bytes of data. Download it again."
+        )
 
 
 class SafetensorsFile:
@@ -140,7 +166,7 @@ def _unwrap_state_dict(obj, path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dictionary of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path} holds no tensors (keys: {', '.join(map(str, list(obj)[:8]))})")
+        raise CheckpointError(f"{path} holds no tensors (keys: {', '.join(map(printable, list(obj)[:8]))})")
     return tensors
 
 
@@ -151,7 +177,7 @@ def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_can_map(path))
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
@@ -164,9 +190,37 @@ def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "sd15 reads pickles only with torch.load(weights_only=True). If you trust the file's source, "
             "convert it to .safetensors with a tool you trust, or ask its author for a .safetensors file."
         ) from None
-    except (EOFError, RuntimeError, OSError, ValueError) as e:
+    except CheckpointError:  # from _can_map: the pickle holds no tensors
+        raise
+    except (EOFError, RuntimeError, OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
     return _unwrap_state_dict(obj, path)
+
+
+def _can_map(path) -> bool:
+    """Whether `torch.load(mmap=True)` would read every tensor of this zip checkpoint from bytes of its own.
+
+    The memory-mapped load maps each storage at its zip record's offset and takes as many bytes as the pickle
+    says, without comparing them with the record's size or looking at its compression, so a shortened or
+    deflated record would load as whatever bytes follow (the plain load checks both, and inflates). Here the
+    pickle is first read onto the `meta` device (still weights_only=True; no tensor data is read), which gives
+    each storage's size and offset, and each must be the start of an uncompressed record of exactly that size,
+    as torch.save writes them. A file that is not a zip gives True: torch refuses to map it, and it is read plainly.
+    """
+    if not zipfile.is_zipfile(path):
+        return True
+    records = {}  # offset of a record's data in the file -> the record
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for record in z.infolist():
+            f.seek(record.header_offset + 26)  # the local header's name and extra-field lengths
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            records[record.header_offset + 30 + name_len + extra_len] = record
+    for t in _unwrap_state_dict(torch.load(path, map_location="meta", weights_only=True), path).values():
+        storage = t.untyped_storage()
+        record = records.get(getattr(storage, "_checkpoint_offset", None))
+        if record is None or record.compress_type != zipfile.ZIP_STORED or record.file_size != storage.nbytes():
+            return False
+    return True
 
 
 def open_checkpoint(path: str | os.PathLike) -> SafetensorsFile | TensorDict:
@@ -185,7 +239,7 @@ def open_checkpoint(path: str | os.PathLike) -> SafetensorsFile | TensorDict:
         magic = f.read(8)
     is_zip = magic[:4] == b"PK\x03\x04"
     is_legacy_pickle = magic[:1] == b"\x80"
-    if path.suffix == ".safetensors" or not (is_zip or is_legacy_pickle):
+    if path.suffix.lower() == ".safetensors" or not (is_zip or is_legacy_pickle):
         return SafetensorsFile(path)
     return TensorDict(load_pickle(path), path)
 
@@ -270,6 +324,6 @@ def check_state_dict(name: str, expected: dict[str, tuple], found: dict[str, tup
         lines = [f"The {name} weights do not match the model:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
             if items:
-                shown = "\n    ".join(items[:20]) + (f"\n    … and {len(items) - 20} more" if len(items) > 20 else "")
+                shown = "\n    ".join(map(printable, items[:20])) + (f"\n    … and {len(items) - 20} more" if len(items) > 20 else "")
                 lines.append(f"  {len(items)} {label}:\n    {shown}")
         raise CheckpointError("\n".join(lines))

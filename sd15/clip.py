@@ -37,12 +37,16 @@ class CLIPTextConfig:
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "CLIPTextConfig":
         """Infer the configuration of a `text_model.`-relative state dict from its tensor shapes."""
         vocab, width = sd["embeddings.token_embedding.weight"].shape
+        positions = sd["embeddings.position_embedding.weight"].shape[0]
+        if positions != cls.max_position_embeddings:  # the tokenizer always gives 77 tokens
+            raise ValueError(f"the text encoder's position embedding has {positions} positions, SD1.x's CLIP has "
+                             f"{cls.max_position_embeddings}; the file is corrupt or not an SD1.x checkpoint")  # fmt: skip
         return cls(
             vocab_size=vocab,
             hidden_size=width,
             intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")),
-            max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
+            max_position_embeddings=positions,
         )
 
 

@@ -41,6 +41,7 @@ from .checkpoint import (
     check_state_dict,
     ema_key,
     identify,
+    printable,
 )
 from .streaming import (
     DATA,
@@ -195,9 +196,7 @@ def convert(
     "text_encoder") writes that part alone, keys relative to its prefix (or as a diffusers component folder).
     """
     start, source, output = time.time(), Path(source), Path(output)
-    if output.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise ValueError(f"sd15 writes .safetensors files only (a pickle can carry code): {output}")
-    to_folder = output.suffix != ".safetensors"
+    to_folder = _writes_folder(output)
     report = Report(output)
     with atomic_output(output, force, [source] + ([Path(vae)] if vae else [])) as tmp:
         view = open_source(source)
@@ -225,6 +224,14 @@ def convert(
     report.tensors, report.bytes = len(model), sum(it.nbytes for it in model.values())
     report.seconds = time.time() - start
     return report
+
+
+def _writes_folder(output: Path) -> bool:
+    """Whether OUTPUT names a diffusers folder (any name but NAME.safetensors, in any case); pickles are refused."""
+    suffix = output.suffix.lower()
+    if suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        raise ValueError(f"sd15 writes .safetensors files only (a pickle can carry code): {output}")
+    return suffix != ".safetensors"
 
 
 def _select(source, info, model: dict[str, Item], ema: bool, prune: bool, vae, notes: list[str]) -> dict[str, Item]:
@@ -265,7 +272,7 @@ def _summarise(keys: list[str]) -> str:
     schedule = sum(k in SCHEDULE_BUFFERS for k in keys)
     other = [k for k in keys if not k.startswith(EMA_PREFIX) and k not in SCHEDULE_BUFFERS]
     parts = [f"{ema} EMA"] * bool(ema) + [f"{schedule} schedule buffers"] * bool(schedule)
-    parts += [f"{len(other)} other: {', '.join(other[:3])}{'…' if len(other) > 3 else ''}"] * bool(other)
+    parts += [f"{len(other)} other: {', '.join(map(printable, other[:3]))}{'…' if len(other) > 3 else ''}"] * bool(other)
     return ", ".join(parts)
 
 
@@ -276,12 +283,12 @@ def _use_ema(source, info, model: dict[str, Item], notes: list[str]) -> dict[str
     unet = [k for k in model if k.startswith(UNET_PREFIX)]
     missing = [ema_key(k[len(UNET_PREFIX):]) for k in unet if ema_key(k[len(UNET_PREFIX):]) not in model]
     if missing:
-        raise CheckpointError(f"{source}'s EMA weights are incomplete: {len(missing)} missing, e.g. {missing[0]}")
+        raise CheckpointError(f"{source}'s EMA weights are incomplete: {len(missing)} missing, e.g. {printable(missing[0])}")
     out = {k: it for k, it in model.items() if not k.startswith(EMA_PREFIX)}
     for k in unet:
         it = model[ema_key(k[len(UNET_PREFIX):])]
         if it.shape != model[k].shape:
-            raise CheckpointError(f"{source}: the EMA copy of {k} has shape {list(it.shape)}, the UNet {list(model[k].shape)}")
+            raise CheckpointError(f"{source}: the EMA copy of {printable(k)} has shape {list(it.shape)}, the UNet {list(model[k].shape)}")
         out[k] = it
     notes.append(f"the UNet is the EMA copy (model_ema.*), not written again under model_ema. ({len(model) - len(out)} tensors)")
     return out
@@ -328,7 +335,7 @@ def merge(
         raise ValueError(f"merge takes two models (weighted sum) or three (add difference), got {len(inputs)}")
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha}")
-    to_folder = output.suffix != ".safetensors"
+    to_folder = _writes_folder(output)
     with atomic_output(output, force, [Path(p) for p in inputs]) as tmp:
         views = [open_source(p) for p in inputs]
         infos = [identify(v) for v in views]
@@ -385,5 +392,5 @@ def _architecture_differences(a: dict[str, tuple], b: dict[str, tuple]) -> list[
     out = []
     for label, items in (("only in the first", only_a), ("only in the other", only_b), ("shapes differ", shapes)):
         if items:
-            out.append(f"{len(items)} {label}: " + ", ".join(items[:4]) + (" …" if len(items) > 4 else ""))
+            out.append(f"{len(items)} {label}: " + ", ".join(map(printable, items[:4])) + (" …" if len(items) > 4 else ""))
     return out

@@ -22,6 +22,7 @@ from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
     identify,
+    printable,
 )
 from .streaming import DiffusersFolder, MappedSafetensors, open_source, torch_dtype
 
@@ -127,12 +128,12 @@ def format_inspection(r: dict) -> str:
         lines.append(f"  CLIP keys:   {r['clip_keys']}")
     lines.append(f"  EMA:         {'yes (model_ema.*; use --ema to load or extract it)' if r['has_ema'] else 'no'}")
     if r["extra_tensors"]:
-        shown = ", ".join(r["extra_tensors"][:6]) + (" …" if len(r["extra_tensors"]) > 6 else "")
+        shown = ", ".join(map(printable, r["extra_tensors"][:6])) + (" …" if len(r["extra_tensors"]) > 6 else "")
         lines.append(f"  extras:      {len(r['extra_tensors'])} ({shown})")
     if "lora" in r:
         lines.append(f"  LoRA:        {r['lora']['modules']} modules, ranks {r['lora']['ranks']}")
     if r["metadata"]:
-        shown = ", ".join(f"{k}={str(v)[:40]}" for k, v in list(r["metadata"].items())[:6])
+        shown = ", ".join(f"{printable(k)}={printable(str(v)[:40])}" for k, v in list(r["metadata"].items())[:6])
         lines.append(f"  metadata:    {shown}")
     return "\n".join(lines)
 
@@ -221,8 +222,8 @@ def format_diff(r: dict) -> str:
         lines.append("largest differences:")
         for t in r["worst"]:
             if "max_abs" in t:
-                lines.append(f"  {t['max_abs']:>11.3g} {t['relative']:>10.3g}  {t['key']}")
+                lines.append(f"  {t['max_abs']:>11.3g} {t['relative']:>10.3g}  {printable(t['key'])}")
             else:
-                lines.append(f"  shape {t['shape_a']} vs {t['shape_b']}  {t['key']}")
+                lines.append(f"  shape {t['shape_a']} vs {t['shape_b']}  {printable(t['key'])}")
     lines.append("the checkpoints are identical" if r["identical"] else "the checkpoints differ")
     return "\n".join(lines)

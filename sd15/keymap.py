@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .checkpoint import CLIP_PREFIX_OLD, UNET_PREFIX, VAE_PREFIX, CheckpointError
+from .checkpoint import CLIP_PREFIX_OLD, UNET_PREFIX, VAE_PREFIX, CheckpointError, printable
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # Text-encoder keys are taken relative to `cond_stage_model.transformer.`, so that both the usual
@@ -174,7 +174,7 @@ def _rename(keys, pairs, reverse: bool, what: str) -> dict[str, str]:
             rest = f"{inner[module]}.{param}"
         out[key] = target + rest
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        shown = ", ".join(map(printable, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise CheckpointError(f"{len(unknown)} {what} key(s) fit no SD1.x layout rule: {shown}")
     if len(set(out.values())) != len(out):
         raise CheckpointError(f"the {what} keys map onto each other (duplicate names in the file?)")

@@ -30,6 +30,7 @@ from .checkpoint import (
     ema_key,
     identify,
     open_checkpoint,
+    printable,
     unexplained_keys,
 )
 from .clip import CLIPTextConfig, CLIPTextModel
@@ -101,7 +102,10 @@ def _build(name: str, module_cls, config, ckpt, keymap: dict[str, str], device, 
             state[key] = torch.arange(expected[key][-1], device=device)[None]
             continue
         tensor = ckpt.get(file_key)
-        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if not tensor.is_floating_point():  # every other weight of the three models is a float
+            raise CheckpointError(f"The {name} weight {printable(file_key)} is stored as {tensor.dtype}, not as floating "
+                                  "point numbers; the file is corrupt or not a model checkpoint.")  # fmt: skip
+        state[key] = tensor.to(device=device, dtype=dtype)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

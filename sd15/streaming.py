@@ -42,6 +42,7 @@ from .checkpoint import (
     TensorDict,
     load_pickle,
     open_checkpoint,
+    printable,
     read_safetensors_header,
 )
 
@@ -111,8 +112,22 @@ class _Shards:
     """Several .safetensors files named by a `*.safetensors.index.json` weight map, read as one."""
 
     def __init__(self, index_path: Path):
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{index_path} is not a readable shard index: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path} is not a shard index: it has no weight_map of key -> file name")
+        for name in set(weight_map.values()):
+            if name in ("", ".", "..") or Path(name).name != name:
+                raise CheckpointError(f"{index_path} names a shard outside its folder ({name!r}); refused")
+            if not (index_path.parent / name).is_file():
+                raise CheckpointError(f"{index_path} names a shard {name!r} that is not in {index_path.parent}")
         files = {name: MappedSafetensors(index_path.parent / name) for name in set(weight_map.values())}
+        for key, name in weight_map.items():
+            if key not in files[name].keys():
+                raise CheckpointError(f"{index_path} places tensor {key!r} in {name!r}, which does not hold it")
         self._where = {key: files[name] for key, name in weight_map.items()}
         self.metadata, self.path = {}, index_path
 
@@ -154,6 +169,8 @@ class DiffusersFolder:
             index = json.loads((self.path / "model_index.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.path} is not a readable diffusers folder: {e}") from None
+        if not isinstance(index, dict):
+            raise CheckpointError(f"{self.path} is not a diffusers folder: its model_index.json is not a JSON object")
         pipeline = str(index.get("_class_name", ""))
         if "XL" in pipeline or "text_encoder_2" in index:
             raise CheckpointError(f"{self.path} is a Stable Diffusion XL pipeline ({pipeline}); sd15 reads SD1.x")
@@ -169,8 +186,12 @@ class DiffusersFolder:
                     shape += (1, 1)  # linear -> 1×1 conv
                 self._where[keymap.ORIGINAL_PREFIX[component] + key] = (reader, dkey, shape)
         positions = CLIP_PREFIX + "embeddings.position_ids"
+        embedding = CLIP_PREFIX + "embeddings.position_embedding.weight"
+        if embedding not in self._where:
+            raise CheckpointError(f"{self.path / 'text_encoder'} lacks the text encoder's position embedding "
+                                  "(text_model.embeddings.position_embedding.weight); the folder is incomplete")  # fmt: skip
         if positions not in self._where:  # transformers no longer saves it; the original layout has it
-            count = self._where[CLIP_PREFIX + "embeddings.position_embedding.weight"][2][0]
+            count = self._where[embedding][2][0]
             self._where[positions] = (lambda: torch.arange(count)[None], None, (1, count))
             self.synthesized.add(positions)
         for key, tensor in _schedule_buffers(self.path / "scheduler" / "scheduler_config.json").items():
@@ -203,6 +224,8 @@ def _schedule_buffers(scheduler_config: Path) -> dict[str, torch.Tensor]:
     try:
         config = json.loads(scheduler_config.read_text())
     except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
         return {}
     sd1 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
     return schedule_buffers() if all(config.get(k) == v for k, v in sd1.items()) else {}
@@ -360,7 +383,7 @@ def write_safetensors(path: Path, items: dict[str, Item], metadata: dict | None,
         for key, it in items.items():
             t = it.read()
             if t.dtype != it.dtype or tuple(t.shape) != it.shape:
-                raise CheckpointError(f"{key}: read {t.dtype} {list(t.shape)}, the header says {it.dtype} {list(it.shape)}")
+                raise CheckpointError(f"{printable(key)}: read {t.dtype} {list(t.shape)}, the header says {it.dtype} {list(it.shape)}")
             data = _bytes(t)
             f.write(data)
             digests[key] = hashlib.sha256(data).hexdigest()
@@ -382,12 +405,12 @@ def verify(view, expected: dict[str, tuple], what: str, progress: bool, ignore: 
     with _bar(total, f"check {what}", progress) as bar:
         for key, (shape, dtype, digest) in expected.items():
             if torch_dtype(view.dtype_name(key)) != dtype or tuple(view.shape(key)) != tuple(shape):
-                raise CheckpointError(f"verification of {what} failed: {key} is {view.dtype_name(key)} "
+                raise CheckpointError(f"verification of {what} failed: {printable(key)} is {view.dtype_name(key)} "
                                       f"{list(view.shape(key))} on disk, {dtype} {list(shape)} planned")  # fmt: skip
             t = view.get(key)
             data = _bytes(t)
             if hashlib.sha256(data).hexdigest() != digest:
-                raise CheckpointError(f"verification of {what} failed: {key} reads back different bytes")
+                raise CheckpointError(f"verification of {what} failed: {printable(key)} reads back different bytes")
             bar.update(len(data))
             del t, data
 
@@ -422,6 +445,8 @@ def atomic_output(target: Path, force: bool, inputs: list[Path]):
         p = Path(p).resolve()
         if resolved == p or resolved in p.parents:
             raise ValueError(f"the output {target} would replace the input {p}; choose another output")
+        if p in resolved.parents:
+            raise ValueError(f"the output {target} lies inside the input folder {p}; choose an output outside it")
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists; pass --force to replace it")
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
