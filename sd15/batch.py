@@ -19,17 +19,25 @@ and waits for the others at the end. Works for one GPU, many GPUs and several no
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import hashlib
 import json
+import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .pipeline import GenerationSettings, check_settings
+from .pipeline import GenerationSettings, check_prompts, check_settings
 
 FIELDS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed", "width", "height", "karras")
+# The JSON type each key takes. Whole numbers are JSON integers (30, not 30.0), as the API takes ints, not floats.
+TEXT, FLAG, NUMBER = ("prompt", "negative_prompt", "sampler"), ("karras",), ("guidance_scale",)
+WHOLE = ("steps", "seed", "width", "height", "num_images")
+KINDS = {**dict.fromkeys(TEXT, "a string"), **dict.fromkeys(FLAG, "true or false (a JSON boolean)"),
+         **dict.fromkeys(NUMBER, "a finite number"), **dict.fromkeys(WHOLE, "a whole number (a JSON integer such as 30)")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,44 +51,111 @@ def _content_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
+def _shown(value) -> str:
+    """A JSON value for a message: short, and never the whole of a (possibly deeply nested) array or object."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    text = json.dumps(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"the string {text}" if isinstance(value, str) else text
+
+
+def _typed(key: str, value):
+    """One setting as sd15 takes it (a guidance scale as a float), or ValueError naming the JSON type it needs."""
+    if key == "seed" and value is None:
+        return None  # as if left out: derived from the line's content
+    if (key in TEXT and isinstance(value, str) or key in FLAG and isinstance(value, bool)
+            or key in WHOLE and isinstance(value, int) and not isinstance(value, bool)):  # fmt: skip
+        return value
+    if key in NUMBER and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)  # JSON allows integers of any size; NaN and infinities never get here
+        except OverflowError:
+            pass
+    raise ValueError(f'"{key}" must be {KINDS[key]}, got {_shown(value)}')
+
+
+def _checked(settings: dict, num_images: int) -> dict:
+    """The prompt and FIELDS of `settings`, typed, and refused by the rules the API applies
+    (sd15.pipeline.check_prompts and check_settings, which takes image i's seed + i into account)."""
+    s = {key: _typed(key, settings[key]) for key in ("prompt", *FIELDS)}
+    check_prompts(s["prompt"], s["negative_prompt"])
+    check_settings(s["steps"], s["guidance_scale"], s["sampler"], s["width"], s["height"], num_images, seed=s["seed"])
+    return s
+
+
+def _parse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse_float(text: str) -> float:
+    if not math.isfinite(value := float(text)):
+        raise ValueError(f"the number {text:.40} is too large")
+    return value
+
+
+def _object(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"{sorted({k for k in keys if keys.count(k) > 1})} given more than once")
+    return dict(pairs)
+
+
+def _lines(path: str | os.PathLike) -> list[str]:
+    """The file's lines, as UTF-8 text (a leading byte-order mark allowed), or ValueError saying where it is not."""
+    try:
+        data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise ValueError(f"cannot read the prompts file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte {column} of the line); "
+                         f"save the file as UTF-8") from None  # fmt: skip
+    return re.split(r"\r\n?|\n", text)  # not str.splitlines, which also splits at U+2028 inside a JSON string
+
+
 def read_jobs(path: str | os.PathLike, defaults: dict, model_hash: str) -> list[Job]:
-    """Parse the prompts file into jobs (one per image), refusing bad lines with their line number."""
+    """Parse the prompts file into jobs (one per image), refusing a bad line with the file name and line number.
+
+    Every line is checked before any job is returned, by the rules the API applies, so a bad line stops the run
+    before the model loads and before anything is written. `defaults` (the command line's settings) are checked
+    first, and refused as such."""
+    try:
+        _checked({"prompt": "", **defaults}, 1)
+    except ValueError as e:
+        raise ValueError(f"{e} (a default for every line, from the command line)") from None
     jobs = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(_lines(path), start=1):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            entry = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            entry = json.loads(raw, parse_constant=_parse_constant, parse_float=_parse_float, object_pairs_hook=_object)
+        except RecursionError:
+            raise ValueError(f"{path}:{number}: JSON nested too deeply to read") from None
+        except ValueError as e:  # json.JSONDecodeError, or a refusal above: a number too large, NaN, a repeated key
+            raise ValueError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', e)})") from None
         entry = {"prompt": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise ValueError(f'{path}:{number}: expected a string or an object with a "prompt" string')
         if "cfg" in entry:
+            if "guidance_scale" in entry:
+                raise ValueError(f'{path}:{number}: give "guidance_scale" or its short name "cfg", not both')
             entry["guidance_scale"] = entry.pop("cfg")
         unknown = set(entry) - {"prompt", "num_images", *FIELDS}
         if unknown:
             raise ValueError(f"{path}:{number}: unknown settings {sorted(unknown)}; known: prompt, num_images, {', '.join(FIELDS)}")
-        values = {**defaults, **{k: entry[k] for k in FIELDS if k in entry}}
-        if values.get("seed") is None:
-            values["seed"] = _content_seed(raw)
+        num_images = entry.pop("num_images", 1)
         try:
-            check_settings(values["steps"], float(values["guidance_scale"]), values["sampler"], values["width"], values["height"])
-        except (ValueError, TypeError) as e:
+            num_images = _typed("num_images", num_images)
+            values = _checked({**defaults, **entry}, num_images)
+        except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
-        for i in range(int(entry.get("num_images", 1))):
-            s = GenerationSettings(
-                prompt=entry["prompt"],
-                negative_prompt=values["negative_prompt"],
-                steps=values["steps"],
-                guidance_scale=float(values["guidance_scale"]),
-                sampler=values["sampler"],
-                seed=int(values["seed"]) + i,
-                width=values["width"],
-                height=values["height"],
-                karras=bool(values["karras"]),
-            )
+        if values["seed"] is None:
+            values["seed"] = _content_seed(raw)
+        for i in range(num_images):
+            s = GenerationSettings(**{**values, "seed": values["seed"] + i})
             key = json.dumps({"model": model_hash, **asdict(s)}, sort_keys=True)
             jobs.append(Job(hashlib.sha256(key.encode()).hexdigest()[:16], number, s))
     return jobs
