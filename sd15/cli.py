@@ -526,6 +526,9 @@ def run_batch(args) -> None:
 
     if args.output or args.num_images != 1:
         raise UserError("batch takes --out DIR; set num_images per line in the prompts file")
+    ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--preview", args.preview)) if value]
+    if ignored:
+        raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")
     defaults = dict(negative_prompt=args.negative or "", steps=args.steps or 50, sampler=args.sampler or "pndm",
                     guidance_scale=args.cfg if args.cfg is not None else 7.5, seed=args.seed,
                     width=args.width, height=args.height, karras=bool(args.karras))  # fmt: skip

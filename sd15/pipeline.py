@@ -73,6 +73,16 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    """A real number, not a bool, finite as a float (10**400 is not: it has no float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1, *,
                    seed: int | None = None, eta: float = 0.0, batch_size: int = 1):  # fmt: skip
     """Refuse impossible settings with a message that says what to change, before anything is allocated."""
@@ -80,8 +90,8 @@ def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, 
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if not _whole(steps) or steps < 1 or steps > 1000:
         raise ValueError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+    if not _finite(guidance_scale):
+        raise ValueError(f"guidance scale must be a finite number, got {guidance_scale!r:.40}")
     for name, side in (("width", width), ("height", height)):
         if not _whole(side) or side < 8 or side % 8:
             raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {side!r}")
@@ -94,7 +104,7 @@ def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, 
     if seed is not None and (not _whole(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - (num_images - 1)):
         raise ValueError(f"seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]} (image i uses seed + i), "
                          f"got {seed!r}")  # fmt: skip
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+    if not _finite(eta) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number from 0 (DDIM) to 1 (as random as DDPM), got {eta!r}")
 
 

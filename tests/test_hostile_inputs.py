@@ -278,3 +278,38 @@ def test_numpy_latents_are_taken_like_a_tensor(tiny_model):
     a = tiny_model.generate("a cat", steps=2, width=64, height=64, latents=noise, output_type="np")
     b = tiny_model.generate("a cat", steps=2, width=64, height=64, latents=torch.from_numpy(noise), output_type="np")
     assert np.array_equal(a, b)
+
+
+def test_damaged_lora_and_embedding_numbers_are_refused(tiny_model, tmp_path):
+    """NaN or infinite numbers in an adapter file would make every image NaN after a whole run."""
+    from safetensors.torch import load_file
+
+    from lora_files import random_attention_lora
+    from sd15.checkpoint import CheckpointError
+
+    good = load_file(str(random_attention_lora(tiny_model, tmp_path / "good.safetensors")))
+    first = sorted(k for k in good if k.endswith("lora_down.weight"))[0]
+    layer = first.removesuffix(".lora_down.weight")
+    for name, change, message in (("nan-alpha", {f"{layer}.alpha": torch.tensor(float("nan"))}, "not a finite number"),
+                                  ("three-alphas", {f"{layer}.alpha": torch.ones(3)}, "must hold one number"),
+                                  ("inf-weight", {first: good[first] * float("inf")}, "not finite")):  # fmt: skip
+        save_file({**good, **change}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(CheckpointError, match=message):
+            tiny_model.load_lora(tmp_path / f"{name}.safetensors")
+    assert tiny_model.loras == []
+    with pytest.raises(ValueError, match="finite"):
+        tiny_model.load_lora(tmp_path / "good.safetensors", scale=float("nan"))
+
+    width = tiny_model.text_encoder.config.hidden_size
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.full((1, width), float("nan"))}}, folder / "nan.pt")
+    torch.save({"string_to_param": 5}, folder / "int.pt")
+    torch.save({"string_to_param": {"*": torch.randn(1, width)}}, folder / "ok.pt")
+    skipped = tiny_model.load_embeddings_folder(folder)
+    assert len(skipped) == 2 and "NaN or infinite" in skipped[1] and "dict of one entry" in skipped[0]
+    assert "ok" in tiny_model.embeddings
+    torch.save({"": torch.randn(width)}, tmp_path / "untitled.bin")  # diffusers' {token: vector}, with no token
+    with pytest.raises(CheckpointError, match="has no tokens"):
+        tiny_model.load_embedding(tmp_path / "untitled.bin")
+    tiny_model.embeddings.remove("ok")

@@ -128,6 +128,7 @@ def test_callback_sees_every_step_and_can_stop(tiny_model):
         (dict(steps=0), "steps"),
         (dict(sampler="k_euler"), "unknown sampler"),
         (dict(guidance_scale=float("nan")), "finite"),
+        (dict(guidance_scale=10**400), "finite"),
         (dict(width=8192, height=8192), "larger than"),
         (dict(num_images=0), "from 1 to 10000"),
         (dict(num_images=10**8), "from 1 to 10000"),
