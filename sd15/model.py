@@ -143,7 +143,7 @@ def load(
             raise CheckpointError(f"{path} has no EMA weights (no model_ema.* keys); load it without ema=True.")
         missing = [ema_key(k) for k in unet_keys if ema_key(k) not in ckpt.keys()]
         if missing:
-            raise CheckpointError(f"{path}'s EMA weights are incomplete: {len(missing)} missing, e.g. {missing[0]}")
+            raise CheckpointError(f"{path}'s EMA weights are incomplete: {len(missing)} missing, e.g. {printable(missing[0])}")
         unet_keys = {k: ema_key(k) for k in unet_keys}
     vae_keys = component_keys(ckpt, VAE_PREFIX)
     clip_keys = component_keys(ckpt, info.clip_prefix)
