@@ -155,6 +155,8 @@ def load(
     vae = _build("VAE", AutoencoderKL, VAEConfig.from_state_dict(_meta_shapes(ckpt, vae_keys)), ckpt, vae_keys, device, dtype)
     clip_config = CLIPTextConfig.from_state_dict(_meta_shapes(ckpt, clip_keys))
     text_encoder = _build("text encoder", CLIPTextModel, clip_config, ckpt, clip_keys, device, dtype)
+    if device.type == "cpu":  # oneDNN's convolutions run ~15% faster on the VAE's large maps in NHWC (performance.md)
+        vae.to(memory_format=torch.channels_last)
     m = StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path))
     if fast_path.wanted(device, dtype, fast):
         fast_path.enable(m)
