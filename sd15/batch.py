@@ -183,8 +183,11 @@ def update_manifest(folder: Path, jobs: list[Job]) -> dict:
             if job.id not in manifest and (folder / f"{job.id}.png").exists():
                 manifest[job.id] = {"file": f"{job.id}.png", "line": job.line, **asdict(job.settings)}
         tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return manifest
 
 

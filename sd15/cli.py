@@ -534,6 +534,12 @@ def run_batch(args) -> None:
                     width=args.width, height=args.height, karras=bool(args.karras))  # fmt: skip
     if not Path(args.prompts).is_file():
         raise UserError(f"no such prompts file: {args.prompts}")
+    out = Path(args.out)
+    folder = next(a for a in (out.absolute(), *out.absolute().parents) if a.exists())
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: {folder} is a file, not a folder")
+    if (out / "manifest.json").is_dir():
+        raise UserError(f"--out {out}: its manifest.json is a folder; move it away or choose another --out")
     model_path = find_model(args.model)
     jobs = read_jobs(args.prompts, defaults, short_hash(model_path))  # refuses a bad line before loading anything
     rank, world, local_rank = _distributed()

@@ -107,3 +107,16 @@ def test_line_endings_and_byte_order_mark_do_not_change_jobs(tmp_path):
 def test_flags_batch_would_ignore_are_refused(batch, flag):
     err = batch(b'"fine"\n', *flag)
     assert f"batch does not take {flag[0]}" in err
+
+
+def test_an_output_folder_that_cannot_hold_the_run_is_refused_before_the_model_loads(workdir, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sd15.cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    (workdir / "prompts.jsonl").write_text('"fine"\n')
+    (workdir / "afile").write_text("keep me")
+    (workdir / "taken" / "manifest.json").mkdir(parents=True)
+    before = snapshot(workdir)
+    for out, message in (("afile", "is a file, not a folder"), ("afile/sub", "is a file, not a folder"),
+                         ("taken", "manifest.json is a folder")):  # fmt: skip
+        err = refused(["batch", "prompts.jsonl", "--out", out, "--model", str(tiny_checkpoint), *ARGS], capsys)
+        assert message in err, err
+    assert snapshot(workdir) == before
