@@ -138,7 +138,7 @@ def main() -> None:
             ratio = f"{above[metric] / r[metric]:.2f}×" if metric in above else ""
             cells += [f"{r[metric]:.2f}", ratio]
         if not name.startswith("graphs, SDPA"):  # the SDPA rows are alternatives, each against "+ cudnn.benchmark"
-            above = {k: v for k, v in r.items()}
+            above = dict(r)
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=2))

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-import sd15.cli
 from sd15.batch import read_jobs
-from test_hostile_inputs import refused, snapshot
+from test_hostile_inputs import refused_before_loading
 
 ARGS = ["--steps", "3", "--width", "64", "--height", "64", "--no-progress"]
 DEFAULTS = dict(negative_prompt="", steps=3, sampler="pndm", guidance_scale=7.5, seed=None, width=64, height=64, karras=False)
@@ -54,18 +53,12 @@ def batch(workdir, tiny_checkpoint, monkeypatch, capsys):
     """Run `sd15 batch` on a prompts file of the given bytes; a refusal must come before the model loads and
     leave the folder as it was. Returns the error message."""
 
-    def never(args):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(sd15.cli, "_load_model", never)
-
     def run(content: bytes, *extra: str) -> str:
         prompts = workdir / "prompts.jsonl"
         prompts.write_bytes(content)
-        before = snapshot(workdir)
-        err = refused(["batch", str(prompts), "--out", str(workdir / "out"), "--model", str(tiny_checkpoint), *ARGS, *extra], capsys)
+        args = ["batch", str(prompts), "--out", str(workdir / "out"), "--model", str(tiny_checkpoint), *ARGS, *extra]
+        err = refused_before_loading(args, workdir, capsys, monkeypatch)
         assert not (workdir / "out").exists()
-        assert snapshot(workdir) == before
         return err
 
     return run
@@ -110,13 +103,11 @@ def test_flags_batch_would_ignore_are_refused(batch, flag):
 
 
 def test_an_output_folder_that_cannot_hold_the_run_is_refused_before_the_model_loads(workdir, tiny_checkpoint, monkeypatch, capsys):
-    monkeypatch.setattr(sd15.cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
     (workdir / "prompts.jsonl").write_text('"fine"\n')
     (workdir / "afile").write_text("keep me")
     (workdir / "taken" / "manifest.json").mkdir(parents=True)
-    before = snapshot(workdir)
     for out, message in (("afile", "is a file, not a folder"), ("afile/sub", "is a file, not a folder"),
                          ("taken", "manifest.json is a folder")):  # fmt: skip
-        err = refused(["batch", "prompts.jsonl", "--out", out, "--model", str(tiny_checkpoint), *ARGS], capsys)
+        args = ["batch", "prompts.jsonl", "--out", out, "--model", str(tiny_checkpoint), *ARGS]
+        err = refused_before_loading(args, workdir, capsys, monkeypatch)
         assert message in err, err
-    assert snapshot(workdir) == before

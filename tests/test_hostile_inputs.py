@@ -36,6 +36,17 @@ def refused(args, capsys) -> str:
     return err
 
 
+def refused_before_loading(args, workdir, capsys, monkeypatch) -> str:
+    """`refused`, and also: the model was never loaded and the folder is byte-identical afterwards."""
+    import sd15.cli
+
+    monkeypatch.setattr(sd15.cli, "_load_model", lambda args: pytest.fail("the model was loaded before the input was checked"))
+    before = snapshot(workdir)
+    err = refused(args, capsys)
+    assert snapshot(workdir) == before
+    return err
+
+
 def hostile_files(folder, tiny_state_dict):
     """name -> (path, expected message)."""
     files = {}
@@ -205,13 +216,8 @@ def test_a_write_error_after_the_run_is_one_line_not_a_traceback(workdir, tiny_c
     ],
 )
 def test_bad_settings_are_refused_before_the_model_loads(workdir, tiny_checkpoint, capsys, monkeypatch, args, message):
-    from sd15 import cli
-
-    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded before the settings were checked"))
-    before = snapshot(workdir)
-    err = refused(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", "x.png", *args], capsys)
+    err = refused_before_loading(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", "x.png", *args], workdir, capsys, monkeypatch)
     assert message in err
-    assert snapshot(workdir) == before
 
 
 @pytest.mark.parametrize(
@@ -224,16 +230,12 @@ def test_bad_settings_are_refused_before_the_model_loads(workdir, tiny_checkpoin
 )
 def test_image_commands_refuse_bad_settings_before_the_model_loads(workdir, tiny_checkpoint, capsys, monkeypatch,
                                                                     command, args, message):  # fmt: skip
-    from sd15 import cli
-
-    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded before the settings were checked"))
     _png(workdir / "in.png")
     Image.new("L", (64, 64), 255).save(workdir / "mask.png")
     inputs = ["in.png", "mask.png"] if command == "inpaint" else ["in.png"]
-    before = snapshot(workdir)
-    err = refused([command, *inputs, "a cat", "--model", str(tiny_checkpoint), "-o", "x.png", *args], capsys)
+    err = refused_before_loading([command, *inputs, "a cat", "--model", str(tiny_checkpoint), "-o", "x.png", *args],
+                                 workdir, capsys, monkeypatch)  # fmt: skip
     assert message in err
-    assert snapshot(workdir) == before
 
 
 def test_a_huge_mask_blur_feathers_without_allocating_more_than_the_image():
