@@ -13,7 +13,7 @@ import sd15
 from sd15.checkpoint import CLIP_PREFIX, UNET_PREFIX, CheckpointError, TensorDict, ema_key, identify
 from sd15.random_weights import random_checkpoint, save_checkpoint
 
-REFERENCE_KEYS = Path(__file__).parents[2] / "shared" / "reference" / "checkpoint-keys"
+REFERENCE_KEYS = Path(__file__).parent / "data" / "checkpoint-keys"  # read off real checkpoints (see its README)
 
 
 def reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -227,9 +227,12 @@ def test_missing_file_and_folder(tmp_path):
 PEAK_RSS_SCRIPT = """
 import resource, sys, torch
 import sd15
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss()  # the libraries alone: ~0.4 GB with a CPU build of torch, ~1.5 GB with a CUDA build
 m = sd15.load(sys.argv[1])
 params = sum(p.numel() * p.element_size() for part in (m.unet, m.vae, m.text_encoder) for p in part.parameters())
-print(params, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(params, peak_rss() - before)
 """
 
 
@@ -238,9 +241,11 @@ def test_full_size_load_keeps_one_copy_in_memory(tmp_path):
     """A 4.3 GB fp32 checkpoint loads with peak resident memory well under two copies of the model."""
     path = save_checkpoint(random_checkpoint("full", seed=0), tmp_path / "full.safetensors")
     out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
-    model_bytes, peak = map(int, out.stdout.split())
+    model_bytes, load_peak = map(int, out.stdout.split())
     assert model_bytes > 4.2e9  # 1.066 B fp32 parameters
-    assert peak < 1.35 * model_bytes, f"peak RSS {peak / 2**30:.2f} GiB for a {model_bytes / 2**30:.2f} GiB model"
+    assert load_peak < 1.25 * model_bytes, (
+        f"loading raised peak RSS by {load_peak / 2**30:.2f} GiB for a {model_bytes / 2**30:.2f} GiB model"
+    )
 
 
 @pytest.mark.parametrize(

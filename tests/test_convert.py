@@ -35,7 +35,7 @@ from sd15.checkpoint import (
 from sd15.cli import main
 from sd15.random_weights import SIZES, random_checkpoint, save_checkpoint
 
-REFERENCE_KEYS = Path(__file__).parents[2] / "shared" / "reference" / "checkpoint-keys"
+REFERENCE_KEYS = Path(__file__).parent / "data" / "checkpoint-keys"  # read off real checkpoints (see its README)
 ASTRONAUT_IDS = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407] + [49407] * 65
 
 

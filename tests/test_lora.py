@@ -20,9 +20,7 @@ from sd15.clip import CLIPTextConfig, CLIPTextModel
 from sd15.pnginfo import format_parameters, parse_parameters, read_parameters
 from sd15.unet import UNet, UNetConfig
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys"
-if not KEYS.is_dir():
-    KEYS = Path("/work/shared/reference/checkpoint-keys")
+KEYS = Path(__file__).parent / "data" / "checkpoint-keys"  # read off real checkpoints (see its README)
 
 
 def reference_keys(name: str) -> dict[str, list[int]]:
