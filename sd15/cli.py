@@ -313,6 +313,13 @@ def run_generate(args) -> None:
     import secrets
 
     settings = _settings_from_png(args.from_png) if args.from_png else {}
+    made_from_an_image = "hires_scale" not in settings and any(k in settings for k in ("strength", "mask_blur"))
+    if made_from_an_image:  # a hires fix's strength belongs to its second pass; any other came with an input image
+        from .checkpoint import printable
+
+        print(f"warning: {printable(args.from_png)} was made from an input image (img2img or inpainting), which a PNG "
+              "does not hold: making a text-to-image from its prompt and settings, without its denoising strength",
+              file=sys.stderr)  # fmt: skip
     prompt = args.prompt if args.prompt is not None else settings.get("prompt")
     if prompt is None:
         raise UserError("give a prompt (or --from-png FILE)")

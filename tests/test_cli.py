@@ -39,6 +39,11 @@ def test_generate_writes_png_whose_parameters_reproduce_it(workdir, tiny_checkpo
     assert read_parameters(workdir / "again.png") == text
 
 
+def test_python_dash_m_runs_the_same_command_line():
+    out = subprocess.run([sys.executable, "-m", "sd15", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--from-png" in out.stdout
+
+
 def test_several_images_get_numbered_files_and_consecutive_seeds(workdir, tiny_checkpoint):
     assert main(["generate", "a cat", "-n", "2", "--steps", "2", "-W", "64", "-H", "56", "--seed", "7",
                  "--model", str(tiny_checkpoint), "-o", "cat.png", "--no-progress"]) == 0  # fmt: skip
@@ -64,6 +69,20 @@ def test_img2img_cli(workdir, tiny_checkpoint):
     settings = parse_parameters(read_parameters(workdir / "out.png"))
     assert settings["strength"] == 0.5 and settings["prompt"] == "a watercolour"
     assert Image.open(workdir / "out.png").size == (64, 64)
+
+
+def test_from_png_of_an_img2img_image_says_it_makes_a_text_to_image(workdir, tiny_checkpoint, capsys):
+    """The PNG holds the settings but not the input image: the rerun is a text-to-image, and the user is told."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(workdir / "in.png")
+    common = ["--steps", "2", "--seed", "3", "--model", str(tiny_checkpoint), "--no-progress"]
+    assert main(["img2img", "in.png", "a watercolour", "--strength", "0.5", *common, "-o", "i2i.png"]) == 0
+    assert main(["generate", "--from-png", "i2i.png", "-o", "again.png", "--no-progress", "--model", str(tiny_checkpoint)]) == 0
+    err = capsys.readouterr().err
+    assert "i2i.png was made from an input image" in err and "without its denoising strength" in err
+    assert main(["generate", "a watercolour", *common, "-W", "64", "-H", "64", "-o", "t2i.png"]) == 0
+    assert np.array_equal(np.asarray(Image.open(workdir / "again.png")), np.asarray(Image.open(workdir / "t2i.png")))
+    assert main(["generate", "--from-png", "t2i.png", "-o", "t2i-again.png", "--no-progress", "--model", str(tiny_checkpoint)]) == 0
+    assert "input image" not in capsys.readouterr().err  # a text-to-image PNG reruns without the warning
 
 
 @pytest.mark.parametrize(
