@@ -90,6 +90,7 @@ def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, 
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if not _whole(steps) or steps < 1 or steps > 1000:
         raise ValueError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
+    plan_sampling(sampler, steps)  # some samplers' timestep grids break at the top of that range
     if not _finite(guidance_scale):
         raise ValueError(f"guidance scale must be a finite number, got {guidance_scale!r:.40}")
     for name, side in (("width", width), ("height", height)):

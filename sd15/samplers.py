@@ -527,6 +527,22 @@ class SamplingPlan:
         return x if sigma_end == 0 else x / (sigma_end**2 + 1) ** 0.5  # x_0 + sigma eps -> VP latent
 
 
+def _refuse_broken_grid(sampler: str, steps: int, spacing: str, timesteps: np.ndarray, noise_levels: np.ndarray) -> None:
+    """Refuse a grid that leaves the training timesteps 0 … 999 or does not lower the noise level at every step.
+
+    diffusers' grids break at the top of the range, and it then fails mid-run: "leading" spacing with
+    steps_offset 1 reaches t = 1000 at 1000 steps (an IndexError in DDIM/PNDM), and DPM-Solver/UniPC's
+    steps + 1 rounded "linspace" points repeat t = 500 at 1000 steps (a zero-length step: h = 0, NaN latents).
+    `noise_levels` is any quantity that must fall strictly from step to step (sigma, or t itself).
+    """
+    T = schedule.NUM_TRAIN_TIMESTEPS
+    outside = [t for t in (timesteps.min(), timesteps.max()) if not 0 <= t <= T - 1]
+    if outside or not np.all(np.diff(noise_levels) < 0):
+        what = f"reaches t = {outside[0]:g}, outside 0 … {T - 1}" if outside else "repeats a noise level"
+        raise ValueError(f"{sampler} cannot take {steps} steps with {spacing!r} timestep spacing: its grid {what}; "
+                         "use fewer steps")  # fmt: skip
+
+
 def plan_sampling(
     sampler: str,
     steps: int,
@@ -541,7 +557,8 @@ def plan_sampling(
     karras: Karras et al. 2022 sigmas (rho = 7), for the sigma-space samplers (diffusers' use_karras_sigmas;
     diffusers' EulerAncestral lacks it, so euler_a uses the grid EulerDiscrete would, as k-diffusion allows).
     eta: DDIM's eta. spacing: override the scheduler's default timestep spacing ("leading" for ddim/pndm,
-    "linspace" for the rest, since SD1.5's config does not set it).
+    "linspace" for the rest, since SD1.5's config does not set it). A grid diffusers cannot run is refused
+    (`_refuse_broken_grid`: 1000 steps for ddim, pndm and the multistep solvers).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -559,6 +576,7 @@ def plan_sampling(
 
     if sampler in _VP_SAMPLERS:  # integer timesteps; DDIM/PNDM round "linspace"
         ts = schedule.spaced_timesteps(steps, spacing).round()
+        _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=ts)
         if sampler == "pndm" and steps > 1:  # PLMS warm-up evaluates the second timestep twice
             ts = np.concatenate([ts[:2], ts[1:]])
         init_noise_sigma = 1.0
@@ -578,6 +596,7 @@ def plan_sampling(
             if karras:  # between this grid's end sigmas; the model gets the fractional log-sigma timestep
                 sig = schedule.karras_sigmas(steps, float(sig[-1]), float(sig[0]))
                 ts = schedule.sigma_to_t(sig)
+        _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=sig)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
         if sampler in _MULTISTEP:  # they start from VP noise: x = x_t / sqrt(abar) = eps * sqrt(sigma^2 + 1)
             init_noise_sigma = float((sigmas[0] ** 2 + 1) ** 0.5)

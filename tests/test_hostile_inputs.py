@@ -213,6 +213,8 @@ def test_a_write_error_after_the_run_is_one_line_not_a_traceback(workdir, tiny_c
         (["--hires-scale", "4", "-W", "2048", "-H", "2048"], "larger than"),
         (["--hires-scale", "2", "--hires-strength", "0.01", "--hires-steps", "10"], "leaves no step"),
         (["--negative", "a \udcff cat"], "not a Unicode character"),
+        (["--steps", "1000"], "pndm cannot take 1000 steps"),
+        (["--steps", "1000", "--sampler", "dpmpp_2m"], "dpmpp_2m cannot take 1000 steps"),
     ],
 )
 def test_bad_settings_are_refused_before_the_model_loads(workdir, tiny_checkpoint, capsys, monkeypatch, args, message):

@@ -120,7 +120,7 @@ def assert_parity(ours, ref):
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("steps", [1, 6, 20, 50])
+@pytest.mark.parametrize("steps", [1, 2, 3, 6, 20, 50])
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_txt2img_parity(sampler, steps):
     noise = latents(0)
@@ -128,7 +128,7 @@ def test_txt2img_parity(sampler, steps):
     assert_parity(run_ours(sampler, steps, noise, seed=7), ref)
 
 
-@pytest.mark.parametrize("steps", [1, 6, 20, 50])
+@pytest.mark.parametrize("steps", [1, 2, 3, 6, 20, 50])
 @pytest.mark.parametrize("sampler", KARRAS_IN_DIFFUSERS)
 def test_txt2img_parity_karras(sampler, steps):
     noise = latents(0)
@@ -151,6 +151,74 @@ def test_img2img_parity_karras(sampler, strength):
     noise, init = latents(0), latents(1, 0.8)
     ref = run_diffusers(reference_scheduler(sampler, karras=True), 20, noise, init, strength, seed=7)
     assert_parity(run_ours(sampler, 20, noise, init, strength, seed=7, karras=True), ref)
+
+
+# the edges of img2img: one step run at the very end (100 steps, strength 0.01), all steps but the first
+# (0.99), every step from the noised image (1.0 with an image: add_noise at the first timestep, not pure noise),
+# and the shortest schedules
+EDGE_STRENGTHS = [(100, 0.01), (50, 0.5), (50, 0.99), (50, 1.0), (2, 0.5), (2, 1.0), (1, 1.0)]
+
+
+@pytest.mark.parametrize("steps, strength", EDGE_STRENGTHS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_img2img_parity_edge_strengths(sampler, steps, strength):
+    noise, init = latents(0), latents(1, 0.8)
+    ref = run_diffusers(reference_scheduler(sampler), steps, noise, init, strength, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, init, strength, seed=7), ref)
+
+
+@pytest.mark.parametrize("steps, strength", EDGE_STRENGTHS)
+@pytest.mark.parametrize("sampler", KARRAS_IN_DIFFUSERS)
+def test_img2img_parity_edge_strengths_karras(sampler, steps, strength):
+    noise, init = latents(0), latents(1, 0.8)
+    ref = run_diffusers(reference_scheduler(sampler, karras=True), steps, noise, init, strength, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, init, strength, seed=7, karras=True), ref)
+
+
+@pytest.mark.parametrize("sampler, karras", [(s, False) for s in SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS if s != "lms"])
+def test_999_steps_parity(sampler, karras):
+    """The most steps every sampler can take (see test_1000_steps_are_refused_where_the_grid_breaks).
+
+    LMS with Karras sigmas is left out: at 999 steps its last step, sigma_min -> 0, is ~100 times longer than the
+    steps before it, so the 4th-order extrapolation multiplies rounding by ~1e5 (both sides end near |x| = 200,
+    agreeing to 2e-4 relative; diffusers' quad integrates each coefficient to epsrel 1e-4). That is LMS itself
+    (k-diffusion's sample_lms does the same), not a difference between the two."""
+    noise = latents(0)
+    ref = run_diffusers(reference_scheduler(sampler, karras=karras), 999, noise, seed=7)
+    assert_parity(run_ours(sampler, 999, noise, seed=7, karras=karras), ref)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_1000_steps_are_refused_where_the_grid_breaks(sampler):
+    """pipeline.check_settings allows 1000 steps. There diffusers' "leading" grid (DDIM, PNDM) reaches t = 1000, an
+    IndexError mid-run, and the DPM-Solver/UniPC grid (1001 points over 0 … 999, rounded) lists t = 500 twice, a
+    zero-length step that makes every latent NaN. plan_sampling refuses both with a message instead."""
+    noise = latents(0)
+    try:
+        x_ref, _ = run_diffusers(reference_scheduler(sampler), 1000, noise, seed=7)
+    except IndexError:
+        pass
+    else:
+        assert torch.isnan(x_ref).all()
+    with pytest.raises(ValueError, match="cannot take 1000 steps.*use fewer steps"):
+        plan_sampling(sampler, 1000)
+    plan_sampling(sampler, 999)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "lms"])
+def test_1000_steps_run_where_the_grid_holds(sampler):
+    noise = latents(0)
+    ref = run_diffusers(reference_scheduler(sampler), 1000, noise, seed=7)
+    assert_parity(run_ours(sampler, 1000, noise, seed=7), ref)
+
+
+def test_plan_refuses_grids_outside_the_training_timesteps():
+    with pytest.raises(ValueError, match="reaches t = -1"):  # "trailing" at 998 steps lists 999 timesteps, down to -1
+        plan_sampling("euler", 998, spacing="trailing")
+    with pytest.raises(ValueError, match="reaches t = 1000"):
+        plan_sampling("euler", 1000, spacing="leading")
+    with pytest.raises(ValueError, match="repeats a noise level"):
+        plan_sampling("unipc", 1000, spacing="leading")
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
@@ -285,3 +353,62 @@ def test_plan_rejects_bad_arguments():
         plan_sampling("euler", 3, strength=0.2)
     with pytest.raises(ValueError, match="init_latents"):
         plan_sampling("euler", 10, strength=0.5).noise_latents(latents(0))
+
+
+# --------------------------------------------------------------------------- inpainting with a regular UNet
+
+
+MASK = torch.zeros(1, 1, 8, 8)
+MASK[..., 2:6, 1:5] = 1  # 1 = repaint
+
+
+def run_diffusers_inpaint(scheduler, steps, noise, init, strength, seed):
+    """StableDiffusionInpaintPipeline's loop for a 4-channel UNet: after every scheduler step (Heun: every half
+    step) the kept region becomes `add_noise(init, noise, timesteps[i + 1])`, or init after the last step."""
+    model = FakeEps()
+    scheduler.set_timesteps(steps)
+    t_start = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    x = noise * scheduler.init_noise_sigma if strength == 1.0 else scheduler.add_noise(init, noise, timesteps[:1])
+    extra = {"generator": torch.Generator().manual_seed(seed)} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(timesteps):
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **extra, return_dict=False)[0]
+        known = scheduler.add_noise(init, noise, torch.tensor([timesteps[i + 1]])) if i < len(timesteps) - 1 else init
+        x = (1 - MASK) * known + MASK * x
+    return x, model.seen
+
+
+@pytest.mark.parametrize("steps, strength", [(6, 1.0), (20, 0.5), (10, 0.3), (2, 1.0), (50, 0.99)])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_known_region_blending_parity(sampler, steps, strength):
+    """sd15.inpaint's blend for a regular UNet noises the kept region to the level of the new x, for every sampler
+    family: the next listed timestep (DDIM/PNDM, PLMS's repeated one included) or sigma_next (the others, and
+    Heun's intermediate Euler point), as diffusers' inpainting pipeline does."""
+    from sd15.inpaint import _known_region_blender
+
+    noise, init = latents(0), latents(1, 0.8)
+    ref = run_diffusers_inpaint(reference_scheduler(sampler), steps, noise, init, strength, seed=7)
+    model = FakeEps()
+    plan = plan_sampling(sampler, steps, strength)
+    blend = _known_region_blender(plan, init, noise, MASK, None)
+    one_image = lambda info: blend({**info, "images": range(1)})  # the pipeline adds the batch rows
+    x = plan.noise_latents(noise) if strength == 1.0 else plan.noise_latents(noise, init)
+    x = plan.sample(model, x, torch.Generator().manual_seed(7), one_image, on_predictor=one_image)
+    assert_parity((x, model.seen), ref)
+    assert torch.equal(x * (1 - MASK), init * (1 - MASK))  # the kept region ends exactly on the image
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpmpp_2m_sde", 0.0)])
+def test_each_row_draws_from_its_own_generator(sampler, eta):
+    """With one generator per row (the pipeline's seed + i), a row's sampler noise does not depend on its batch."""
+    plan = plan_sampling(sampler, 8, eta=eta)
+    noise = torch.cat([latents(0), latents(1)])
+    batch = plan.sample(FakeEps(), plan.noise_latents(noise), [torch.Generator().manual_seed(s) for s in (5, 6)])
+    for row, s in enumerate((5, 6)):
+        alone = plan.sample(FakeEps(), plan.noise_latents(noise[row : row + 1]), torch.Generator().manual_seed(s))
+        torch.testing.assert_close(batch[row : row + 1], alone, rtol=0, atol=1e-6)
