@@ -347,7 +347,7 @@ def generate(
     words, any length: see sd15.prompts); `clip_skip=2` conditions on CLIP's penultimate layer.
 
     `latents` replaces the seeded initial noise (unit variance, (N, 4, H/8, W/8)); `callback(info)` is
-    called after every step with {"i", "t", "sigma", "x", "denoised", "images"} and stops the run by
+    called after every step with {"i", "t", "sigma", "sigma_next", "x", "denoised", "images"} and stops the run by
     returning True (the images finished so far, and the current one as it stands, are returned).
     """
     check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
