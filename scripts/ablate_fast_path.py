@@ -12,13 +12,15 @@ The ladder (each row keeps what the rows above it turned on, except the alternat
     + Triton kernels                 GroupNorm(+SiLU), GEGLU, add+LayerNorm in Triton (CUDA)
     + CUDA graphs                    the UNet replayed from a graph: the default fast path (CUDA)
     + cudnn.benchmark                cuDNN times its convolution algorithms for each shape first (CUDA)
-    graphs, SDPA forced to X         instead of PyTorch's choice: flash, cuDNN or memory-efficient (CUDA)
+    graphs, SDPA forced to X         "+ CUDA graphs" with SDPA forced to flash, cuDNN or memory-efficient (CUDA)
 
 It is how to decide what pays on a given GPU (docs/performance.md): benchmark.py compares whole
 configurations with diffusers, this splits the fast one into its parts. Each figure is the median of
 --calls calls after a warm-up (which includes Triton's compilation and the graph capture), the device
 synchronised around each call. A row whose configuration fails (a backend that does not take the shape,
-say) says so and the ladder goes on.
+say) says so and the ladder goes on. A SIGTERM (a time limit such as `timeout`'s) stops the ladder, and the
+table and the JSON still hold the rows measured before it. Each SDPA row is compared with "+ CUDA graphs",
+the same configuration with PyTorch's own choice of backend.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -38,7 +41,7 @@ sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
 import sd15  # noqa: E402
-from benchmark import DTYPES, seconds  # noqa: E402
+from benchmark import DTYPES, TimeUp, _time_up, seconds  # noqa: E402
 from sd15.random_weights import random_checkpoint_file  # noqa: E402
 
 
@@ -110,22 +113,29 @@ def main() -> None:
     z = torch.randn(1, 4, h, h, device=device, dtype=dtype)
 
     results: dict[str, dict[str, float | str]] = {}
-    with torch.no_grad():
-        for name, settings in ladder(cuda):
-            try:
-                with configure(m, settings):  # the forced SDPA backend: the UNet's heads (width 40-160) only
-                    unet = median_ms(lambda: m.unet(x, t, ctx), device, args.calls)
-                vae = median_ms(lambda: m.vae.decode(z), device, max(3, args.calls // 4))  # one head of width 512
-                results[name] = {"UNet guided step (ms)": unet, "VAE decode (ms)": vae}
-            except Exception as error:  # noqa: BLE001 (one row's failure must not lose the ladder)
-                results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
-            print(f"  {name:34s} {results[name]}", file=sys.stderr)
-    m.disable_fast_path()
+    signal.signal(signal.SIGTERM, _time_up)
+    try:
+        with torch.no_grad():
+            for name, settings in ladder(cuda):
+                try:
+                    with configure(m, settings):  # the forced SDPA backend: the UNet's heads (width 40-160) only
+                        unet = median_ms(lambda: m.unet(x, t, ctx), device, args.calls)
+                    vae = median_ms(lambda: m.vae.decode(z), device, max(3, args.calls // 4))  # one head of width 512
+                    results[name] = {"UNet guided step (ms)": unet, "VAE decode (ms)": vae}
+                except Exception as error:  # noqa: BLE001 (one row's failure must not lose the ladder)
+                    if TimeUp.arrived:  # a SIGTERM inside a graph capture surfaces as the capture's error
+                        raise TimeUp from error
+                    results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+                print(f"  {name:34s} {results[name]}", file=sys.stderr)
+        m.disable_fast_path()
+    except TimeUp:
+        print("\nstopped by SIGTERM (a time limit): the table holds the rows measured before it", file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.backends.cudnn.benchmark = False
 
     env = f"{torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, {str(dtype)[6:]}, " \
           f"{args.size}×{args.size}, batch 2 (one guided step), median of {args.calls}"
-    print(f"\n{env}\n")
+    print(f"\n{env}{' (stopped early by a time limit)' if TimeUp.arrived else ''}\n")
     print("| configuration | UNet guided step (ms) | vs row above | VAE decode (ms) | vs row above |")
     print("|---|---:|---:|---:|---:|")
     above: dict[str, float] = {}
@@ -133,15 +143,19 @@ def main() -> None:
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | |")
             continue
+        # the SDPA rows are alternatives, each against the row with the same settings and PyTorch's choice
+        base = results.get("+ CUDA graphs", {}) if name.startswith("graphs, SDPA") else above
         cells = []
         for metric in ("UNet guided step (ms)", "VAE decode (ms)"):
-            ratio = f"{above[metric] / r[metric]:.2f}×" if metric in above else ""
+            ratio = f"{base[metric] / r[metric]:.2f}×" if metric in base else ""
             cells += [f"{r[metric]:.2f}", ratio]
-        if not name.startswith("graphs, SDPA"):  # the SDPA rows are alternatives, each against "+ cudnn.benchmark"
+        if not name.startswith("graphs, SDPA"):
             above = dict(r)
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if any(name.startswith("graphs, SDPA") for name in results):
+        print("\n(the SDPA rows are each compared with \"+ CUDA graphs\", not with the row above)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"environment": env, "stopped_early": TimeUp.arrived, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,8 @@ def diffusers_workload(pipe, args, device, dtype) -> Workload:
 class TimeUp(BaseException):
     """SIGTERM (a time limit such as `timeout`'s) arrived: stop measuring, and print what was measured."""
 
+    arrived = False  # set by the handler: code that catches the TimeUp (a capture's cleanup) may raise its own error
+
 
 def measure(workloads: dict[str, Workload], args, device, results: dict[str, dict]) -> None:
     """Every metric of every configuration, into `results`. Timings are interleaved, each round running
@@ -139,6 +141,8 @@ def measure(workloads: dict[str, Workload], args, device, results: dict[str, dic
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 (one configuration's failure must not lose the table)
+            if TimeUp.arrived:  # a SIGTERM raised inside a graph capture or a compiler surfaces as its error
+                raise TimeUp from error
             print(f"  {name}: failed, dropped: {type(error).__name__}: {error}", file=sys.stderr)
             results[name]["error"] = f"{type(error).__name__}: {error}"[:300]
             alive.pop(name, None)
@@ -299,6 +303,7 @@ def main() -> None:
 
 
 def _time_up(signum, frame):
+    TimeUp.arrived = True
     raise TimeUp
 
 

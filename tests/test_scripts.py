@@ -29,22 +29,31 @@ def test_benchmark_runs_sd15_and_diffusers_and_prints_the_ratios(tmp_path):
     assert "speed-up of sd15 reference over diffusers eager" in out and "speed-up of sd15 fast over diffusers eager" in out
 
 
-def test_benchmark_stopped_by_a_time_limit_still_prints_what_it_measured(tmp_path):
-    """On the GPU it runs under `timeout`: SIGTERM mid-run must leave the table and the JSON, not nothing."""
+def stopped_by_sigterm(script: str, *args: str, after: str, folder) -> tuple[str, dict]:
+    """Run a script, send it SIGTERM (what `timeout` sends) once a stderr progress line holds `after`, and return
+    its stdout and the JSON it saved. It must exit cleanly, saying it stopped early."""
     import signal
 
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cpu", "--weights", "tiny", "--size", "64",
-           "--steps", "2", "--repeats", "50", "--batch-sizes", "--only", "sd15", "--json", str(tmp_path / "b.json")]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # per-metric progress lines
-        if "UNet guided step" in line:
+    cmd = [sys.executable, str(ROOT / "scripts" / script), *args, "--json", str(folder / "out.json")]
+    proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if after in line:
             break
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "stopped early by a time limit" in out and "| UNet guided step (ms) |" in out
-    saved = json.loads((tmp_path / "b.json").read_text())
+    assert "stopped early by a time limit" in out
+    saved = json.loads((folder / "out.json").read_text())
     assert saved["stopped_early"] is True
+    return out, saved
+
+
+def test_benchmark_stopped_by_a_time_limit_still_prints_what_it_measured(tmp_path):
+    """On the GPU it runs under `timeout`: SIGTERM mid-run must leave the table and the JSON, not nothing."""
+    out, saved = stopped_by_sigterm("benchmark.py", "--device", "cpu", "--weights", "tiny", "--size", "64", "--steps", "2",
+                                    "--repeats", "50", "--batch-sizes", "--only", "sd15", after="UNet guided step",
+                                    folder=tmp_path)  # fmt: skip
+    assert "| UNet guided step (ms) |" in out
     assert saved["results"]["sd15 reference"]["first image (s)"] > 0
     assert "end to end (s)" not in saved["results"]["sd15 reference"]  # 50 repeats of everything: not reached
 
@@ -67,14 +76,68 @@ def test_ablation_runs_its_ladder_and_prints_the_table(tmp_path):
     assert "| fused modules, PyTorch ops |" in out
 
 
-def test_ablation_ladder_on_cuda_names_every_part_and_each_sdpa_backend():
-    """The CUDA rows cannot run here; their construction (torch's SDPA backend names) can."""
+def _script_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ablate_fast_path", ROOT / "scripts" / "ablate_fast_path.py")
-    ablate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablate)
-    names = [name for name, _ in ablate.ladder(cuda=True)]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_stopped_by_a_time_limit_still_prints_what_it_measured(tmp_path):
+    """device_check.sh runs it under `timeout`: SIGTERM mid-ladder must leave the rows measured, not nothing."""
+    out, saved = stopped_by_sigterm("ablate_fast_path.py", "--device", "cpu", "--weights", "tiny", "--size", "32",
+                                    "--calls", "10", after="reference, NCHW", folder=tmp_path)  # one line per finished row
+    assert "| reference, NCHW |" in out
+    assert saved["results"]["reference, NCHW"]["UNet guided step (ms)"] > 0
+    assert "fused modules, PyTorch ops" not in saved["results"]  # the third row, seconds away: not reached
+
+
+def test_ablation_compares_each_sdpa_row_with_the_graphs_row(monkeypatch, capsys):
+    """A forced-SDPA row differs from "+ CUDA graphs" in its backend alone; "+ cudnn.benchmark", the row
+    printed above it, also turns cuDNN's autotuning on, so a ratio against it would mix the two."""
+    ablate = _script_module("ablate_fast_path")
+    same = dict(fast=None, channels_last=False)  # runs on the CPU; the timings below stand in for the GPU's
+    rows = ["reference, NCHW", "+ CUDA graphs", "+ cudnn.benchmark", "graphs, SDPA forced to flash"]
+    monkeypatch.setattr(ablate, "ladder", lambda cuda: [(name, same) for name in rows])
+    unet_ms = iter([40.0, 10.0, 5.0, 8.0])
+    monkeypatch.setattr(ablate, "median_ms", lambda fn, device, calls, warmup=3: next(unet_ms) if calls > 5 else 30.0)
+    monkeypatch.setattr(sys, "argv", ["ablate_fast_path.py", "--device", "cpu", "--weights", "tiny", "--size", "64"])
+    ablate.main()
+    out = capsys.readouterr().out
+    assert "| + cudnn.benchmark | 5.00 | 2.00× |" in out
+    assert "| graphs, SDPA forced to flash | 8.00 | 1.25× |" in out  # 10 / 8, not 5 / 8
+
+
+def test_benchmark_a_time_limit_that_surfaces_as_another_error_still_stops(monkeypatch):
+    """A SIGTERM inside a CUDA-graph capture or a compiler can come out as that code's own error (the
+    capture's cleanup raises); it must stop the run like the TimeUp it was, not drop one configuration
+    and go on measuring until `timeout -k` kills the process with nothing printed."""
+    import argparse
+
+    import pytest
+    import torch
+
+    benchmark = _script_module("benchmark")
+    monkeypatch.setattr(benchmark.TimeUp, "arrived", False)
+
+    def interrupted_capture(n=1):
+        benchmark.TimeUp.arrived = True  # what the SIGTERM handler sets before it raises
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    work = benchmark.Workload(text=lambda: None, unet=lambda: None, vae=lambda: None, generate=interrupted_capture,
+                              weight_bytes=0)  # fmt: skip
+    results = {}
+    with pytest.raises(benchmark.TimeUp):
+        benchmark.measure({"sd15 fast+graphs": work}, argparse.Namespace(repeats=1, batch_sizes=[]),
+                          torch.device("cpu"), results)  # fmt: skip
+    assert "error" not in results["sd15 fast+graphs"]
+
+
+def test_ablation_ladder_on_cuda_names_every_part_and_each_sdpa_backend():
+    """The CUDA rows cannot run here; their construction (torch's SDPA backend names) can."""
+    names = [name for name, _ in _script_module("ablate_fast_path").ladder(cuda=True)]
     assert names[3:6] == ["+ Triton kernels", "+ CUDA graphs", "+ cudnn.benchmark"]
     assert [n for n in names if "SDPA" in n] == [f"graphs, SDPA forced to {b}" for b in ("flash", "cuDNN", "memory-efficient")]
 

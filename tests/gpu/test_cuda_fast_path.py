@@ -14,13 +14,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sd15
 from sd15 import cuda_graphs, determinism, pipeline
 from sd15.kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from sd15.kernels.geglu import geglu, geglu_reference
 from sd15.kernels.group_norm import group_norm, group_norm_reference
-from sd15.random_weights import random_checkpoint, save_checkpoint
+from sd15.random_weights import random_checkpoint_file, save_checkpoint
 from sd15.samplers import plan_sampling
 
 CUDA = torch.device("cuda")
@@ -45,7 +46,12 @@ def true_fp32():
 
 @pytest.fixture(scope="module")
 def full_checkpoint(tmp_path_factory):
-    return save_checkpoint(random_checkpoint("full", seed=0, dtype=torch.float16), tmp_path_factory.mktemp("w") / "full.safetensors")
+    """`random_checkpoint("full", seed=0, dtype=torch.float16)`, cast from the float32 file that the scripts draw
+    (into SD15_RANDOM_WEIGHTS_CACHE when set, as device_check.sh does: drawn once, here, for them all)."""
+    folder = tmp_path_factory.mktemp("w")
+    weights = load_file(random_checkpoint_file("full", 0, folder))
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()}
+    return save_checkpoint(half, folder / "full-fp16.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,9 @@ def test_fast_unet_step_matches_fp32_reference(full_checkpoint, fp32_reference, 
     reference_half = sd15.load(full_checkpoint, device=CUDA, dtype=dtype, fast=False)
     x, t, ctx = unet_inputs(dtype)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")  # a Triton kernel that fell back to PyTorch would warn
+        # a Triton kernel that fell back to PyTorch says so in a warning (sd15.fast._falling_back); other
+        # warnings (a library's deprecation notice, say) are no failure of the fast path
+        warnings.filterwarnings("error", message="the Triton kernel")
         ours = m.unet(x, t, ctx)
         ours_again = m.unet(x, t, ctx)  # replayed from the graph
         ref32 = fp32_reference.unet(x.float(), t, ctx.float())
