@@ -10,8 +10,10 @@ The mask is white (>= 0.5) where the image is to be repainted and black where it
 - A regular checkpoint (4 channels) is steered instead: after every sampler step the known region of x is
   replaced by the original image's latents noised to the step's new noise level (the clean latents after the
   last step), x <- (1 - m) · noised(init) + m · x, as diffusers' pipeline does for such a UNet (Lugmayr et
-  al. 2022, "RePaint", without its resampling). Heun is blended at its intermediate Euler point too, before
-  the model sees it, as diffusers' interleaved half steps are.
+  al. 2022, "RePaint", without its resampling). Heun and DPM2 are blended at their intermediate point too
+  (Heun's Euler point, DPM2's midpoint), before the model sees it, as diffusers' interleaved half steps are; the
+  kept region is noised to the step's sigma_next there, as diffusers does (for DPM2 that is below the midpoint's
+  own sigma_mid; for DPM2 ancestral the two are equal).
 
 Around that:
 - `paste_back` (default on) composites the result onto the original pixels through the mask, so pixels the mask
@@ -194,7 +196,7 @@ def _resize(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _known_region_blender(plan, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, callback):
     """A step callback for a 4-channel UNet: x <- (1 - m) · init noised to the new level + m · x, in place,
-    then the user's callback (`callback=None`: the blend alone, for Heun's intermediate point). init,
+    then the user's callback (`callback=None`: the blend alone, for Heun's and DPM2's intermediate point). init,
     noise: (N, 4, h, w) on x's device; mask (1, 1, h, w)."""
     n_run = len(plan.timesteps) - plan.start
     abar = schedule.alphas_cumprod()

@@ -286,7 +286,7 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
              concat=None, on_predictor=None):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
-    if given, sees Heun's intermediate points, with info["images"] as the callback gets it."""
+    if given, sees the intermediate points of Heun and DPM2 (a), with info["images"] as the callback gets it."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
     stopped = False
     for lo in range(0, len(prompts), batch_size):

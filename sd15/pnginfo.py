@@ -30,6 +30,8 @@ SAMPLER_NAMES = {
     "euler": "Euler",
     "euler_a": "Euler a",
     "heun": "Heun",
+    "dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a",
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",

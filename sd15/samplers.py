@@ -6,11 +6,12 @@ tensor of shape (B,) that may be fractional (799.2). That is the UNet as trained
 
 Two families:
 - `ddim`, `pndm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps.
-- `euler`, `euler_a`, `heun`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `unipc` work, as Karras et al. 2022 and
-  k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise levels
-  `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
+- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `unipc` work, as Karras
+  et al. 2022 and k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise
+  levels `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
   training timestep the UNet is told, `timesteps[i]`, computed the way diffusers' scheduler computes it
   (interpolated, rounded or not: see `plan_sampling`), so there is no sigma -> t guess inside a sampler.
+  DPM2's midpoints come with theirs too (`timesteps_mid`).
 
 Callbacks. Every sampler calls `callback(info)` once per step, after the step, with
     {"i": step number in this run, "t": timestep the model saw, "sigma": its noise level,
@@ -19,9 +20,10 @@ If the callback returns `True`, the sampler stops and returns that `x` (in its o
 x_0 + sigma_next * eps for the others; `SamplingPlan.sample` converts it to VP).
 
 Noise. Ancestral/SDE samplers draw one standard normal tensor per step, every step (also the last, where
-it is multiplied by 0), from the caller's `torch.Generator` on the generator's device (the CPU for a CPU
-generator) and move it to x's device, as diffusers' `randn_tensor` does; so a seeded CPU generator gives
-the same image on any device, and the same draws as diffusers given the same generator.
+it is multiplied by 0; `dpm_2_a` skips that last draw, as diffusers does), from the caller's `torch.Generator`
+on the generator's device (the CPU for a CPU generator) and move it to x's device, as diffusers' `randn_tensor`
+does; so a seeded CPU generator gives the same image on any device, and the same draws as diffusers given the
+same generator.
 
 The pipeline uses the last section: `plan = plan_sampling(name, steps, strength, karras, eta)`, then
 `x = plan.noise_latents(noise, init_latents)` and `latents = plan.sample(eps_model, x, generator, callback)`.
@@ -40,7 +42,7 @@ from . import schedule
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], "bool | None"]
 
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -89,6 +91,46 @@ def _report(callback: Callback | None, i: int, t, sigma, sigma_next, x, denoised
 def _vp_sigma(abar: torch.Tensor) -> torch.Tensor:
     """sigma of a VP noise level: sqrt((1 - abar) / abar)."""
     return ((1 - abar) / abar) ** 0.5
+
+
+def _ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of an ancestral step sigma -> sigma_next (k-diffusion's `get_ancestral_step`, eta = 1):
+    a deterministic step down to sigma_down, then fresh noise of std sigma_up, with
+        sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2),  sigma_down = sqrt(sigma_next^2 - sigma_up^2)
+    so that sigma_down^2 + sigma_up^2 = sigma_next^2 (and sigma_down = sigma_next^2 / sigma).
+    """
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def dpm_2_midpoints(sigmas: torch.Tensor, ancestral: bool = False) -> torch.Tensor:
+    """(n,) the noise level of DPM2's second evaluation in each step of `sigmas` (n+1,): halfway in log sigma
+    between sigma_i and where the step lands, sigma_{i+1} (`dpm_2`) or sigma_down (`dpm_2_a`),
+        sigma_mid = exp((log sigma_i + log sigma_end) / 2) = sqrt(sigma_i sigma_end);
+    0 for a step to sigma = 0, which has no second evaluation. `plan_sampling` gives each its timestep.
+    The halving runs in diffusers' direction (from sigma_next up, from sigma down to sigma_down), so the
+    midpoints agree with its to the last bit (see `_midpoint_timesteps` for why that matters).
+    """
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    if ancestral:
+        log_mid = torch.lerp(sigma.log(), _ancestral_step(sigma, sigma_next)[0].log(), 0.5)
+    else:
+        log_mid = torch.lerp(sigma_next.log(), sigma.log(), 0.5)
+    return torch.where(sigma_next > 0, log_mid.exp(), 0.0)
+
+
+def _midpoint_timesteps(sigmas_mid: torch.Tensor) -> torch.Tensor:
+    """The model timestep of each DPM2 midpoint: `schedule.sigma_to_t` (linear in log sigma between the two table
+    entries around it), but in float32 arithmetic, as diffusers' KDPM2 schedulers compute these. The float64 value
+    differs in t's last bit, which moves a 3-step dpm_2_a result by 3e-4 (its x passes |x| ~ 90 before the last step).
+    """
+    log_sigmas = np.log(schedule.sigmas().numpy())  # (1000,) float32, increasing
+    log_sigma = np.log(np.maximum(sigmas_mid.numpy(), np.float32(1e-10)))  # (n,) float32
+    lo = ((log_sigma[None, :] >= log_sigmas[:, None]).sum(axis=0) - 1).clip(0, len(log_sigmas) - 2)  # last entry <=
+    w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[lo + 1]), 0, 1)
+    lo = lo.astype(np.float32)
+    return torch.from_numpy((1 - w) * lo + w * (lo + 1))
 
 
 # --------------------------------------------------------------------------- VP samplers
@@ -222,15 +264,14 @@ def euler_a(
     """Euler ancestral: DDPM's ancestral sampling (Ho et al. 2020, Algorithm 2) in sigma form.
 
     Each step sigma -> sigma_next is split into a deterministic Euler step down to sigma_down and fresh
-    noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion's `get_ancestral_step`
-    with eta = 1; diffusers' EulerAncestralDiscreteScheduler):
+    noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2 (`_ancestral_step`; diffusers'
+    EulerAncestralDiscreteScheduler):
         sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2),  sigma_down = sqrt(sigma_next^2 - sigma_up^2)
     """
     for i in range(len(timesteps)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(eps_model, x, sigma, timesteps[i])
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
         d = (x - denoised) / sigma
         x = x + d * (sigma_down - sigma)
         x = x + _randn_like(x, generator) * sigma_up
@@ -268,6 +309,86 @@ def heun(
             x = x + (d + d_next) / 2 * (sigma_next - sigma)
         else:
             x = x_euler
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
+def dpm_2(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    timesteps_mid: torch.Tensor,
+    callback: Callback | None = None,
+    on_predictor: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """DPM2: Karras et al. 2022, Algorithm 2 (S_churn = 0) with its Heun correction replaced by a midpoint step in
+    log sigma, which is DPM-Solver-2 (Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic
+    Model Sampling in Around 10 Steps", r_1 = 1/2) in sigma form; k-diffusion's `sample_dpm_2`; diffusers'
+    KDPM2DiscreteScheduler.
+
+    The slope at sigma carries x half the way (in log sigma) to sigma_mid, and the slope found there takes the
+    whole step from x (the explicit midpoint rule):
+        d = (x - D(x; sigma)) / sigma,     sigma_mid = sqrt(sigma sigma_next)       (`dpm_2_midpoints`)
+        x_mid = x + d (sigma_mid - sigma),  d_mid = (x_mid - D(x_mid; sigma_mid)) / sigma_mid
+        x_next = x + d_mid (sigma_next - sigma)
+    The last step, to sigma = 0, is a plain Euler step (x_next = D(x; sigma)). Two model evaluations per step but
+    the last, the second at (sigma_mid, timesteps_mid[i]): timesteps_mid (n,) is the model timestep of each
+    midpoint (its last entry, for the step without one, unused).
+
+    `on_predictor(info)` sees the midpoint before the model is evaluated there ({"i", "t", "sigma_mid",
+    "sigma_next", "x"}, x editable in place), as diffusers' pipelines see every interleaved half step. Inpainting
+    blends it; diffusers then noises the kept region to the step's sigma_next, not to sigma_mid (its interleaved
+    sigma list holds sigma_next at a midpoint's index), and so does sd15's blend, for parity.
+    """
+    return _dpm_2_steps(eps_model, x, sigmas, timesteps, timesteps_mid, None, callback, on_predictor, ancestral=False)
+
+
+def dpm_2_a(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    timesteps_mid: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    on_predictor: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """DPM2 ancestral: the `dpm_2` step down to sigma_down, then fresh noise of std sigma_up, as `euler_a` does
+    with an Euler step (k-diffusion's `sample_dpm_2_ancestral`; diffusers' KDPM2AncestralDiscreteScheduler):
+        sigma_down, sigma_up = `_ancestral_step`(sigma, sigma_next),  sigma_mid = sqrt(sigma sigma_down)
+        x_mid = x + d (sigma_mid - sigma),  d_mid = (x_mid - D(x_mid; sigma_mid)) / sigma_mid
+        x_next = x + d_mid (sigma_down - sigma) + sigma_up z,      z ~ N(0, I)
+    Since sigma_down = sigma_next^2 / sigma, sigma_mid = sigma_next: the second slope is taken at the Euler point
+    for sigma_next (up to rounding; its timestep is computed from sigma_mid all the same, as diffusers does).
+    The last step, to sigma = 0, is a plain Euler step with no noise, and draws none (diffusers draws z only
+    after a midpoint evaluation, so n steps draw n - 1 times; k-diffusion draws on the last step too).
+    Two model evaluations per step but the last; timesteps_mid and `on_predictor` as in `dpm_2`.
+    """
+    return _dpm_2_steps(eps_model, x, sigmas, timesteps, timesteps_mid, generator, callback, on_predictor, ancestral=True)
+
+
+def _dpm_2_steps(eps_model, x, sigmas, timesteps, timesteps_mid, generator, callback, on_predictor, ancestral: bool):
+    """The loop of `dpm_2` (ancestral=False: each step lands on sigma_next) and `dpm_2_a` (ancestral=True: it lands
+    on sigma_down, and noise of std sigma_up is added)."""
+    sigmas_mid = dpm_2_midpoints(sigmas, ancestral)
+    for i in range(len(timesteps)):
+        sigma, sigma_mid, sigma_next = sigmas[i], sigmas_mid[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        d = (x - denoised) / sigma
+        if sigma_next > 0:
+            sigma_end, sigma_up = _ancestral_step(sigma, sigma_next) if ancestral else (sigma_next, None)
+            x_mid = x + d * (sigma_mid - sigma)
+            if on_predictor is not None:
+                info = {"i": i, "t": timesteps_mid[i], "sigma_mid": sigma_mid, "sigma_next": sigma_next, "x": x_mid}
+                on_predictor(info)
+            d_mid = (x_mid - denoise(eps_model, x_mid, sigma_mid, timesteps_mid[i])) / sigma_mid
+            x = x + d_mid * (sigma_end - sigma)
+            if ancestral:
+                x = x + _randn_like(x, generator) * sigma_up
+        else:
+            x = x + d * (sigma_next - sigma)  # Euler to sigma = 0: x = denoised
         if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
             break
     return x
@@ -448,6 +569,7 @@ def unipc(
 
 _VP_SAMPLERS = ("ddim", "pndm")  # VP latent, integer "leading" timesteps
 _MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")  # DPMSolverMultistep/UniPCMultistep timestep grids
+_DPM_2 = ("dpm_2", "dpm_2_a")  # a second evaluation per step, at a midpoint with its own timestep
 _DEFAULT_SPACING = {"ddim": "leading", "pndm": "leading"}  # the others default to "linspace" in diffusers
 
 
@@ -456,11 +578,14 @@ class SamplingPlan:
     """What one sampling run does: the full schedule of `steps` steps, and where img2img starts in it.
 
     timesteps: (n,) float32, the model timesteps of the full schedule (diffusers' `scheduler.timesteps`,
-        except that Heun's are listed once per step, not interleaved; PNDM's has steps + 1 entries).
+        except that Heun's and DPM2's are listed once per step, not interleaved; PNDM's has steps + 1 entries).
     sigmas: (n+1,) float32 noise levels ending in 0 for the sigma-space samplers; None for ddim/pndm.
     start: index of the first step run: 0 for txt2img, steps - int(steps * strength) for img2img, as
-        diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (its `order` factor is Heun's interleaving).
+        diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (its `order` factor is Heun's and DPM2's
+        interleaving).
     init_noise_sigma: the scale of pure-noise latents (txt2img) in this sampler's space.
+    timesteps_mid: (n,) float32 for dpm_2/dpm_2_a: the model timestep of each step's midpoint
+        (`dpm_2_midpoints`), the entries diffusers interleaves between `timesteps`; None for the others.
     """
 
     sampler: str
@@ -471,6 +596,7 @@ class SamplingPlan:
     init_noise_sigma: float
     eta: float = 0.0
     step_ratio: int = 0  # T // steps: the stride of ddim/pndm
+    timesteps_mid: torch.Tensor | None = None
 
     def noise_latents(self, noise: torch.Tensor, init_latents: torch.Tensor | None = None) -> torch.Tensor:
         """The starting latent: `noise * init_noise_sigma` (txt2img), or `init_latents` noised to the first
@@ -495,7 +621,7 @@ class SamplingPlan:
         """Run the sampler from `x` (from `noise_latents`); returns the final VP latent (x_0 at sigma = 0).
 
         If `callback` returns True the run stops and the latent at that point is returned, scaled to VP.
-        `on_predictor` goes to Heun (see `heun`); the other samplers have no intermediate point.
+        `on_predictor` goes to Heun and DPM2 (see `heun`, `dpm_2`); the other samplers have no intermediate point.
         """
         ts, sigmas, s = self.timesteps, self.sigmas, self.start
         last = {}
@@ -515,6 +641,10 @@ class SamplingPlan:
             x = euler_a(eps_model, x, sigmas[s:], ts[s:], generator, cb)
         elif self.sampler == "heun":
             x = heun(eps_model, x, sigmas[s:], ts[s:], cb, on_predictor)
+        elif self.sampler == "dpm_2":
+            x = dpm_2(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], cb, on_predictor)
+        elif self.sampler == "dpm_2_a":
+            x = dpm_2_a(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], generator, cb, on_predictor)
         elif self.sampler == "lms":
             x = lms(eps_model, x, sigmas, ts, start=s, callback=cb)
         elif self.sampler == "dpmpp_2m":
@@ -572,7 +702,7 @@ def plan_sampling(
         raise ValueError("eta is DDIM's parameter")
     spacing = spacing or _DEFAULT_SPACING.get(sampler, "linspace")
     train_sigmas = schedule.sigmas().numpy()
-    sigmas = None
+    sigmas, ts_mid = None, None
 
     if sampler in _VP_SAMPLERS:  # integer timesteps; DDIM/PNDM round "linspace"
         ts = schedule.spaced_timesteps(steps, spacing).round()
@@ -590,14 +720,18 @@ def plan_sampling(
             if karras:  # over the full training range, then the nearest integer timestep for the model
                 sig = schedule.karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
                 ts = schedule.sigma_to_t(sig).round()
-        else:  # Euler, Euler a, Heun, LMS: fractional float32 timesteps, sigma interpolated linearly in t
+        else:  # Euler, Euler a, Heun, DPM2, LMS: fractional float32 timesteps, sigma interpolated linearly in t
             ts = schedule.spaced_timesteps(steps, spacing).astype(np.float32)
             sig = schedule.t_to_sigma(ts)
-            if karras:  # between this grid's end sigmas; the model gets the fractional log-sigma timestep
+            if karras:  # between this grid's end sigmas; the model gets the log-sigma timestep (DPM2's rounded)
                 sig = schedule.karras_sigmas(steps, float(sig[-1]), float(sig[0]))
                 ts = schedule.sigma_to_t(sig)
+                if sampler in _DPM_2:
+                    ts = ts.round()
         _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=sig)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        if sampler in _DPM_2:  # the midpoints' timesteps, by log-sigma interpolation, not rounded
+            ts_mid = _midpoint_timesteps(dpm_2_midpoints(sigmas, ancestral=sampler == "dpm_2_a"))
         if sampler in _MULTISTEP:  # they start from VP noise: x = x_t / sqrt(abar) = eps * sqrt(sigma^2 + 1)
             init_noise_sigma = float((sigmas[0] ** 2 + 1) ** 0.5)
         elif spacing == "leading":  # diffusers' Euler-family init_noise_sigma
@@ -617,4 +751,5 @@ def plan_sampling(
         init_noise_sigma=init_noise_sigma,
         eta=eta,
         step_ratio=schedule.NUM_TRAIN_TIMESTEPS // steps,
+        timesteps_mid=ts_mid,
     )

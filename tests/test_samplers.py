@@ -10,7 +10,9 @@ Tolerance: final latents agree within 1e-4 in float32. The two sides are the sam
 x = x_0 + sigma eps, up to ~15x the VP latent, where diffusers' DPM-Solver/UniPC keep the VP latent; LMS
 integrates its coefficients exactly, diffusers with scipy.quad in float32; UniPC's 2x2 solve is closed-form.
 Observed differences are <= 7e-6 after 50 steps; a single timestep off by one moves the result by ~1e-3
-(`test_tolerance_catches_an_off_by_one_timestep`), so 1e-4 separates rounding from mistakes.
+(`test_tolerance_catches_an_off_by_one_timestep`), so 1e-4 separates rounding from mistakes. DPM2's differences
+are 0: it does diffusers' float32 operations in diffusers' order, which a 3-step DPM2 a run needs (it passes
+|x| ~ 90, and a last-bit change of a midpoint's timestep moves its result by 3e-4; sd15.samplers._midpoint_timesteps).
 """
 
 import inspect
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from reference_models import SD15_SCHEDULER_CONFIG
-from sd15.samplers import SAMPLERS, plan_sampling
+from sd15.samplers import SAMPLERS, dpm_2_midpoints, plan_sampling
 
 SIGMA_SAMPLERS = [s for s in SAMPLERS if s not in ("ddim", "pndm")]
 KARRAS_IN_DIFFUSERS = [s for s in SIGMA_SAMPLERS if s != "euler_a"]  # EulerAncestral has no use_karras_sigmas
@@ -38,6 +40,8 @@ def reference_scheduler(sampler: str, karras: bool = False, **overrides):
         "euler": diffusers.EulerDiscreteScheduler,
         "euler_a": diffusers.EulerAncestralDiscreteScheduler,
         "heun": diffusers.HeunDiscreteScheduler,
+        "dpm_2": diffusers.KDPM2DiscreteScheduler,
+        "dpm_2_a": diffusers.KDPM2AncestralDiscreteScheduler,
         "lms": diffusers.LMSDiscreteScheduler,
         "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
         "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
@@ -55,12 +59,15 @@ class FakeEps:
     abar(t) = 0.99915 exp(-t/185) close to SD's (0.99915 at t=0, 0.0045 at t=999), so x_0 estimates stay O(1)
     as with the real model, and sin(t/8) makes it as sensitive to t as the UNet's fastest timestep-embedding
     frequencies (a timestep off by one moves x_0 by up to 0.05). Records the timesteps it is called at.
+    `spatial` > 0 also mixes each pixel with its left neighbour, as the UNet's convolutions do, so that what an
+    inpainting blend puts in the kept region reaches the repainted one.
     """
 
-    def __init__(self):
+    def __init__(self, spatial: float = 0.0):
         g = torch.Generator().manual_seed(1234)
         self.W = torch.randn(4, 4, generator=g) * 0.7
         self.phase = torch.rand(4, generator=g) * 6.28
+        self.spatial = spatial
         self.seen: list[float] = []
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -69,6 +76,7 @@ class FakeEps:
         t = t.to(x.device)[:, None, None, None]
         abar = 0.99915 * torch.exp(-t / 185)
         mix = torch.einsum("oc,bchw->bohw", self.W.to(x.device), x)
+        mix = mix + self.spatial * torch.roll(mix, 1, dims=-1)
         x0 = 1.5 * torch.tanh(mix + 0.3 * torch.sin(t / 8 + self.phase.to(x.device)[None, :, None, None]))
         return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
 
@@ -205,7 +213,7 @@ def test_1000_steps_are_refused_where_the_grid_breaks(sampler):
     plan_sampling(sampler, 999)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "lms"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms"])
 def test_1000_steps_run_where_the_grid_holds(sampler):
     noise = latents(0)
     ref = run_diffusers(reference_scheduler(sampler), 1000, noise, seed=7)
@@ -271,6 +279,10 @@ def test_timesteps_as_diffusers_lists_them():
     assert plan_sampling("euler", 6).timesteps.tolist() == pytest.approx([999, 799.2, 599.4, 399.6, 199.8, 0])
     assert plan_sampling("dpmpp_2m", 6).timesteps.tolist() == [999, 832, 666, 500, 333, 166]
     assert plan_sampling("unipc", 6).timesteps.tolist() == [999, 832, 666, 500, 333, 166]
+    # DPM2: Euler's grid (its Karras timesteps rounded), and a fractional timestep at each midpoint but the last
+    assert plan_sampling("dpm_2", 6, karras=True).timesteps.tolist() == [999, 837, 594, 249, 30, 0]
+    mids = plan_sampling("dpm_2", 6).timesteps_mid.tolist()
+    assert mids == pytest.approx([906.2466, 705.3850, 501.8292, 293.8246, 17.5260, 0], abs=1e-4)
 
 
 @pytest.mark.parametrize("sampler, karras", [(s, False) for s in SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS])
@@ -281,6 +293,12 @@ def test_grid_equals_diffusers(sampler, karras):
     ref_t, ref_sigmas = ref.timesteps.float(), getattr(ref, "sigmas", None)
     if sampler == "heun":  # diffusers interleaves [t0, t1, t1, t2, t2, …]; we list each step once
         ref_t, ref_sigmas = torch.cat([ref_t[:1], ref_t[1::2]]), torch.cat([ref_sigmas[:1], ref_sigmas[1::2]])
+    if sampler in ("dpm_2", "dpm_2_a"):  # diffusers interleaves [t0, t_mid0, t1, t_mid1, …], [s0, s1, s1, s2, …]
+        ref_t_mid, ref_t, ref_sigmas = ref_t[1::2], torch.cat([ref_t[:1], ref_t[2::2]]), ref_sigmas[::2]
+        # sigmas_interpol, interleaved like the sigmas: step i's midpoint at 2i + 1 (DPM2) or 2i (DPM2 a)
+        ref_mid = ref.sigmas_interpol[1::2] if sampler == "dpm_2" else ref.sigmas_interpol[::2]
+        assert torch.equal(plan.timesteps_mid[:-1], ref_t_mid.float())  # the last step has no midpoint
+        assert torch.equal(dpm_2_midpoints(plan.sigmas, sampler == "dpm_2_a"), ref_mid[:30])
     assert torch.equal(plan.timesteps, ref_t)
     if plan.sigmas is not None:
         assert torch.equal(plan.sigmas, ref_sigmas.float())
@@ -329,7 +347,7 @@ def test_callback_returning_true_stops_early(sampler):
     torch.testing.assert_close(x, last["x"] / vp_scale)  # the latent at that point, returned in VP form
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde"])
 def test_noise_comes_from_the_generator(sampler):
     noise = latents(0)
     a, _ = run_ours(sampler, 10, noise, seed=1)
@@ -340,6 +358,22 @@ def test_noise_comes_from_the_generator(sampler):
     d, _ = run_ours(sampler, 10, noise)
     torch.manual_seed(5)
     assert torch.equal(d, run_ours(sampler, 10, noise)[0])
+
+
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_png_parameters_name_every_sampler(sampler, karras):
+    """Each sampler has its web UI name in the PNG `parameters` (DPM2 a Karras, …) and reads back as itself, also in
+    the older form with the schedule in the sampler's name."""
+    from sd15.pipeline import GenerationSettings
+    from sd15.pnginfo import SAMPLER_NAMES, format_parameters, parse_parameters
+
+    karras = karras and sampler not in ("ddim", "pndm")
+    text = format_parameters(GenerationSettings("a cat", "", 20, 7.0, sampler, 5, 512, 512, karras))
+    assert f"Sampler: {SAMPLER_NAMES[sampler]}," in text
+    assert (parse_parameters(text)["sampler"], parse_parameters(text)["karras"]) == (sampler, karras)
+    old = parse_parameters(f"a cat\nSteps: 20, Sampler: {SAMPLER_NAMES[sampler]}{' Karras' * karras}, Seed: 5")
+    assert (old["sampler"], old["karras"]) == (sampler, karras)
 
 
 def test_plan_rejects_bad_arguments():
@@ -363,9 +397,9 @@ MASK[..., 2:6, 1:5] = 1  # 1 = repaint
 
 
 def run_diffusers_inpaint(scheduler, steps, noise, init, strength, seed):
-    """StableDiffusionInpaintPipeline's loop for a 4-channel UNet: after every scheduler step (Heun: every half
-    step) the kept region becomes `add_noise(init, noise, timesteps[i + 1])`, or init after the last step."""
-    model = FakeEps()
+    """StableDiffusionInpaintPipeline's loop for a 4-channel UNet: after every scheduler step (Heun, DPM2: every
+    half step) the kept region becomes `add_noise(init, noise, timesteps[i + 1])`, or init after the last step."""
+    model = FakeEps(spatial=0.5)
     scheduler.set_timesteps(steps)
     t_start = steps - min(int(steps * strength), steps)
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
@@ -385,12 +419,14 @@ def run_diffusers_inpaint(scheduler, steps, noise, init, strength, seed):
 def test_known_region_blending_parity(sampler, steps, strength):
     """sd15.inpaint's blend for a regular UNet noises the kept region to the level of the new x, for every sampler
     family: the next listed timestep (DDIM/PNDM, PLMS's repeated one included) or sigma_next (the others, and
-    Heun's intermediate Euler point), as diffusers' inpainting pipeline does."""
+    Heun's intermediate Euler point), as diffusers' inpainting pipeline does. At DPM2's midpoint diffusers also
+    noises it to the step's sigma_next (not to sigma_mid, the level of x there), and so does sd15. The model mixes
+    neighbouring pixels, so a blend different from diffusers' would show in the repainted region too."""
     from sd15.inpaint import _known_region_blender
 
     noise, init = latents(0), latents(1, 0.8)
     ref = run_diffusers_inpaint(reference_scheduler(sampler), steps, noise, init, strength, seed=7)
-    model = FakeEps()
+    model = FakeEps(spatial=0.5)
     plan = plan_sampling(sampler, steps, strength)
     blend = _known_region_blender(plan, init, noise, MASK, None)
     one_image = lambda info: blend({**info, "images": range(1)})  # the pipeline adds the batch rows
@@ -403,7 +439,7 @@ def test_known_region_blending_parity(sampler, steps, strength):
 # --------------------------------------------------------------------------- batches
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpmpp_2m_sde", 0.0)])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpm_2_a", 0.0), ("dpmpp_2m_sde", 0.0)])
 def test_each_row_draws_from_its_own_generator(sampler, eta):
     """With one generator per row (the pipeline's seed + i), a row's sampler noise does not depend on its batch."""
     plan = plan_sampling(sampler, 8, eta=eta)
