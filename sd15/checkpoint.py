@@ -265,7 +265,8 @@ def identify(ckpt: SafetensorsFile | TensorDict) -> CheckpointInfo:
     """Recognise the model family of a checkpoint from its keys and shapes."""
     keys = list(ckpt.keys())
     has_ema = _has_prefix(keys, EMA_PREFIX + "diffusion_model")
-    if any(".lora_down." in k or ".lora_up." in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
+    lora_parts = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora_linear_layer.", "_lora.down.")
+    if any(part in k for k in keys for part in lora_parts) or any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return CheckpointInfo("lora", "a LoRA adapter (load it onto a base model, not as a model)")
     if _has_prefix(keys, "conditioner.embedders.") or _has_prefix(keys, UNET_PREFIX + "label_emb."):
         return CheckpointInfo("sdxl", "a Stable Diffusion XL checkpoint")

@@ -1,4 +1,4 @@
-"""LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") in kohya-ss files.
+"""LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") in kohya-ss and diffusers files.
 
 A LoRA adds a low-rank update to some Linear and Conv2d layers of the UNet and the text encoder:
 
@@ -7,10 +7,12 @@ A LoRA adds a low-rank update to some Linear and Conv2d layers of the UNet and t
 
 `scale` is the user's weight (`<lora:name:0.8>`), `alpha` a number stored in the file (missing: alpha = rank).
 
-File format (kohya-ss sd-scripts, read by the AUTOMATIC1111 web UI and diffusers): one entry per adapted
-layer, named after the layer's diffusers module path with every dot written as `_`, under `lora_unet_` or
-`lora_te_` (transformers' CLIP path, `text_model.…`); each has `.lora_down.weight`, `.lora_up.weight` and,
-in most files, `.alpha`:
+Two families of files are read; which one a file is comes from its keys, not its name.
+
+kohya-ss (sd-scripts, read by the AUTOMATIC1111 web UI and diffusers): one entry per adapted layer, named
+after the layer's diffusers module path with every dot written as `_`, under `lora_unet_` or `lora_te_`
+(transformers' CLIP path, `text_model.…`); each has `.lora_down.weight`, `.lora_up.weight` and, in most
+files, `.alpha`:
 
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight   (r, 320)
       -> diffusers down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
@@ -18,11 +20,31 @@ in most files, `.alpha`:
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight                      (768, r)
       -> sd15 text_encoder.encoder.layers.0.self_attn.q_proj
 
-Since dots and underscores cannot be told apart in those names, the names are not parsed: every Linear and
+diffusers (`save_lora_weights`, its training scripts, `unet.save_lora_adapter`): the module path with its
+dots, under `unet.` or `text_encoder.` (a file of the UNet alone may have no prefix), then the matrices in
+one of the forms diffusers has written over the years (down is PEFT's `lora_A`, up its `lora_B`):
+
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight       PEFT's names
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight    the training
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight   scripts' names
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight   attention
+      processors, the oldest (to_q/k/v/out_lora: the projection to_q…, to_out.0; in CLIP q_proj…, out_proj)
+
+The text encoder's path may lack `text_model.` (transformers 5 saves it so). alpha, as diffusers 0.42 reads
+it: the safetensors metadata `lora_adapter_metadata` holds each component's PEFT LoraConfig as JSON
+(`unet.lora_alpha`, `unet.alpha_pattern`, `unet.use_rslora`…): a layer's alpha is the first `alpha_pattern`
+entry whose pattern matches the end of its module path, else `lora_alpha`; with `use_rslora` the factor is
+alpha / sqrt(rank). Without metadata alpha = rank (factor 1). A `<module>.alpha` key, as kohya writes it,
+overrides both (diffusers 0.42 refuses such files; sd15 reads the alpha as kohya means it).
+
+Since dots and underscores cannot be told apart in kohya names, names are not parsed: every Linear and
 Conv2d of the model is given its kohya name (its original path -> diffusers path by the index rules of
-`sd15.keymap`, dots -> `_`), and a file's entries are looked up by name. Entries that name no layer are
-reported (`AppliedLoRA.unmatched`, and a warning); entries whose shapes do not fit their layer are an error.
-Conv layers (LoCon: ResBlock convs, down/upsamplers, 3×3 kernels) are adapted like linear ones.
+`sd15.keymap`, dots -> `_`), a diffusers entry is given the same by writing its path's dots as `_`, and the
+entries are looked up by name. Entries that name no layer are reported (`AppliedLoRA.unmatched`, and a
+warning); entries whose shapes do not fit their layer are an error. Conv layers (LoCon: ResBlock convs,
+down/upsamplers, 3×3 kernels) are adapted like linear ones. Files sd15 cannot apply as they are meant are
+refused, naming what they hold: DoRA, LoRA with bias terms, SDXL LoRAs, files of LyCORIS LoHa/LoKr
+layers alone, full checkpoints.
 
 Two ways to apply, for any number of LoRAs at once:
 - merged (default): the layer's weight becomes W', computed in float32. The original weight is kept, so
@@ -33,6 +55,7 @@ Two ways to apply, for any number of LoRAs at once:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -48,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import keymap
-from .checkpoint import CheckpointError, open_checkpoint
+from .checkpoint import CheckpointError, open_checkpoint, printable
 from .embeddings import file_hash
 from .prompts import LoraTag, lora_tags
 
@@ -59,6 +82,15 @@ PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 DEFAULT_LORA_DIR = Path("weights") / "lora"
 _KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)")  # te1/te2: SDXL
+# diffusers: [unet.|text_encoder.]<module path>.<matrix>, and the attention processors' <attention>.to_q_lora.down…
+_DIFFUSERS_KEY = re.compile(r"(?:(unet|text_encoder)\.)?(\w[\w.]*?)\.(lora_[AB]\.weight|lora\.(?:down|up)\.weight|lora_linear_layer\.(?:down|up)\.weight|alpha)")
+_PROCESSOR_KEY = re.compile(r"(?:(unet|text_encoder)\.)?(\w[\w.]*?)\.(?:processor\.)?to_(q|k|v|out)_lora\.(down|up)\.weight")
+_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_A.weight": "down",
+         "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
+         "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up"}  # fmt: skip
+_PROCESSOR_PROJECTION = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
+                         "text_encoder": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}  # fmt: skip
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata: the LoraConfig of each component
 
 
 @dataclass
@@ -86,14 +118,16 @@ class LoRALayer:
 
 @dataclass
 class LoRA:
-    """A LoRA file's layers by kohya name; nothing is applied until `apply_lora`."""
+    """A LoRA file's layers by entry name (kohya's, or diffusers' module path); nothing is applied until `apply_lora`."""
 
     name: str  # the name prompts use: <lora:name:0.8>
     layers: dict[str, LoRALayer]
     path: Path | None = None
     hash: str | None = None  # 12 hex digits, as the web UI's "Lora hashes" shows it
-    unsupported: list[str] = field(default_factory=list)  # file keys that are no kohya LoRA entry
+    unsupported: list[str] = field(default_factory=list)  # file keys that are no LoRA entry sd15 reads
     metadata: dict = field(default_factory=dict)
+    format: str = "kohya"  # or "diffusers"
+    targets: dict[str, str] = field(default_factory=dict)  # {entry: kohya name of its layer}, where they differ
 
 
 def lora_file_hash(path: str | os.PathLike) -> str:
@@ -107,32 +141,99 @@ def lora_file_hash(path: str | os.PathLike) -> str:
     return file_hash(path, skip)[:12]
 
 
+def _file_entry(key: str) -> tuple[str, str, str, str] | None:
+    """(format, entry name, kohya name of the layer, part: down/up/alpha) of a LoRA file key, or None.
+
+    A diffusers entry is named by its component and module path (`unet.down_blocks.0….attn1.to_q`); keys
+    without a component are the UNet's, unless their path is CLIP's (`text_model.…`, `encoder.layers.…`).
+    """
+    if m := _KOHYA_KEY.fullmatch(key):
+        return "kohya", m[1], m[1], _PART[m[2]]
+    if m := _PROCESSOR_KEY.fullmatch(key):  # <attention>.processor.to_q_lora.down.weight: the projection is to_q
+        prefix, attention, projection, part = m.groups()
+        component = prefix or ("text_encoder" if attention.startswith(("text_model.", "encoder.layers.")) else "unet")
+        module = f"{attention}.{_PROCESSOR_PROJECTION[component][projection]}"
+    elif m := _DIFFUSERS_KEY.fullmatch(key):
+        prefix, module, part = m[1], m[2], _PART[m[3]]
+        component = prefix or ("text_encoder" if module.startswith(("text_model.", "encoder.layers.")) else "unet")
+    else:
+        return None
+    if component == "unet":
+        target = PREFIXES["unet"] + module.replace(".", "_")
+    else:  # transformers 5 saves CLIP without its `text_model.` level
+        target = PREFIXES["text_encoder"] + ("" if module.startswith("text_model.") else "text_model_") + module.replace(".", "_")
+    return "diffusers", (f"{prefix}." if prefix else "") + module, target, part
+
+
+def _refusal(keys: list[str], configs: dict[str, dict]) -> str | None:
+    """Why a file's LoRA layers cannot be applied as they are meant, naming what it holds; None if they can."""
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "an SDXL LoRA (two text encoders: lora_te1_/lora_te2_ or text_encoder_2.), not one for SD1.x"
+    if any("lora_magnitude_vector" in k for k in keys) or any(c.get("use_dora") for c in configs.values()):
+        return "a DoRA (lora_magnitude_vector), which sd15 does not apply"
+    if any(k.endswith(".lora_B.bias") for k in keys):
+        return "LoRA bias terms (lora_B.bias), which sd15 does not apply"
+    return None
+
+
+def _contents(keys: list[str]) -> str:
+    """What a file that holds no LoRA layers holds instead, for the error message."""
+    if any(re.search(r"(^|\.)(hada|lokr)_", k) for k in keys):
+        return "LyCORIS LoHa/LoKr layers (hada_…/lokr_…), which sd15 does not apply"
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "a full model checkpoint (model.diffusion_model.…), not a LoRA"
+    if any(re.fullmatch(r"(unet\.)?(down_blocks|mid_block|up_blocks|conv_in)\..*weight|(text_model\.)?encoder\.layers\..*weight", k) for k in keys):
+        return "a diffusers model's weights (down_blocks.…weight), not a LoRA"
+    shown = ", ".join(printable(k) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"keys such as {shown or '(none)'}"
+
+
 def read_lora(path: str | os.PathLike, name: str | None = None) -> LoRA:
-    """Read a kohya-style LoRA file (.safetensors, or a pickle read with weights_only=True)."""
+    """Read a LoRA file in kohya's or diffusers' names (.safetensors, or a pickle read with weights_only=True)."""
     path = Path(path)
     ckpt = open_checkpoint(path)
-    parts: dict[str, dict[str, str]] = {}
-    unsupported = []
-    for key in ckpt.keys():
-        if m := _KOHYA_KEY.fullmatch(key):
-            parts.setdefault(m[1], {})[m[2]] = key
-        else:
+    keys, metadata = list(ckpt.keys()), dict(ckpt.metadata)
+    configs = _peft_config(path, metadata)
+    if why := _refusal(keys, configs):
+        raise CheckpointError(f"{path} holds {why}")
+    entries: dict[str, tuple[str, dict[str, str]]] = {}  # {entry: (kohya name of its layer, {part: key})}
+    formats, unsupported = set(), []
+    for key in keys:
+        found = _file_entry(key)
+        if found is None:
             unsupported.append(key)
-    layers = {}
-    for layer_name, found in parts.items():
-        if "lora_down.weight" not in found or "lora_up.weight" not in found:
+            continue
+        fmt, entry, target, part = found
+        parts = entries.setdefault(entry, (target, {}))[1]
+        if part in parts:
+            raise CheckpointError(f"{path}: {printable(key)} and {printable(parts[part])} are the same matrix of one layer")
+        formats.add(fmt)
+        parts[part] = key
+    if not entries:
+        raise CheckpointError(f"{path} holds no LoRA layers (kohya's lora_unet_…/lora_te_… or diffusers' unet.…/text_encoder.… "
+                              f".lora_A/.lora_B): it holds {_contents(keys)}")  # fmt: skip
+    if len(formats) > 1:
+        raise CheckpointError(f"{path} mixes kohya names (lora_unet_…) and diffusers names (unet.…); it is not one LoRA")
+    layers, targets = {}, {}
+    for entry, (target, found) in entries.items():
+        if "down" not in found or "up" not in found:
             unsupported += found.values()  # an entry without both matrices cannot be applied
             continue
-        alpha = _alpha(path, found["alpha"], ckpt.get(found["alpha"])) if "alpha" in found else None
-        down, up = ckpt.get(found["lora_down.weight"]), ckpt.get(found["lora_up.weight"])
-        for key, tensor in ((found["lora_down.weight"], down), (found["lora_up.weight"], up)):
+        down, up = ckpt.get(found["down"]), ckpt.get(found["up"])
+        for key, tensor in ((found["down"], down), (found["up"], up)):
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise CheckpointError(f"{path}: {key} is not finite floating-point numbers ({tensor.dtype}); the file is damaged")
-        layers[layer_name] = LoRALayer(down, up, alpha)
+        if "alpha" in found:
+            alpha = _alpha(path, found["alpha"], ckpt.get(found["alpha"]))
+        else:
+            alpha = _peft_alpha(configs, entry, down.shape[0])
+        layers[entry] = LoRALayer(down, up, alpha)
+        if target != entry:
+            targets[entry] = target
     if not layers:
-        kind = " (LyCORIS LoHa/LoKr layers, which sd15 does not apply)" if any(re.search(r"hada_|lokr_", k) for k in unsupported) else ""
-        raise CheckpointError(f"{path} holds no kohya-style LoRA layers (lora_unet_…/lora_te_… .lora_down/.lora_up){kind}")
-    return LoRA(name or path.stem, layers, path, lora_file_hash(path), sorted(unsupported), dict(ckpt.metadata))
+        raise CheckpointError(f"{path} holds no complete LoRA layer (a down and an up matrix): it holds {_contents(keys)}")
+    fmt = formats.pop()
+    return LoRA(name or path.stem, layers, path, lora_file_hash(path), sorted(unsupported), metadata, fmt, targets)
 
 
 def _alpha(path: Path, key: str, tensor: torch.Tensor) -> float:
@@ -142,6 +243,54 @@ def _alpha(path: Path, key: str, tensor: torch.Tensor) -> float:
     if not math.isfinite(alpha):
         raise CheckpointError(f"{path}: {key} is {alpha}, not a finite number; the file is damaged")
     return alpha
+
+
+def _peft_config(path: Path, metadata: dict) -> dict[str, dict]:
+    """{component prefix ("unet.", "text_encoder.", or "" for unprefixed keys): its PEFT LoraConfig} from
+    diffusers' metadata, which writes each component's config entries under its prefix."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        entries = json.loads(raw)
+    except ValueError:
+        entries = None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: its metadata {PEFT_METADATA_KEY} is not a JSON object; the file is damaged")
+    configs: dict[str, dict] = {}
+    for key, value in entries.items():
+        component, dot, setting = key.partition(".")
+        if dot and component in PREFIXES:
+            configs.setdefault(component + ".", {})[setting] = value
+        else:
+            configs.setdefault("", {})[key] = value
+    return configs
+
+
+def _peft_alpha(configs: dict[str, dict], entry: str, rank: int) -> float | None:
+    """A diffusers layer's alpha, as PEFT sets it from the LoraConfig: the first `alpha_pattern` whose
+    pattern matches the end of the module path (peft.utils.other.get_pattern_key), else `lora_alpha`
+    (PEFT's default 8); None (alpha = rank) when the file has no config for the component. With
+    `use_rslora` PEFT scales by alpha / sqrt(rank): returned as the alpha that gives that over rank."""
+    prefix = next((p for p in ("unet.", "text_encoder.") if entry.startswith(p)), "")
+    config, module = configs.get(prefix), entry.removeprefix(prefix)
+    if not config:
+        return None
+    alpha, patterns = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"alpha_pattern in the file's {PEFT_METADATA_KEY} is {type(patterns).__name__}, not a map of patterns to numbers")
+    for pattern, value in patterns.items():
+        # diffusers writes module paths here (peft reads them as regular expressions); anything more is refused
+        # rather than run, since a crafted expression can take exponential time to match
+        if not isinstance(pattern, str) or not re.fullmatch(r"\^?[\w.]{1,300}", pattern):
+            raise CheckpointError(f"alpha_pattern {printable(pattern)} of the file's {PEFT_METADATA_KEY} is not a module "
+                                  "path (letters, digits, _ and ., optionally after ^); sd15 reads no other patterns")  # fmt: skip
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"the alpha of {entry} in the file's {PEFT_METADATA_KEY} is {printable(alpha)}, not a finite number")
+    return float(alpha) * math.sqrt(rank) if config.get("use_rslora") else float(alpha)
 
 
 def check_scale(scale, what: str = "LoRA scale") -> float:
@@ -189,10 +338,11 @@ def match_lora(m: "StableDiffusion", lora: LoRA) -> tuple[list[tuple[str, nn.Mod
     targets = lora_targets(m.unet, m.text_encoder)
     matched, unmatched, misfits = [], list(lora.unsupported), []
     for name, layer in lora.layers.items():
-        if name not in targets:
+        target = lora.targets.get(name, name)
+        if target not in targets:
             unmatched.append(name)
             continue
-        component, path, module = targets[name]
+        component, path, module = targets[target]
         problem = _shape_problem(module, layer)
         if problem:
             misfits.append(f"{name}: {problem}")

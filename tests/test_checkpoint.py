@@ -147,6 +147,9 @@ def _write_shaped(path, shapes: dict[str, tuple[int, ...]]):
           "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)}, "XL"),
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320, 1, 1),
           "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()}, "LoRA"),
+        ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 320),
+          "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": (320, 4)}, "LoRA"),  # diffusers' PEFT names
+        ({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": (4, 320)}, "LoRA"),
         ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_in.weight": (512, 4, 3, 3)}, "VAE alone"),
         ({"something.else": (3,)}, "not a Stable Diffusion checkpoint"),
     ],

@@ -226,9 +226,9 @@ def test_unmatched_entries_are_reported_and_misfits_refused(m, tmp_path):
     with pytest.raises(CheckpointError, match=f"{name}: down \\[4, 1024\\]"):
         L.apply_lora(m, write(wide, tmp_path / "sd2.safetensors"))
     assert all(torch.equal(before[k], v) for k, v in weights(m).items())  # nothing half-applied
-    with pytest.raises(CheckpointError, match="no entry"):
-        L.apply_lora(m, write({"lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 8),
-                               "lora_te1_text_model_x.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "xl.safetensors"))  # fmt: skip
+    with pytest.raises(CheckpointError, match="no entry"):  # an SDXL UNet LoRA names the original layout's blocks
+        L.apply_lora(m, write({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+                               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "xl.safetensors"))  # fmt: skip
     with pytest.raises(CheckpointError, match="LyCORIS"):
         L.read_lora(write({"lora_unet_a.hada_w1_a": torch.zeros(4, 4)}, tmp_path / "loha.safetensors"))
 
@@ -354,3 +354,213 @@ def test_cli_lora_and_embedding_flags_and_rerun_from_png(tiny_checkpoint, m, tmp
     first, again = (np.asarray(Image.open(tmp_path / f)) for f in ("first.png", "again.png"))
     assert np.array_equal(first, again)
     assert main(["generate", "a boat", "--lora", "nothere.safetensors:0.5", *common]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers files: PEFT names (save_lora_weights), the training scripts' names, attention processors
+
+ATTENTION = re.compile(r"(to_[qkv]|to_out\.0|[qkv]_proj|out_proj)$")
+
+
+def peft_tensors(reference, seed, attention_only=False, rank_of=lambda path: 4):
+    """Random LoRA matrices in PEFT's names ({module path}.lora_A/.lora_B.weight) for the Linear and Conv2d
+    modules of diffusers' own UNet and transformers' own CLIP (so no sd15 name rule is involved):
+    ({UNet key: tensor}, {text-encoder key: tensor})."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for model in (reference.unet, reference.text_encoder):
+        tensors = {}
+        for path, module in model.named_modules():
+            if type(module) not in (torch.nn.Linear, torch.nn.Conv2d) or (attention_only and not ATTENTION.search(path)):
+                continue
+            rank, (out_f, in_f, *kernel) = rank_of(path), module.weight.shape
+            tensors[f"{path}.lora_A.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / math.sqrt(in_f * math.prod(kernel))
+            tensors[f"{path}.lora_B.weight"] = torch.randn(out_f, rank, *([1, 1] if kernel else []), generator=g) * 0.3
+        out.append(tensors)
+    return out
+
+
+def as_attention_processors(tensors, component):
+    """PEFT names -> the attention processors' (`attn1.processor.to_q_lora.down.weight`; CLIP's
+    `self_attn.to_q_lora.down.weight` under `text_model.`), as diffusers' DIFFUSERS_OLD key rules read them."""
+    renamed = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(.*)\.(to_[qkv]|to_out\.0|[qkv]_proj|out_proj)\.lora_([AB])\.weight", key)
+        projection = {"to_out.0": "to_out", "out_proj": "to_out"}.get(m[2], "to_" + m[2][0] if m[2].endswith("proj") else m[2])
+        processor = ".processor" if component == "unet" else ""
+        path = m[1] if component == "unet" or m[1].startswith("text_model.") else "text_model." + m[1]
+        renamed[f"{path}{processor}.{projection}_lora.{'down' if m[3] == 'A' else 'up'}.weight"] = value
+    return renamed
+
+
+def diffusers_file(case, reference, folder) -> tuple[Path, float]:
+    """A random LoRA file written as diffusers writes it, and the scale to test it at."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+
+    if case == "peft-metadata":  # every layer; ranks 4 and 2; lora_alpha, alpha_pattern; rsLoRA in CLIP
+        unet, te = peft_tensors(reference, 20, rank_of=lambda p: 2 if p.endswith("attn2.to_k") else 4)
+        unet_config = LoraConfig(r=4, lora_alpha=8, rank_pattern={"attn2.to_k": 2}, target_modules=sorted({k.rsplit(".lora_", 1)[0] for k in unet}),
+                                 alpha_pattern={"to_v": 3, "^down_blocks.0.resnets.0.conv1": 5})  # fmt: skip
+        te_config = LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet, text_encoder_lora_layers=te,
+                                                  unet_lora_adapter_metadata=unet_config.to_dict(),
+                                                  text_encoder_lora_adapter_metadata=te_config.to_dict())  # fmt: skip
+        return folder / "pytorch_lora_weights.safetensors", 0.7
+    if case == "training-script-names":  # train_text_to_image_lora.py: convert_state_dict_to_diffusers, no metadata
+        unet, te = peft_tensors(reference, 21, attention_only=True, rank_of=lambda p: 2 if "attn1" in p else 4)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(unet),
+                                                  text_encoder_lora_layers=convert_state_dict_to_diffusers(te))  # fmt: skip
+        return folder / "pytorch_lora_weights.safetensors", 1.0
+    unet, te = peft_tensors(reference, 22, attention_only=True)
+    if case == "attention-processors":
+        tensors = {**{f"unet.{k}": v for k, v in as_attention_processors(unet, "unet").items()},
+                   **{f"text_encoder.{k}": v for k, v in as_attention_processors(te, "text_encoder").items()}}  # fmt: skip
+        return write(tensors, folder / "processors.safetensors"), 0.5
+    torch.save(as_attention_processors(unet, "unet"), folder / "pytorch_lora_weights.bin")  # the oldest: UNet alone, no prefix
+    return folder / "pytorch_lora_weights.bin", 0.8
+
+
+DIFFUSERS_CASES = ["peft-metadata", "training-script-names", "attention-processors", "unet-only-no-prefix"]
+
+
+@pytest.mark.parametrize("case", DIFFUSERS_CASES)
+def test_diffusers_files_give_the_same_outputs_as_diffusers(m, reference, tmp_path, case):
+    """Random LoRAs in each form diffusers writes, through diffusers 0.42.1 (`load_lora_weights`; the UNet-only
+    file without prefix through `unet.load_lora_adapter(prefix=None)`, as the pipeline no longer reads it) and
+    through sd15: the same UNet and text-encoder outputs, to 1e-5 of the output's scale (float32 throughout;
+    diffusers adds B(A(x)) on the fly, sd15 merges W + BA, so only rounding differs). For the file with
+    metadata, sd15's on-the-fly mode too."""
+    from safetensors.torch import load_file
+
+    path, scale = diffusers_file(case, reference, tmp_path)
+    lora = L.read_lora(path)
+    assert lora.format == "diffusers" and not lora.unsupported
+    g = torch.Generator().manual_seed(2)
+    x, ctx, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 48, generator=g), torch.tensor([300])
+    ids = m.tokenizer(["a photo of a cat"])
+    try:
+        if case == "unet-only-no-prefix":
+            reference.unet.load_lora_adapter(torch.load(path, weights_only=True), prefix=None, adapter_name="d")
+            reference.unet.set_adapters(["d"], weights=[scale])
+        else:
+            reference.load_lora_weights(load_file(str(path)) if path.suffix == ".bin" else str(path), adapter_name="d")
+            reference.set_adapters(["d"], adapter_weights=[scale])
+        with torch.no_grad():
+            base_u = m.unet(x, t, ctx)
+            theirs_u, theirs_t = reference.unet(x, t, ctx).sample, reference.text_encoder(ids).last_hidden_state
+            for merge in (True, False) if case == "peft-metadata" else (True,):
+                with L.apply_lora(m, lora, scale, merge=merge):
+                    ours_u, ours_t = m.unet(x, t, ctx), m.text_encoder(ids)
+                assert (ours_u - theirs_u).abs().max() < 1e-5 * theirs_u.abs().max(), merge
+                assert (ours_t - theirs_t).abs().max() < 1e-5 * theirs_t.abs().max(), merge
+            assert (ours_u - base_u).abs().max() > 0.05 * base_u.abs().max()  # the LoRA does something
+            assert (ours_t - m.text_encoder(ids)).abs().max() > 0.05 * ours_t.abs().max() or case == "unet-only-no-prefix"
+    finally:
+        reference.unload_lora_weights()
+
+
+def test_diffusers_alpha_rules(m, reference, tmp_path):
+    """alpha of a diffusers file: metadata lora_alpha / alpha_pattern (PEFT's suffix match, `^` anchoring),
+    rsLoRA's alpha / sqrt(rank), alpha = rank without metadata, and a kohya-style `.alpha` key over all."""
+    path, _ = diffusers_file("peft-metadata", reference, tmp_path)
+    lora = L.read_lora(path)
+    multipliers = {name: layer.multiplier for name, layer in lora.layers.items()}
+    block = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+    assert multipliers[f"{block}.attn1.to_q"] == 8 / 4
+    assert multipliers[f"{block}.attn2.to_k"] == 8 / 2  # rank 2 by rank_pattern, lora_alpha 8
+    assert multipliers[f"{block}.attn1.to_v"] == multipliers[f"{block}.attn2.to_v"] == 3 / 4
+    assert multipliers["unet.down_blocks.0.resnets.0.conv1"] == 5 / 4 and multipliers["unet.up_blocks.1.resnets.0.conv1"] == 2
+    assert multipliers["text_encoder.encoder.layers.0.mlp.fc1"] == pytest.approx(2 / math.sqrt(4))
+
+    unet, te = peft_tensors(reference, 23, attention_only=True)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    tensors = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in te.items()}, f"unet.{name}.alpha": torch.tensor(1.0)}
+    lora = L.read_lora(write(tensors, tmp_path / "alpha-keys.safetensors"))
+    assert lora.layers[f"unet.{name}"].multiplier == 1 / 4
+    assert all(layer.multiplier == 1 for entry, layer in lora.layers.items() if entry != f"unet.{name}")
+    module = m.unet.input_blocks[4][1].transformer_blocks[0].attn2.to_k
+    before = module.weight.clone()
+    with L.apply_lora(m, lora, 0.6):
+        up, down = tensors[f"unet.{name}.lora_B.weight"], tensors[f"unet.{name}.lora_A.weight"]
+        assert torch.allclose(module.weight, before + 0.6 * (1 / 4) * up @ down, rtol=1e-6, atol=1e-7)
+    assert torch.equal(module.weight, before)
+
+
+def test_diffusers_and_kohya_files_stack_and_unmerge_bit_exactly(m, reference, tmp_path):
+    before = weights(m)
+    path, _ = diffusers_file("peft-metadata", reference, tmp_path)
+    first = L.apply_lora(m, path, 0.7)
+    second = L.apply_lora(m, write(kohya_lora(m, seed=24), tmp_path / "k.safetensors"), -0.5, merge=False)
+    assert sum(not torch.equal(before[k], v) for k, v in weights(m).items()) > 50
+    first.remove()
+    second.remove()
+    assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+
+
+def test_prompt_tag_and_png_hashes_with_a_diffusers_file(m, reference, tmp_path):
+    """`<lora:name:0.5>` applies a diffusers file as `apply_lora(…, 0.5)` does, takes it off afterwards, and the
+    PNG's "Lora hashes" gives its addnet hash."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    path, _ = diffusers_file("attention-processors", reference, folder)
+    path = path.rename(folder / "hub style.safetensors")
+    m.lora_dirs = [folder]
+    before = weights(m)
+    try:
+        with L.apply_lora(m, path, 0.5):
+            expected = weights(m)
+        with L.prompt_loras(m, ["a cat <lora:hub style:0.5>"]) as applied:
+            assert applied[0].lora.format == "diffusers"
+            assert all(torch.equal(expected[k], v) for k, v in weights(m).items())
+        assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+        image = m.generate("a cat <lora:hub style:0.5>", steps=1, seed=3, width=64, height=64)[0]
+        assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+    finally:
+        m.lora_dirs = [L.DEFAULT_LORA_DIR]
+    s = image.info["sd15"]
+    assert s.lora_hashes == {"hub style": L.lora_file_hash(path)}
+    assert f'Lora hashes: "hub style: {L.lora_file_hash(path)}"' in format_parameters(s)
+
+
+CONV_IN = {"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.zeros(32, 4, 1, 1)}
+NOT_SD1_LORAS = {  # name: (the file's tensors, what the refusal says it holds)
+    "full-checkpoint": ("checkpoint", "full model checkpoint"),
+    "diffusers-unet": ({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(32, 32, 3, 3)}, "diffusers model's weights"),
+    "lokr": ({"unet.down_blocks.0.resnets.0.conv1.lokr_w1": torch.zeros(4, 4)}, "LyCORIS LoHa/LoKr"),
+    "sdxl-diffusers": ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.zeros(4, 2048),
+                        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.zeros(640, 4),
+                        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 1280)}, "SDXL LoRA"),
+    "sdxl-kohya": ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768)}, "SDXL LoRA"),
+    "dora": ({**CONV_IN, "unet.conv_in.lora_magnitude_vector": torch.ones(32)}, "DoRA"),
+    "bias": ({**CONV_IN, "unet.conv_in.lora_B.bias": torch.ones(32)}, "bias terms"),
+    "mixed": ({**CONV_IN, "lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
+               "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, "mixes kohya"),
+    "twice": ({**CONV_IN, "unet.conv_in.lora.down.weight": torch.zeros(4, 4, 3, 3)}, "same matrix of one layer"),
+    "half": ({"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3)}, "no complete LoRA layer"),
+    "unknown": ({"something.else": torch.zeros(2)}, "keys such as something.else"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tensors, message", NOT_SD1_LORAS.values(), ids=NOT_SD1_LORAS.keys())
+def test_files_that_are_no_sd1_lora_are_refused_by_what_they_hold(m, tiny_checkpoint, tmp_path, tensors, message):
+    path = tiny_checkpoint if tensors == "checkpoint" else write(tensors, tmp_path / "x.safetensors")
+    before = weights(m)
+    with pytest.raises(CheckpointError, match=message):
+        m.load_lora(path)
+    assert not m.loras and all(torch.equal(before[k], v) for k, v in weights(m).items())
+
+
+@pytest.mark.parametrize("pattern", ["(a|a)+$", "conv_in|.*", "to_q["])
+def test_alpha_patterns_other_than_module_paths_are_refused_unrun(m, tmp_path, pattern):
+    """A file's alpha_pattern keys are module paths as diffusers writes them; a crafted regular expression (this
+    first one takes exponential time on a long name) is refused before it is matched against anything."""
+    import json
+
+    config = {"unet.lora_alpha": 8, "unet.alpha_pattern": {pattern: 1}}
+    path = tmp_path / "crafted.safetensors"
+    save_file(CONV_IN, str(path), metadata={L.PEFT_METADATA_KEY: json.dumps(config)})
+    with pytest.raises(CheckpointError, match="is not a module path"):
+        m.load_lora(path)
+    assert not m.loras
