@@ -125,12 +125,7 @@ def _midpoint_timesteps(sigmas_mid: torch.Tensor) -> torch.Tensor:
     entries around it), but in float32 arithmetic, as diffusers' KDPM2 schedulers compute these. The float64 value
     differs in t's last bit, which moves a 3-step dpm_2_a result by 3e-4 (its x passes |x| ~ 90 before the last step).
     """
-    log_sigmas = np.log(schedule.sigmas().numpy())  # (1000,) float32, increasing
-    log_sigma = np.log(np.maximum(sigmas_mid.numpy(), np.float32(1e-10)))  # (n,) float32
-    lo = ((log_sigma[None, :] >= log_sigmas[:, None]).sum(axis=0) - 1).clip(0, len(log_sigmas) - 2)  # last entry <=
-    w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[lo + 1]), 0, 1)
-    lo = lo.astype(np.float32)
-    return torch.from_numpy((1 - w) * lo + w * (lo + 1))
+    return torch.from_numpy(schedule.sigma_to_t(sigmas_mid.numpy(), dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- VP samplers

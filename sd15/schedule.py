@@ -101,23 +101,23 @@ def t_to_sigma(t: np.ndarray) -> np.ndarray:
     return np.interp(np.asarray(t, dtype=np.float64), np.arange(NUM_TRAIN_TIMESTEPS), table)
 
 
-def sigma_to_t(sigma: np.ndarray) -> np.ndarray:
+def sigma_to_t(sigma: np.ndarray, dtype=np.float64) -> np.ndarray:
     """The (fractional) timestep of each sigma, by linear interpolation in log-sigma between table entries.
 
     The inverse diffusers (and k-diffusion's `DiscreteSchedule.sigma_to_t`) use for sigmas that are not
     on the table, e.g. Karras sigmas: find the table interval [log sigma_lo, log sigma_hi] holding
     log sigma and return lo + w with w = (log sigma_lo - log sigma) / (log sigma_lo - log sigma_hi),
-    clipped to [0, 999].
+    clipped to [0, 999]. Computed in `dtype`: diffusers' schedulers differ in that (float32 for DPM2's midpoints).
     """
     log_sigmas = np.log(_tables()[2].numpy())  # (1000,) float32, as diffusers keeps it
-    sigma = np.asarray(sigma, dtype=np.float64)
-    log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)  # (N,)
+    sigma = np.asarray(sigma, dtype=dtype)
+    log_sigma = np.log(np.maximum(sigma, dtype(1e-10))).reshape(-1)  # (N,)
     at_or_below = log_sigma[None, :] - log_sigmas[:, None] >= 0  # (1000, N)
     # index of the last table entry at or below log sigma, kept one short of the end so that hi exists
     lo = np.cumsum(at_or_below, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
-    hi = lo + 1
-    w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[hi]), 0, 1)
-    return ((1 - w) * lo + w * hi).reshape(sigma.shape)
+    w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[lo + 1]), 0, 1)
+    lo = lo.astype(dtype)
+    return ((1 - w) * lo + w * (lo + 1)).reshape(sigma.shape)
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> np.ndarray:
