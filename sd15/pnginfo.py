@@ -36,6 +36,7 @@ SAMPLER_NAMES = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "unipc": "UniPC",
+    "lcm": "LCM",
 }
 SAMPLERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 

@@ -5,7 +5,8 @@ prediction for the variance-preserving (VP) latent `x` (B, 4, H, W) at training 
 tensor of shape (B,) that may be fractional (799.2). That is the UNet as trained.
 
 Two families:
-- `ddim`, `pndm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps.
+- `ddim`, `pndm`, `lcm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps
+  (`lcm` is for latent consistency models and LCM-LoRAs, on its own grid of at most 50 steps).
 - `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `unipc` work, as Karras
   et al. 2022 and k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise
   levels `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
@@ -16,11 +17,11 @@ Two families:
 Callbacks. Every sampler calls `callback(info)` once per step, after the step, with
     {"i": step number in this run, "t": timestep the model saw, "sigma": its noise level,
      "sigma_next": the noise level of the new x, "x": the new latent, "denoised": the step's x0 estimate}.
-If the callback returns `True`, the sampler stops and returns that `x` (in its own space: VP for ddim/pndm,
+If the callback returns `True`, the sampler stops and returns that `x` (in its own space: VP for ddim/pndm/lcm,
 x_0 + sigma_next * eps for the others; `SamplingPlan.sample` converts it to VP).
 
 Noise. Ancestral/SDE samplers draw one standard normal tensor per step, every step (also the last, where
-it is multiplied by 0; `dpm_2_a` skips that last draw, as diffusers does), from the caller's `torch.Generator`
+it is multiplied by 0; `dpm_2_a` and `lcm` skip that last draw, as diffusers does), from the caller's `torch.Generator`
 on the generator's device (the CPU for a CPU generator) and move it to x's device, as diffusers' `randn_tensor`
 does; so a seeded CPU generator gives the same image on any device, and the same draws as diffusers given the
 same generator.
@@ -42,7 +43,7 @@ from . import schedule
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], "bool | None"]
 
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -219,6 +220,58 @@ def pndm(
         x0 = (x - (1 - a_from) ** 0.5 * eps_step) / a_from**0.5
         x = _pndm_transfer(x, eps_step, a_from, a_to)
         if _report(callback, i, t, _vp_sigma(abar[t]), _vp_sigma(a_to), x, x0):
+            break
+    return x
+
+
+LCM_SIGMA_DATA = 0.5  # sigma_data of the consistency-model boundary condition (Song et al. 2023; LCM keeps it)
+LCM_TIMESTEP_SCALING = 10.0  # LCM's scale from the training timestep to the boundary condition's time variable
+
+
+def lcm_boundary_scalings(t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of a latent consistency model at timestep t (Luo et al. 2023, eq. 9; Song et al. 2023):
+
+        f(x, t) = c_skip(t) x + c_out(t) x0_pred,   c_skip = sd^2 / (s^2 + sd^2),  c_out = s / sqrt(s^2 + sd^2)
+
+    with s = 10 t and sd = 0.5, so that f is the identity at t = 0. In float32, as diffusers' LCMScheduler.
+    At SD's timesteps c_skip is ~0 (7e-6 at t = 19): the step is, in effect, the model's x_0 estimate.
+    """
+    s = torch.tensor(float(t) * LCM_TIMESTEP_SCALING, dtype=torch.float32)
+    c_skip = LCM_SIGMA_DATA**2 / (s**2 + LCM_SIGMA_DATA**2)
+    c_out = s / (s**2 + LCM_SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1; Luo et al. 2023,
+    "Latent Consistency Models", Algorithm 3), for an LCM or a model with an LCM-LoRA (diffusers' LCMScheduler).
+
+    x: the VP latent at timesteps[0]; timesteps: integers from `schedule.lcm_timesteps`. Each step maps x_t
+    straight to a clean estimate x_0 = f(x_t, t) (`lcm_boundary_scalings`), then noises it afresh to the next
+    timestep, x = sqrt(abar_next) x_0 + sqrt(1 - abar_next) z with z ~ N(0, I) from `generator`; the last
+    step returns x_0 itself. Stochastic by design: the fresh noise is what lets a few steps refine the image.
+    """
+    abar = schedule.alphas_cumprod()
+    last = len(timesteps) - 1
+    for i, t in enumerate(int(t) for t in timesteps):
+        a_t = abar[t]
+        eps = eps_model(x, _timestep(t, x))
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # the model's x_0 estimate
+        c_skip, c_out = lcm_boundary_scalings(t)
+        denoised = c_out * x0 + c_skip * x  # the consistency function f(x_t, t)
+        if i < last:
+            a_next = abar[int(timesteps[i + 1])]
+            x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * _randn_like(denoised, generator)
+            sigma_next = _vp_sigma(a_next)
+        else:
+            x, sigma_next = denoised, 0.0
+        if _report(callback, i, t, _vp_sigma(a_t), sigma_next, x, denoised):
             break
     return x
 
@@ -562,7 +615,7 @@ def unipc(
 # --------------------------------------------------------------------------- the plan the pipeline runs
 
 
-_VP_SAMPLERS = ("ddim", "pndm")  # VP latent, integer "leading" timesteps
+_VP_SAMPLERS = ("ddim", "pndm", "lcm")  # VP latent, integer timesteps (LCM's on its own grid)
 _MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")  # DPMSolverMultistep/UniPCMultistep timestep grids
 _DPM_2 = ("dpm_2", "dpm_2_a")  # a second evaluation per step, at a midpoint with its own timestep
 _DEFAULT_SPACING = {"ddim": "leading", "pndm": "leading"}  # the others default to "linspace" in diffusers
@@ -630,6 +683,8 @@ class SamplingPlan:
             return ddim(eps_model, x, ts[s:], self.step_ratio, self.eta, generator, cb)
         if self.sampler == "pndm":
             return pndm(eps_model, x, ts[s:], self.step_ratio, cb)
+        if self.sampler == "lcm":
+            return lcm(eps_model, x, ts[s:], generator, cb)
         if self.sampler == "euler":
             x = euler(eps_model, x, sigmas[s:], ts[s:], cb)
         elif self.sampler == "euler_a":
@@ -682,7 +737,8 @@ def plan_sampling(
     karras: Karras et al. 2022 sigmas (rho = 7), for the sigma-space samplers (diffusers' use_karras_sigmas;
     diffusers' EulerAncestral lacks it, so euler_a uses the grid EulerDiscrete would, as k-diffusion allows).
     eta: DDIM's eta. spacing: override the scheduler's default timestep spacing ("leading" for ddim/pndm,
-    "linspace" for the rest, since SD1.5's config does not set it). A grid diffusers cannot run is refused
+    "linspace" for the rest, since SD1.5's config does not set it; lcm has its own grid and takes none).
+    A grid diffusers cannot run is refused
     (`_refuse_broken_grid`: 1000 steps for ddim, pndm and the multistep solvers).
     """
     if sampler not in SAMPLERS:
@@ -695,11 +751,16 @@ def plan_sampling(
         raise ValueError(f"karras sigmas apply to the sigma-space samplers, not {sampler!r}")
     if eta != 0.0 and sampler != "ddim":
         raise ValueError("eta is DDIM's parameter")
+    if spacing is not None and sampler == "lcm":
+        raise ValueError("lcm samples on the grid it was distilled on; a timestep spacing does not apply to it")
     spacing = spacing or _DEFAULT_SPACING.get(sampler, "linspace")
     train_sigmas = schedule.sigmas().numpy()
     sigmas, ts_mid = None, None
 
-    if sampler in _VP_SAMPLERS:  # integer timesteps; DDIM/PNDM round "linspace"
+    if sampler == "lcm":
+        ts = schedule.lcm_timesteps(steps)
+        init_noise_sigma = 1.0
+    elif sampler in _VP_SAMPLERS:  # integer timesteps; DDIM/PNDM round "linspace"
         ts = schedule.spaced_timesteps(steps, spacing).round()
         _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=ts)
         if sampler == "pndm" and steps > 1:  # PLMS warm-up evaluates the second timestep twice

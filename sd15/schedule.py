@@ -32,6 +32,7 @@ BETA_START = 0.00085  # linear_start of v1-inference.yaml
 BETA_END = 0.012  # linear_end of v1-inference.yaml
 STEPS_OFFSET = 1  # steps_offset of SD1.5's scheduler_config.json ("leading" spacing ends at t = 1)
 KARRAS_RHO = 7.0  # rho of Karras et al. 2022, eq. (5)
+LCM_ORIGINAL_STEPS = 50  # the DDIM grid a latent consistency model is distilled on (diffusers' original_inference_steps)
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -86,6 +87,21 @@ def spaced_timesteps(steps: int, spacing: str, steps_offset: int = STEPS_OFFSET)
     if spacing == "trailing":
         return np.round(np.arange(T, 0, -T / steps)) - 1
     raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+
+
+def lcm_timesteps(steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """The `steps` timesteps a latent consistency model (Luo et al. 2023) is sampled at, int64, noisy to clean.
+
+    LCMs (and LCM-LoRA) are distilled on a fixed skipping grid of `original_steps` DDIM timesteps,
+    k - 1, 2k - 1, …, T - 1 with k = T // original_steps (19, 39, …, 999 for 50); sampling takes `steps` of
+    them at evenly spaced indices from the top, as diffusers' LCMScheduler does:
+    4 steps -> 999, 759, 499, 259. There are at most `original_steps` of them.
+    """
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"lcm takes 1 to {original_steps} steps (the grid it was distilled on), got {steps}")
+    k = NUM_TRAIN_TIMESTEPS // original_steps
+    grid = (np.arange(1, original_steps + 1) * k - 1)[::-1]  # 999, 979, …, 19
+    return grid[np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)]
 
 
 # --------------------------------------------------------------------------- sigma <-> timestep

@@ -145,6 +145,7 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
 }
 
 

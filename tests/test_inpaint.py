@@ -73,7 +73,7 @@ def test_inpainting_unet_with_given_latents_and_guidance_matches_diffusers(inpai
 
 
 @pytest.mark.parametrize(
-    "sampler, strength", [("pndm", 1.0), ("ddim", 0.75), ("euler_a", 1.0), ("dpmpp_2m", 0.6), ("unipc", 1.0), ("heun", 1.0), ("heun", 0.7), ("dpm_2", 0.7)]
+    "sampler, strength", [("pndm", 1.0), ("ddim", 0.75), ("euler_a", 1.0), ("dpmpp_2m", 0.6), ("unipc", 1.0), ("heun", 1.0), ("heun", 0.7), ("dpm_2", 0.7), ("lcm", 0.8)]
 )
 def test_regular_unet_blending_matches_diffusers(tiny_model, reference_4ch, sampler, strength):
     ours, theirs = run_both(tiny_model, reference_4ch, sampler, strength)

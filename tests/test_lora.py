@@ -288,6 +288,30 @@ def test_same_outputs_as_diffusers_load_lora_weights(m, reference, tmp_path, kin
     assert (theirs_u - base).abs().max() > 0.05 * base.abs().max()  # the LoRA does something
 
 
+def test_lcm_lora_four_steps_equal_diffusers(m, reference, tmp_path):
+    """The LCM-LoRA recipe end to end: a UNet-only LoRA on every Linear and Conv2d (as lcm-lora-sdv1-5 is), the
+    lcm sampler, 4 steps, guidance 1 (no unconditional pass), against diffusers' pipeline with LCMScheduler and
+    load_lora_weights on the same random file and seed. Float32; tolerance as in test_pipeline.py."""
+    from reference_models import diffusers_scheduler
+
+    tensors = {k: v for k, v in kohya_lora(m, kinds=None, seed=12, alpha=4.0).items() if k.startswith("lora_unet_")}
+    path = write(tensors, tmp_path / "lcm.safetensors")
+    kwargs = dict(width=64, height=64, output_type="np")
+    with m.load_lora(path, 1.0):
+        ours = m.generate("a cat", sampler="lcm", steps=4, guidance_scale=1.0, seed=21, **kwargs)
+    plain = m.generate("a cat", sampler="lcm", steps=4, guidance_scale=1.0, seed=21, **kwargs)
+    reference.scheduler = diffusers_scheduler("lcm")
+    reference.load_lora_weights(str(path), adapter_name="lcm")
+    try:
+        theirs = reference("a cat", num_inference_steps=4, guidance_scale=1.0,
+                           generator=torch.Generator().manual_seed(21), **kwargs).images  # fmt: skip
+    finally:
+        reference.unload_lora_weights()
+        reference.scheduler = diffusers_scheduler("pndm")
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert np.abs(ours - plain).max() > 1e-2  # the LoRA changed the image
+
+
 # --------------------------------------------------------------------------------------------------
 # Prompts, PNG, CLI
 

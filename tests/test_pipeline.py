@@ -36,7 +36,7 @@ def test_txt2img_matches_diffusers_pndm(tiny_model, reference):
     assert ours.std() > 0.01  # a real image, not a constant that would match trivially
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm"])
 def test_txt2img_matches_diffusers_other_samplers(tiny_model, reference, sampler):
     reference.scheduler = diffusers_scheduler(sampler)
     try:
@@ -68,7 +68,7 @@ def test_guidance_one_skips_unconditional_branch_like_diffusers(tiny_model, refe
     assert np.abs(ours - theirs).max() < TOL
 
 
-@pytest.mark.parametrize("sampler, strength", [("pndm", 0.75), ("ddim", 0.5), ("euler_a", 0.6), ("dpm_2_a", 0.6), ("dpmpp_2m", 0.3)])
+@pytest.mark.parametrize("sampler, strength", [("pndm", 0.75), ("ddim", 0.5), ("euler_a", 0.6), ("dpm_2_a", 0.6), ("dpmpp_2m", 0.3), ("lcm", 0.5)])
 def test_img2img_matches_diffusers(tiny_model, reference_img2img, sampler, strength):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))

@@ -24,7 +24,8 @@ import torch
 from reference_models import SD15_SCHEDULER_CONFIG
 from sd15.samplers import SAMPLERS, dpm_2_midpoints, plan_sampling
 
-SIGMA_SAMPLERS = [s for s in SAMPLERS if s not in ("ddim", "pndm")]
+SIGMA_SAMPLERS = [s for s in SAMPLERS if s not in ("ddim", "pndm", "lcm")]
+SPACED = [s for s in SAMPLERS if s != "lcm"]  # the samplers on the training grid; lcm has its own, of at most 50 steps
 KARRAS_IN_DIFFUSERS = [s for s in SIGMA_SAMPLERS if s != "euler_a"]  # EulerAncestral has no use_karras_sigmas
 SHAPE = (1, 4, 8, 8)
 TOL = 1e-4
@@ -46,6 +47,7 @@ def reference_scheduler(sampler: str, karras: bool = False, **overrides):
         "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
         "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
         "unipc": diffusers.UniPCMultistepScheduler,
+        "lcm": diffusers.LCMScheduler,
     }
     if sampler == "dpmpp_2m_sde":
         overrides["algorithm_type"] = "sde-dpmsolver++"
@@ -167,8 +169,10 @@ def test_img2img_parity_karras(sampler, strength):
 EDGE_STRENGTHS = [(100, 0.01), (50, 0.5), (50, 0.99), (50, 1.0), (2, 0.5), (2, 1.0), (1, 1.0)]
 
 
-@pytest.mark.parametrize("steps, strength", EDGE_STRENGTHS)
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize(
+    "sampler, steps, strength",
+    [(s, n, x) for s in SAMPLERS for n, x in EDGE_STRENGTHS if s != "lcm" or n <= 50] + [("lcm", 50, 0.02)],
+)
 def test_img2img_parity_edge_strengths(sampler, steps, strength):
     noise, init = latents(0), latents(1, 0.8)
     ref = run_diffusers(reference_scheduler(sampler), steps, noise, init, strength, seed=7)
@@ -183,7 +187,7 @@ def test_img2img_parity_edge_strengths_karras(sampler, steps, strength):
     assert_parity(run_ours(sampler, steps, noise, init, strength, seed=7, karras=True), ref)
 
 
-@pytest.mark.parametrize("sampler, karras", [(s, False) for s in SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS if s != "lms"])
+@pytest.mark.parametrize("sampler, karras", [(s, False) for s in SPACED] + [(s, True) for s in KARRAS_IN_DIFFUSERS if s != "lms"])
 def test_999_steps_parity(sampler, karras):
     """The most steps every sampler can take (see test_1000_steps_are_refused_where_the_grid_breaks).
 
@@ -239,7 +243,7 @@ def test_ddim_eta_parity(eta, strength):
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", SPACED)
 def test_spacing_override_parity(sampler, spacing):
     noise = latents(0)
     ref = run_diffusers(reference_scheduler(sampler, timestep_spacing=spacing), 7, noise, seed=7)
@@ -283,6 +287,31 @@ def test_timesteps_as_diffusers_lists_them():
     assert plan_sampling("dpm_2", 6, karras=True).timesteps.tolist() == [999, 837, 594, 249, 30, 0]
     mids = plan_sampling("dpm_2", 6).timesteps_mid.tolist()
     assert mids == pytest.approx([906.2466, 705.3850, 501.8292, 293.8246, 17.5260, 0], abs=1e-4)
+    # LCM: steps of the 50-step distillation grid 999, 979, …, 19 (the LCM-LoRA paper's 4-step run)
+    assert plan_sampling("lcm", 4).timesteps.tolist() == [999, 759, 499, 259]
+    assert plan_sampling("lcm", 50).timesteps.tolist() == list(range(999, 0, -20))
+
+
+def test_lcm_refuses_what_its_grid_cannot_give():
+    """diffusers' LCMScheduler refuses more steps than the 50 it was distilled on; so does sd15, before any work,
+    and says so. Karras sigmas and a timestep spacing have no meaning on that grid: refused, not ignored."""
+    with pytest.raises(ValueError, match="lcm takes 1 to 50 steps"):
+        plan_sampling("lcm", 51)
+    with pytest.raises(ValueError, match="smaller than `num_inference_steps`: 51"):
+        reference_scheduler("lcm").set_timesteps(51)
+    with pytest.raises(ValueError, match="karras"):
+        plan_sampling("lcm", 4, karras=True)
+    with pytest.raises(ValueError, match="spacing does not apply"):
+        plan_sampling("lcm", 4, spacing="trailing")
+
+
+def test_lcm_boundary_condition():
+    """c_skip(0) = 1 and c_out(0) = 0 (f is the identity at t = 0); at SD's timesteps the step is ~ the x_0 estimate."""
+    from sd15.samplers import lcm_boundary_scalings
+
+    assert [float(c) for c in lcm_boundary_scalings(0)] == [1.0, 0.0]
+    c_skip, c_out = lcm_boundary_scalings(19)
+    assert float(c_skip) == pytest.approx(0.25 / (190**2 + 0.25)) and float(c_out) == pytest.approx(1, abs=1e-5)
 
 
 @pytest.mark.parametrize("sampler, karras", [(s, False) for s in SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS])
@@ -347,7 +376,7 @@ def test_callback_returning_true_stops_early(sampler):
     torch.testing.assert_close(x, last["x"] / vp_scale)  # the latent at that point, returned in VP form
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "lcm"])
 def test_noise_comes_from_the_generator(sampler):
     noise = latents(0)
     a, _ = run_ours(sampler, 10, noise, seed=1)
@@ -368,7 +397,7 @@ def test_png_parameters_name_every_sampler(sampler, karras):
     from sd15.pipeline import GenerationSettings
     from sd15.pnginfo import SAMPLER_NAMES, format_parameters, parse_parameters
 
-    karras = karras and sampler not in ("ddim", "pndm")
+    karras = karras and sampler not in ("ddim", "pndm", "lcm")
     text = format_parameters(GenerationSettings("a cat", "", 20, 7.0, sampler, 5, 512, 512, karras))
     assert f"Sampler: {SAMPLER_NAMES[sampler]}," in text
     assert (parse_parameters(text)["sampler"], parse_parameters(text)["karras"]) == (sampler, karras)
@@ -439,7 +468,7 @@ def test_known_region_blending_parity(sampler, steps, strength):
 # --------------------------------------------------------------------------- batches
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpm_2_a", 0.0), ("dpmpp_2m_sde", 0.0)])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpm_2_a", 0.0), ("dpmpp_2m_sde", 0.0), ("lcm", 0.0)])
 def test_each_row_draws_from_its_own_generator(sampler, eta):
     """With one generator per row (the pipeline's seed + i), a row's sampler noise does not depend on its batch."""
     plan = plan_sampling(sampler, 8, eta=eta)
