@@ -22,10 +22,14 @@ def parse() -> list[str]:
     p.add_argument("--extract_ema", action="store_true", help="use the EMA weights (model_ema.*) as the UNet")
     p.add_argument("--half", action="store_true", help="write fp16 weights")
     p.add_argument("--vae_path", default=None, help="take the VAE from this file instead")
-    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--force", action="store_true", help="replace an existing diffusers folder")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args()
+    if args.dump_path.lower().rstrip("/").endswith(".safetensors"):  # sd15 convert would write a single file
+        p.error(f"--dump_path names the diffusers folder to write, not a .safetensors file: {args.dump_path}")
     argv = ["convert", args.checkpoint_path, args.dump_path]
-    argv += ["--ema"] * args.extract_ema + ["--dtype", "fp16"] * args.half + ["--force"] * args.force
+    argv += ["--ema"] * args.extract_ema + ["--dtype", "fp16"] * args.half
+    argv += ["--force"] * args.force + ["--debug"] * args.debug
     return argv + (["--vae", args.vae_path] if args.vae_path else [])
 
 

@@ -13,16 +13,20 @@ How a conversion runs (the reading and writing live in sd15.streaming):
    largest tensor, not the file.
 3. Everything is written under a temporary name next to the target; the result is re-read from disk and
    checked (the safetensors library must parse it; keys, shapes, dtypes and each tensor's SHA-256 must match
-   what was planned) before it is renamed into place. An existing output is replaced only with `force`;
-   an input is never written to; a failure or interrupt removes the temporary files.
+   what was planned) before it is renamed into place. An existing output is replaced only with `force`, and
+   only when it is what a conversion writes (a file, or a diffusers folder), never another folder; an input
+   is never written to; a failure, Ctrl-C or `kill` (SIGTERM, SIGHUP) removes the temporary files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -35,6 +39,7 @@ from .checkpoint import (
     CLIP_PREFIX,
     CLIP_PREFIX_OLD,
     EMA_PREFIX,
+    SCHEDULE_BUFFERS,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
@@ -77,6 +82,13 @@ def diffusers_component(component: str, items: dict[str, Item]) -> tuple[dict[st
     from .vae import VAEConfig
 
     names = keymap.to_diffusers(component, items)
+    first = {}
+    for key, dkey in names.items():  # e.g. a text encoder under both `transformer.text_model.` and `transformer.`
+        if dkey in first:
+            prefix = keymap.ORIGINAL_PREFIX[component]
+            raise CheckpointError(f"the {component} holds {printable(dkey)} twice, as {printable(prefix + first[dkey])} "
+                                  f"and {printable(prefix + key)}; keep one copy of the {component}")  # fmt: skip
+        first[dkey] = key
     out = {}
     for key, dkey in names.items():
         it = items[key]
@@ -123,7 +135,9 @@ def write_diffusers_folder(folder: Path, model: dict[str, Item], inpainting: boo
         for dkey, it in files.items():
             key = parts[component][back[dkey]]  # the source's key
             name = CLIP_PREFIX_OLD + dkey if component == "text_encoder" else key  # how DiffusersFolder names it
-            expected[name] = (model[key].shape, it.dtype, digests[dkey])
+            attention = component == "vae" and keymap.is_vae_attention_weight(dkey)
+            shape = it.shape + (1, 1) if attention else it.shape  # read back as 1×1 convs, whichever the source had
+            expected[name] = (shape, it.dtype, digests[dkey])
             total += it.nbytes
     write_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir()
@@ -198,10 +212,16 @@ def convert(
     start, source, output = time.time(), Path(source), Path(output)
     to_folder = _writes_folder(output)
     report = Report(output)
-    with atomic_output(output, force, [source] + ([Path(vae)] if vae else [])) as tmp:
+    with _terminate_as_interrupt(), atomic_output(output, force, [source] + ([Path(vae)] if vae else [])) as tmp:
+        _check_replaceable(output, to_folder)
         view = open_source(source)
         info = identify(view)
         model = {k: item(view, k) for k in view.keys()}
+        if isinstance(view, DiffusersFolder):  # read through the SD1.x key rules
+            _require_sd1(source, info)
+            model = _schedule_in_model_dtype(model)
+        elif source.is_dir():  # a diffusers component folder (config.json and its weights)
+            model = _component_folder(source, model)
         if to_folder or ema or prune or vae or component:  # these need the SD1.x key rules
             _require_sd1(source, info)
             model = _select(source, info, model, ema, prune or (to_folder and not component), vae, report.notes)
@@ -224,6 +244,70 @@ def convert(
     report.tensors, report.bytes = len(model), sum(it.nbytes for it in model.values())
     report.seconds = time.time() - start
     return report
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Make `kill` (SIGTERM) and a closed terminal (SIGHUP) stop a conversion as Ctrl-C does, so that
+    atomic_output removes its temporary files; by default these signals end Python with no cleanup at all."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    names = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, interrupt) for s in names}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _check_replaceable(output: Path, to_folder: bool) -> None:
+    """An existing output (`force`) is replaced only by its own kind: a .safetensors file by a file, a diffusers
+    folder (model_index.json, or a component's config.json) by a folder; never a folder of other files."""
+    if not output.exists():
+        return
+    if to_folder:
+        ours = output.is_dir() and ((output / "model_index.json").is_file() or (output / "config.json").is_file())
+    else:
+        ours = output.is_file()
+    if not ours:
+        what = "a diffusers folder (no model_index.json or config.json)" if to_folder else "a file"
+        raise ValueError(f"{output} exists and is not {what}; it is not replaced, even with --force. "
+                         "Choose another output, or remove it yourself")  # fmt: skip
+
+
+def _schedule_in_model_dtype(model: dict[str, Item]) -> dict[str, Item]:
+    """A diffusers folder's rebuilt schedule buffers (float32) in the UNet's dtype, as a model cast whole
+    (`.half()`) stores them, so that such a file comes back from its diffusers folder bit for bit."""
+    unet = model.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if unet is None:
+        return model
+    return {k: cast(it, unet.dtype) if k in SCHEDULE_BUFFERS else it for k, it in model.items()}
+
+
+def _component_folder(source: Path, model: dict[str, Item]) -> dict[str, Item]:
+    """A diffusers component folder's tensors under the original layout's names (without the component's
+    prefix, as `--component` writes them): the inverse of writing a component folder."""
+    try:
+        config = json.loads((source / "config.json").read_text())
+        name = str(config.get("_class_name") or config["architectures"][0])
+    except (OSError, ValueError, AttributeError, KeyError, IndexError, TypeError):
+        raise CheckpointError(f"{source / 'config.json'} does not name the component's class") from None
+    component = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}.get(name)
+    if component is None:
+        raise CheckpointError(f"{source} holds a {printable(name)}; sd15 converts SD1.x components "
+                              "(UNet2DConditionModel, AutoencoderKL, CLIPTextModel)")  # fmt: skip
+    out = {}
+    for dkey, key in keymap.from_diffusers(component, model).items():
+        it = model[dkey]
+        attention = component == "vae" and keymap.is_vae_attention_weight(dkey) and len(it.shape) == 2
+        out[key] = reshape(it, it.shape + (1, 1)) if attention else it  # linear -> 1×1 conv
+    return out
 
 
 def _writes_folder(output: Path) -> bool:
@@ -336,7 +420,8 @@ def merge(
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha}")
     to_folder = _writes_folder(output)
-    with atomic_output(output, force, [Path(p) for p in inputs]) as tmp:
+    with _terminate_as_interrupt(), atomic_output(output, force, [Path(p) for p in inputs]) as tmp:
+        _check_replaceable(output, to_folder)
         views = [open_source(p) for p in inputs]
         infos = [identify(v) for v in views]
         for path, info in zip(inputs, infos):

@@ -5,7 +5,13 @@ in test_convert_full.py."""
 import hashlib
 import json
 import os
+import runpy
+import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +153,32 @@ def test_round_trip_through_diffusers_is_exact(tiny_checkpoint, tiny_state_dict,
     assert vae["encoder.mid_block.attentions.0.to_q.weight"].shape == (64, 64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_round_trip_is_exact(tmp_path, dtype):
+    """A checkpoint cast whole to fp16 or bf16 (schedule buffers too) comes back from its diffusers folder
+    bit for bit: the folder has no schedule buffers, and the rebuilt ones take the UNet's dtype."""
+    sd = random_checkpoint("tiny", seed=2, dtype=dtype)
+    save_checkpoint(sd, tmp_path / "half.safetensors")
+    convert_module.convert(tmp_path / "half.safetensors", tmp_path / "folder", progress=False)
+    assert json.loads((tmp_path / "folder" / "text_encoder" / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+    convert_module.convert(tmp_path / "folder", tmp_path / "back.safetensors", progress=False)
+    assert same_tensors(load_file(tmp_path / "back.safetensors"), sd)
+    convert_module.convert(tmp_path / "folder", tmp_path / "fp32.safetensors", dtype=torch.float32, progress=False)
+    assert load_file(tmp_path / "fp32.safetensors")["betas"].dtype == torch.float32  # an explicit dtype still rules
+
+
+def test_linear_vae_attention_in_an_original_file(tiny_state_dict, tmp_path):
+    """An original-layout file whose VAE attention weights are already linear [C, C] (as some converters
+    leave them) exports to the same diffusers folder as the 1×1 conv form, and comes back as 1×1 convs."""
+    linear = {k: v.flatten(1) if ".mid.attn_1." in k and v.dim() == 4 else v for k, v in tiny_state_dict.items()}
+    assert sum(v.dim() == 2 and ".mid.attn_1." in k for k, v in linear.items()) == 8
+    save_checkpoint(linear, tmp_path / "linear.safetensors")
+    convert_module.convert(tmp_path / "linear.safetensors", tmp_path / "folder", progress=False)
+    convert_module.convert(tmp_path / "folder", tmp_path / "back.safetensors", progress=False)
+    expected = {k: v for k, v in tiny_state_dict.items() if not k.startswith("model_ema.")}
+    assert same_tensors(load_file(tmp_path / "back.safetensors"), expected)
+
+
 def test_inpainting_and_old_clip_keys_round_trip(tmp_path):
     sd = random_checkpoint("tiny", seed=4, inpainting=True, old_clip_keys=True)
     save_checkpoint(sd, tmp_path / "in.ckpt")
@@ -277,8 +309,17 @@ def test_component_extraction(tiny_checkpoint, tiny_state_dict, tmp_path, capsys
         assert sd15_cli(capsys, "convert", tiny_checkpoint, out, "--component", component, "--no-progress")[0] == 0
         assert same_tensors(load_file(out), {k[len(prefix):]: v for k, v in tiny_state_dict.items() if k.startswith(prefix)})
         assert inspect(out, with_hash=False)["kind"] == kind
-    assert sd15_cli(capsys, "convert", tiny_checkpoint, tmp_path / "vae-folder", "--component", "vae", "--no-progress")[0] == 0
+    for component, prefix in (("vae", VAE_PREFIX), ("unet", UNET_PREFIX), ("text_encoder", "cond_stage_model.transformer.")):
+        folder = tmp_path / f"{component}-folder"
+        assert sd15_cli(capsys, "convert", tiny_checkpoint, folder, "--component", component, "--no-progress")[0] == 0
+        # and back: a component folder becomes a file in the original layout, as --component writes it
+        back = tmp_path / f"{component}-back.safetensors"
+        assert sd15_cli(capsys, "convert", folder, back, "--no-progress")[0] == 0
+        assert same_tensors(load_file(back), {k[len(prefix):]: v for k, v in tiny_state_dict.items() if k.startswith(prefix)})
     assert json.loads((tmp_path / "vae-folder" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    (tmp_path / "vae-folder" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "vae-folder", tmp_path / "cn.safetensors")
+    assert code == 2 and "ControlNetModel" in err and not (tmp_path / "cn.safetensors").exists()
 
 
 def test_vae_replacement(tiny_checkpoint, tiny_state_dict, tmp_path, capsys):
@@ -307,6 +348,40 @@ def test_vae_replacement(tiny_checkpoint, tiny_state_dict, tmp_path, capsys):
     code, _, err = sd15_cli(capsys, "convert", tiny_checkpoint, tmp_path / "y.safetensors", "--vae", tmp_path / "lora.safetensors")
     assert code == 2 and "LoRA" in err and "not a VAE" in err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The diffusers-style scripts
+
+
+def run_script(monkeypatch, capsys, name: str, *args) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / name), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+def test_conversion_scripts(tiny_checkpoint, tiny_state_dict, tmp_path, monkeypatch, capsys):
+    """Each script writes only the layout it is named for: an output name that `sd15 convert` would read as
+    the other layout (or an input that would make it a plain copy) is refused, and --debug shows the traceback."""
+    to_diffusers, to_original = "convert_original_to_diffusers.py", "convert_diffusers_to_original.py"
+    folder, back = tmp_path / "folder", tmp_path / "back.safetensors"
+    code, err = run_script(monkeypatch, capsys, to_diffusers, "--checkpoint_path", tiny_checkpoint, "--dump_path", back)
+    assert code == 2 and "the diffusers folder to write" in err
+    code, err = run_script(monkeypatch, capsys, to_original, "--model_path", tiny_checkpoint, "--checkpoint_path", back)
+    assert code == 2 and "must be a diffusers folder" in err
+    code, _ = run_script(monkeypatch, capsys, to_diffusers, "--checkpoint_path", tiny_checkpoint, "--dump_path", folder, "--half")
+    assert code == 0
+    code, err = run_script(monkeypatch, capsys, to_original, "--model_path", folder, "--checkpoint_path", tmp_path / "back")
+    assert code == 2 and "must end in .safetensors" in err
+    assert run_script(monkeypatch, capsys, to_original, "--model_path", folder, "--checkpoint_path", back)[0] == 0
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tiny_state_dict.items() if not k.startswith("model_ema.")}
+    assert same_tensors(load_file(back), half)
+    code, err = run_script(monkeypatch, capsys, to_original, "--model_path", folder, "--checkpoint_path", back)
+    assert code == 2 and "already exists" in err and "Traceback" not in err
+    with pytest.raises(FileExistsError):  # --debug: the traceback instead of the one line
+        run_script(monkeypatch, capsys, to_original, "--model_path", folder, "--checkpoint_path", back, "--debug")
+    assert_only(tmp_path, {"folder", "back.safetensors"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,9 +479,48 @@ def test_existing_output_needs_force(tiny_checkpoint, exported, tmp_path, capsys
     assert sd15_cli(capsys, "convert", tiny_checkpoint, folder)[0] == 2 and (folder / "keep.txt").exists()
     assert sd15_cli(capsys, "convert", tiny_checkpoint, out, "--force", "--no-progress")[0] == 0
     assert sd15.load(out).info.kind == "sd1"
+    # --force replaces an earlier output, never a folder of other files (a typo would delete them all)
+    for target in (folder, tmp_path / "dir.safetensors"):
+        target.mkdir(exist_ok=True)
+        (target / "keep.txt").write_text("mine")
+        code, _, err = sd15_cli(capsys, "convert", tiny_checkpoint, target, "--force", "--no-progress")
+        assert code == 2 and "not replaced, even with --force" in err and (target / "keep.txt").read_text() == "mine"
+    (folder / "model_index.json").write_text("{}")  # an earlier diffusers output
     assert sd15_cli(capsys, "convert", tiny_checkpoint, folder, "--force", "--no-progress")[0] == 0
-    assert not (folder / "keep.txt").exists() and (folder / "model_index.json").exists()
-    assert_only(tmp_path, {"out.safetensors", "folder"})
+    assert not (folder / "keep.txt").exists() and sd15.load(folder).info.kind == "sd1"
+    assert_only(tmp_path, {"out.safetensors", "folder", "dir.safetensors"})
+
+
+KILLED_CONVERSION = """
+import sys, time
+from sd15 import streaming
+from sd15.cli import main
+get = streaming.MappedSafetensors.get
+streaming.MappedSafetensors.get = lambda self, key: (time.sleep(0.02), get(self, key))[1]  # a slow disk
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("output", ["out.safetensors", "out-folder"])
+def test_kill_midway_removes_the_partial_output_and_keeps_the_old(tiny_checkpoint, tmp_path, output):
+    """`kill` (SIGTERM) while the output is being written: the temporary file or folder is removed and the
+    output it was to replace is left as it was (by default SIGTERM ends Python with no cleanup)."""
+    target = tmp_path / output
+    if output.endswith(".safetensors"):
+        target.write_bytes(b"precious")
+    else:
+        target.mkdir()
+        (target / "model_index.json").write_text("precious")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, "convert", str(tiny_checkpoint), str(target),
+                              "--force", "--no-progress"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not any(p.name.startswith(f".{output}.partial-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, child.stderr.read()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 130, child.stderr.read()
+    assert_only(tmp_path, {output})
+    assert (target.read_bytes() if target.is_file() else (target / "model_index.json").read_bytes()) == b"precious"
 
 
 def test_output_may_not_replace_an_input(tiny_checkpoint, tiny_state_dict, tmp_path, capsys):
@@ -419,6 +533,52 @@ def test_output_may_not_replace_an_input(tiny_checkpoint, tiny_state_dict, tmp_p
     assert code == 2 and ".safetensors files only" in err
     assert file_state(src) == before
     assert_only(tmp_path, {"model.safetensors"})
+
+
+@pytest.mark.parametrize("kind, message", [("sd2", "Stable Diffusion 2"), ("8 channels", "8 input channels")])
+def test_diffusers_folder_of_another_architecture_is_refused(exported, tmp_path, capsys, kind, message):
+    """Reading a diffusers folder applies the SD1.x key rules, so it must hold an SD1.x model even when only
+    the container changes: an SD2 folder (1024-wide context) would come out as a file of neither family."""
+    folder = Path(shutil.copytree(exported, tmp_path / "other"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet = load_file(weights)
+    if kind == "sd2":
+        unet = {k: torch.zeros(v.shape[0], 1024) if ".attn2.to_k." in k or ".attn2.to_v." in k else v for k, v in unet.items()}
+    else:  # instruct-pix2pix's UNet
+        unet["conv_in.weight"] = torch.zeros(32, 8, 3, 3)
+    save_file(unet, str(weights))
+    code, _, err = sd15_cli(capsys, "convert", folder, tmp_path / "out.safetensors")
+    assert code == 2 and message in err and "Stable Diffusion 1.x" in err
+    assert_only(tmp_path, {"other"})
+
+
+def test_text_encoder_under_both_key_forms_is_refused(tiny_state_dict, tmp_path, capsys):
+    """Both `transformer.text_model.X` and the older `transformer.X`: one name in diffusers, so one copy would
+    be dropped without a word (and not the one sd15.load uses)."""
+    sd = dict(tiny_state_dict)
+    clip = {k[len(CLIP_PREFIX):]: v for k, v in tiny_state_dict.items() if k.startswith(CLIP_PREFIX)}
+    sd.update({"cond_stage_model.transformer." + k: v + 1 for k, v in clip.items()})
+    save_file(sd, str(tmp_path / "both.safetensors"))
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "both.safetensors", tmp_path / "out")
+    assert code == 2 and "twice" in err and "cond_stage_model.transformer.embeddings." in err
+    assert_only(tmp_path, {"both.safetensors"})
+
+
+def test_bin_pickle_in_a_diffusers_folder_is_read_safely(exported, tmp_path, capsys):
+    """diffusers folders may hold pytorch_model.bin: read with weights_only=True, a payload refused, never run."""
+    folder = Path(shutil.copytree(exported, tmp_path / "bin"))
+    weights = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    weights.unlink()
+    torch.save(tensors, folder / "text_encoder" / "pytorch_model.bin")
+    assert sd15_cli(capsys, "convert", folder, tmp_path / "a.safetensors", "--no-progress")[0] == 0
+    convert_module.convert(exported, tmp_path / "b.safetensors", progress=False)
+    assert same_tensors(load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors"))
+    marker = tmp_path / "pwned"
+    torch.save({**tensors, "payload": RunsCode(marker)}, folder / "text_encoder" / "pytorch_model.bin")
+    code, _, err = sd15_cli(capsys, "convert", folder, tmp_path / "c.safetensors")
+    assert code == 2 and "Refused" in err and "system" in err
+    assert not marker.exists() and not (tmp_path / "c.safetensors").exists()
 
 
 def test_truncated_input_is_refused(tiny_checkpoint, tiny_state_dict, tmp_path, capsys):
