@@ -5,16 +5,22 @@ Each line of the JSON-lines file is one job: a prompt string, or an object with 
 "num_images". Settings a line leaves out come from the command line's defaults.
 
 Exactly once, across kills and reruns:
-- every image has an id: a hash of the model's short hash and all its settings (seed included; a line
-  without a seed gets one derived from its content, so a rerun picks the same). Its file is `DIR/<id>.png`.
+- every image has an id: a hash of the model's short hash and all the settings its PNG records (seed, LoRAs
+  and textual inversions included; a line without a seed gets one derived from what the line says, not how
+  it is written, so a rerun picks the same). Its file is `DIR/<id>.png`. Lines asking for the same image
+  (the same id) make one job.
 - the PNG is written to a temporary file and renamed into place, so it either exists whole or not at all;
-  a rerun skips every id whose PNG exists. A kill at any moment loses at most the image being made.
+  a rerun skips every id whose PNG exists and ends with PNG's IEND chunk (a machine crash, unlike a kill, can
+  leave a renamed file short). A kill at any moment loses at most the image being made.
 - `DIR/manifest.json` maps ids to their settings and file; it is rewritten (temporary file, rename) under
   a lock after each image, and rebuilt from the PNGs at the start of every run, so it is never behind.
+  One that is not a JSON object is renamed to `manifest.json.damaged-<time>` and rebuilt.
 
-Many processes: launched by `torchrun`, each rank takes the jobs whose position i satisfies
-i % world_size == rank, uses `cuda:LOCAL_RANK` when CUDA is present (else the CPU, with the gloo backend),
-and waits for the others at the end. Works for one GPU, many GPUs and several nodes sharing DIR.
+Many processes: launched by `torchrun`, rank 0 lists the jobs not done yet and sends the list to every rank
+(the gloo backend: one list of ids, on the CPU, whatever device the model is on); rank r makes the pending
+jobs at positions r, r + world_size, … on `cuda:LOCAL_RANK` when CUDA is present (else the CPU). A rank that
+finishes does not wait for the others (a collective that waits longer than its timeout would end the run).
+Works for one GPU, many GPUs and several nodes sharing DIR.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import json
 import math
 import os
 import re
+import sys
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 from .pipeline import GenerationSettings, check_prompts, check_settings
@@ -40,15 +49,32 @@ KINDS = {**dict.fromkeys(TEXT, "a string"), **dict.fromkeys(FLAG, "true or false
          **dict.fromkeys(NUMBER, "a finite number"), **dict.fromkeys(WHOLE, "a whole number (a JSON integer such as 30)")}  # fmt: skip
 
 
+IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the chunk every whole PNG ends with
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
     line: int  # line number in the prompts file (1-based)
-    settings: GenerationSettings
+    settings: GenerationSettings  # what the PNG records (the id hashes these)
+    prompt: str  # the line's prompt, as given to the model (settings.prompt adds tags for --lora LoRAs)
 
 
 def _content_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str) -> Job:
+    key = json.dumps({"model": model_hash, **asdict(s)}, sort_keys=True)
+    return Job(hashlib.sha256(key.encode()).hexdigest()[:16], line, s, prompt)
+
+
+def _unique(jobs: list[Job]) -> list[Job]:
+    """One job per id, the first: lines asking for the same image share its file, so it is made once."""
+    unique = {}
+    for job in jobs:
+        unique.setdefault(job.id, job)
+    return list(unique.values())
 
 
 def _shown(value) -> str:
@@ -152,13 +178,43 @@ def read_jobs(path: str | os.PathLike, defaults: dict, model_hash: str) -> list[
             values = _checked({**defaults, **entry}, num_images)
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
-        if values["seed"] is None:
-            values["seed"] = _content_seed(raw)
+        if values["seed"] is None:  # from the settings the line gives, typed: not its spacing, key order or num_images
+            values["seed"] = _content_seed(json.dumps({k: values[k] for k in entry if k != "seed"}, sort_keys=True))
         for i in range(num_images):
-            s = GenerationSettings(**{**values, "seed": values["seed"] + i})
-            key = json.dumps({"model": model_hash, **asdict(s)}, sort_keys=True)
-            jobs.append(Job(hashlib.sha256(key.encode()).hexdigest()[:16], number, s))
-    return jobs
+            jobs.append(_job(model_hash, number, GenerationSettings(**{**values, "seed": values["seed"] + i}), values["prompt"]))
+    if not jobs:
+        raise ValueError(f"{path}: no prompts (every line is blank or a # comment)")
+    return _unique(jobs)
+
+
+def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
+    """The jobs as model `m` makes them: their settings as its PNGs record them (sd15.pipeline.record_settings),
+    with the LoRAs in effect (--lora, <lora:name:scale> in the prompt) and the textual inversions the prompts
+    use, which change the image and so its id. With none, the jobs are unchanged. A missing LoRA is refused here,
+    before any image is made."""
+    from .lora import recorded_prompt
+    from .prompts import adapter_hashes
+
+    out = []
+    for job in jobs:
+        s = job.settings
+        try:
+            adapters = adapter_hashes(m, s.prompt, s.negative_prompt)
+        except ValueError as e:
+            raise ValueError(f"line {job.line} of the prompts file: {e}") from None
+        out.append(_job(model_hash, job.line, replace(s, prompt=recorded_prompt(m, s.prompt), **adapters), job.prompt))
+    return _unique(out)
+
+
+def _done(path: Path) -> bool:
+    """Whether `path` is a whole PNG: one that ends with the IEND chunk. A kill cannot leave a partial file (each
+    is renamed into place whole), but a machine crash can, when the rename reached the disk and the data did not."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(IEND), os.SEEK_END)
+            return f.read() == IEND
+    except OSError:  # no such file, or shorter than IEND
+        return False
 
 
 @contextmanager
@@ -171,20 +227,31 @@ def _locked(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def update_manifest(folder: Path, jobs: list[Job]) -> dict:
-    """Add every job whose PNG exists to manifest.json (atomically, under a lock); returns the manifest."""
+def update_manifest(folder: Path, jobs: list[Job], prune: bool = False) -> dict:
+    """Add every job whose PNG is done to manifest.json (atomically, under a lock), and with `prune` drop the
+    entries whose PNG is not (deleted, or cut short); returns the manifest. Entries of other prompts files stay.
+    A manifest that is not a JSON object is kept aside as manifest.json.damaged-<time>, and rebuilt."""
     path = folder / "manifest.json"
     with _locked(folder):
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
             manifest = {}
+        except ValueError:  # not UTF-8, or not JSON
+            manifest = None
+        if not isinstance(manifest, dict):
+            aside = path.with_name(f"manifest.json.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.replace(path, aside)
+            print(f"warning: {path} is not a JSON object; kept as {aside.name}, rebuilt from the images", file=sys.stderr)
+            manifest = {}
+        if prune:
+            manifest = {key: entry for key, entry in manifest.items() if _done(folder / f"{key}.png")}
         for job in jobs:
-            if job.id not in manifest and (folder / f"{job.id}.png").exists():
+            if job.id not in manifest and _done(folder / f"{job.id}.png"):
                 manifest[job.id] = {"file": f"{job.id}.png", "line": job.line, **asdict(job.settings)}
         tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False))
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False), encoding="utf-8")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -192,15 +259,18 @@ def update_manifest(folder: Path, jobs: list[Job]) -> dict:
 
 
 def _distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank), initialising torch.distributed when launched by torchrun."""
+    """(rank, world_size, local_rank), initialising torch.distributed when launched by torchrun.
+
+    The backend is gloo even on GPUs: the ranks exchange one list of ids, on the CPU, so no GPU is bound to a
+    rank for it (nccl would need torch.cuda.set_device first) and the path tested on CPUs is the one used on
+    GPUs. Its timeout bounds how long the ranks wait for each other to load the model."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
-    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo", timeout=timedelta(hours=1))
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -209,23 +279,32 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
     from .pnginfo import format_parameters, save_png
 
     rank, world, _ = _distributed()
+    jobs = with_adapters(m, model_hash, jobs)
     out.mkdir(parents=True, exist_ok=True)
-    update_manifest(out, jobs)  # a previous run may have been killed between a PNG and its manifest entry
-    mine = [job for i, job in enumerate(jobs) if i % world == rank and not (out / f"{job.id}.png").exists()]
+    pending = None
+    if rank == 0:  # a previous run may have been killed between a PNG and its manifest entry
+        update_manifest(out, jobs, prune=True)
+        pending = [job.id for job in jobs if not _done(out / f"{job.id}.png")]
+    if world > 1:  # one view of what is done, rank 0's, so every pending job has one owner and shares are even
+        import torch.distributed as dist
+
+        box = [pending]
+        dist.broadcast_object_list(box, src=0)
+        pending = box[0]
+    by_id = {job.id: job for job in jobs}
+    if not set(pending) <= set(by_id):
+        raise ValueError(f"rank {rank} has other jobs than rank 0: start every rank with the same prompts file, model and flags")
     made = []
-    for job in mine:
+    for job in (by_id[i] for i in pending[rank::world]):
+        if _done(out / f"{job.id}.png"):  # made meanwhile by another run on the same folder
+            continue
         s = job.settings
         image = m.generate(
-            s.prompt, s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler,
+            job.prompt, s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler,
             seed=s.seed, width=s.width, height=s.height, karras=s.karras, progress=progress,
         )[0]  # fmt: skip
         save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem))
         update_manifest(out, [job])
         made.append(job)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if rank == 0:
-            update_manifest(out, jobs)
+    update_manifest(out, jobs)  # the last rank to finish lists everything, without waiting for the others
     return made

@@ -128,3 +128,188 @@ def test_torchrun_two_nodes_sharing_the_output_folder_match_one(tmp_path, single
         assert node.returncode == 0, stderr[-2000:]
     assert "rank 0/2: made" in results[0][0] and "rank 1/2: made" in results[1][0]
     assert_same_batch(tmp_path / "shared", reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# review: duplicates, derived seeds, damaged files, adapters, ranks
+
+DEFAULTS = {"negative_prompt": "", "steps": 3, "sampler": "pndm", "guidance_scale": 7.5, "seed": None, "width": 64, "height": 64, "karras": False}
+
+
+def jobs_of(folder: Path, *lines: str) -> list:
+    from sd15.batch import read_jobs
+
+    path = folder / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return read_jobs(path, DEFAULTS, "modelhash0")
+
+
+def test_a_derived_seed_depends_on_what_a_line_says_not_how(tmp_path):
+    """Spacing, key order, `cfg` for `guidance_scale`, 5 for 5.0, `"seed": null` and a bare string for
+    {"prompt": …} do not change a derived seed, so reformatting the file does not redo finished work; raising a
+    line's num_images keeps the images it already asked for."""
+    same = ['"a red cube"', '  "a red cube"  ', '{"prompt": "a red cube"}', '{"seed": null, "prompt":"a red cube"}']
+    assert len({jobs_of(tmp_path, line)[0].id for line in same}) == 1
+    cfg = ['{"prompt": "a", "cfg": 5}', '{"guidance_scale": 5.0, "prompt": "a"}']
+    assert len({jobs_of(tmp_path, line)[0].id for line in cfg}) == 1
+    two, three = (jobs_of(tmp_path, json.dumps({"prompt": "a", "num_images": n})) for n in (2, 3))
+    assert [j.id for j in three[:2]] == [j.id for j in two]
+    assert jobs_of(tmp_path, '"a"')[0].id != jobs_of(tmp_path, '"b"')[0].id  # but what it says does
+
+
+def test_a_repeated_image_is_made_once(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Lines asking for the same image (the same settings and seed, however written, or one line's second image
+    being another's first) name the same file: it is one job, made once, listed under the first line asking."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lines = ['"a red cube"', json.dumps({"prompt": "b", "seed": 7, "num_images": 2}), '{"prompt": "a red cube"}',
+             '"a red cube"', json.dumps({"prompt": "b", "seed": 8})]  # fmt: skip
+    assert [(j.line, j.settings.prompt) for j in jobs_of(tmp_path, *lines)] == [(1, "a red cube"), (2, "b"), (2, "b")]
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "p.jsonl"), "--out", str(out), "--model", str(tiny_checkpoint), *ARGS]) == 0
+    assert "made 3 images; 3 jobs" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(pngs(out)) == 3 and sorted(v["line"] for v in manifest.values()) == [1, 2, 2]
+
+
+def test_a_file_with_no_prompts_is_refused(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.jsonl").write_text("\n# only a comment\n   \n")
+    assert main(["batch", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), "--model", str(tiny_checkpoint), *ARGS]) == 2
+    assert "p.jsonl: no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def small_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(path)
+
+
+@pytest.mark.parametrize("damaged", [b"[]", b'"text"', b"7", b'{"cut short', b"", b"\xff\xfe"])
+def test_a_damaged_manifest_is_kept_aside_and_rebuilt(tmp_path, damaged, capsys):
+    """A manifest.json that is not a JSON object (edited by hand, or cut short by a machine crash) is renamed
+    to manifest.json.damaged-…, kept as it was, and rebuilt from the PNGs; it used to raise a TypeError."""
+    from sd15.batch import update_manifest
+
+    job = jobs_of(tmp_path, '"café ☕"')[0]
+    small_png(tmp_path / f"{job.id}.png")
+    (tmp_path / "manifest.json").write_bytes(damaged)
+    manifest = update_manifest(tmp_path, [job])
+    assert list(manifest) == [job.id] and json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8")) == manifest
+    kept = list(tmp_path.glob("manifest.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged
+    assert "manifest.json.damaged-" in capsys.readouterr().err
+
+
+def test_the_manifest_is_utf8_whatever_the_locale(tmp_path):
+    """Prompts in any script: files are named by hash, and manifest.json is written and read as UTF-8 even
+    where the locale's encoding is ASCII (LC_ALL=C with Python's UTF-8 mode off)."""
+    job = jobs_of(tmp_path, '"ein Würfel, 立方体, ☕"')[0]
+    assert len(job.id) == 16 and int(job.id, 16) >= 0
+    small_png(tmp_path / f"{job.id}.png")
+    code = ("import sys; from pathlib import Path; from sd15.batch import read_jobs, update_manifest; "
+            f"folder = Path(sys.argv[1]); update_manifest(folder, read_jobs(folder / 'p.jsonl', {DEFAULTS!r}, 'modelhash0'))")  # fmt: skip
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest[job.id]["prompt"] == "ein Würfel, 立方体, ☕"
+
+
+def test_a_png_cut_short_or_deleted_is_made_again(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """A kill cannot leave a partial PNG (it is renamed into place whole), but a machine crash can: the rename
+    reached the disk and the data did not. A PNG that does not end with its IEND chunk is not done; it is made
+    again, as is one deleted by hand, whose manifest entry is dropped until then."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prompts, out = write_prompts(tmp_path, 4), tmp_path / "out"
+    command = ["batch", str(prompts), "--out", str(out), "--model", str(tiny_checkpoint), *ARGS]
+    assert main(command) == 0
+    names = pngs(out)
+    whole = {name: (out / name).read_bytes() for name in names}
+    (out / names[0]).write_bytes(b"")  # as after a crash: renamed, never written
+    (out / names[1]).write_bytes(whole[names[1]][:-20])
+    (out / names[2]).unlink()
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "made 3 images" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in pngs(out)} == whole
+
+
+def test_a_changed_lora_makes_new_images(tmp_path, tiny_checkpoint, tiny_model, monkeypatch, capsys):
+    """LoRAs (--lora FILE:SCALE, <lora:name:scale> in a prompt) and textual inversions change the image, so they
+    are part of its name and recorded in its PNG, as `sd15 generate` records them; before, a rerun with another
+    LoRA, or none, took the old images as done."""
+    from lora_files import random_attention_lora
+
+    from sd15.pnginfo import read_parameters
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lora = random_attention_lora(tiny_model, tmp_path / "ink.safetensors")
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out"
+    prompts.write_text('"a red cube"\n')
+    made = []
+    for extra in ([], ["--lora", f"{lora}:0.5"], ["--lora", f"{lora}:1"], ["--lora", f"{lora}:0.5"]):
+        assert main(["batch", str(prompts), "--out", str(out), "--model", str(tiny_checkpoint), *ARGS, *extra]) == 0
+        made.append(capsys.readouterr().out.split("made ")[1].split(" images")[0])
+    assert made == ["1", "1", "1", "0"] and len(pngs(out)) == 3
+    recorded = sorted(read_parameters(out / name).split("\n")[0] for name in pngs(out))
+    assert recorded == ["a red cube", "a red cube <lora:ink:0.5>", "a red cube <lora:ink:1>"]
+
+
+@pytest.mark.parametrize("rank, world, mine", [(0, 2, [0, 2, 4]), (1, 2, [1, 3]), (6, 8, [])])
+def test_a_rank_that_finishes_does_not_wait_for_the_others(tmp_path, tiny_model, tiny_checkpoint, monkeypatch, rank, world, mine):
+    """Ranks share the pending jobs, rank 0's list, and none waits at the end: a collective waiting for the
+    slowest rank longer than its timeout (30 minutes for gloo, 10 for nccl) failed the run, and torchrun then
+    killed every rank. Here one rank runs alone, any barrier fails as a timeout would, and the broadcast hands
+    it rank 0's list (every job, in a new folder). A rank with no share (8 ranks, 5 jobs) has nothing to do."""
+    import torch.distributed as dist
+
+    from sd15 import batch
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("a collective timed out")
+
+    jobs = jobs_of(tmp_path, *(f'"prompt {i}"' for i in range(5)))
+    monkeypatch.setattr(batch, "_distributed", lambda: (rank, world, 0))
+    monkeypatch.setattr(dist, "barrier", timed_out)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, box[0] or [j.id for j in jobs]))
+    made = batch.run_batch(tiny_model, tiny_checkpoint, "modelhash0", jobs, tmp_path / "out", progress=False)
+    assert [job.id for job in made] == [jobs[i].id for i in mine]
+    assert sorted(json.loads((tmp_path / "out" / "manifest.json").read_text())) == sorted(jobs[i].id for i in mine)
+
+
+def test_ranks_started_with_other_jobs_are_refused(tmp_path, tiny_model, tiny_checkpoint, monkeypatch):
+    """A rank whose jobs differ from rank 0's (another prompts file, model or --lora on one node) stops with a
+    message, rather than making other images than the run lists."""
+    import torch.distributed as dist
+
+    from sd15 import batch
+
+    monkeypatch.setattr(batch, "_distributed", lambda: (1, 2, 0))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, ["0123456789abcdef"]))
+    with pytest.raises(ValueError, match="rank 1 has other jobs than rank 0"):
+        batch.run_batch(tiny_model, tiny_checkpoint, "modelhash0", jobs_of(tmp_path, '"a"'), tmp_path / "out")
+    assert pngs(tmp_path / "out") == []
+
+
+def test_torchrun_resume_shares_what_is_left_evenly(tmp_path, single_process_run, tiny_checkpoint):
+    """A run whose rank 1 died at once left rank 0's share done (jobs 0, 2, 4). Before, a rerun gave each rank its
+    old share, so rank 1 made everything left while rank 0 idled; now the pending jobs are split, one each."""
+    import shutil
+
+    from sd15.batch import read_jobs
+    from sd15.pnginfo import short_hash
+
+    reference, tail, env = single_process_run
+    prompts = Path(tail[tail.index("batch") + 1])
+    jobs = read_jobs(prompts, DEFAULTS, short_hash(tiny_checkpoint, cache_dir=tmp_path))
+    assert len(jobs) == 5 and all((reference / f"{job.id}.png").exists() for job in jobs)
+    out = tmp_path / "out"
+    out.mkdir()
+    for job in jobs[::2]:
+        shutil.copy(reference / f"{job.id}.png", out)
+    launch = [*TORCHRUN, "--nproc-per-node", "2", "--master-port", "29519"]
+    run = subprocess.run([*launch, *tail, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0/2: made 1 images" in run.stdout and "rank 1/2: made 1 images" in run.stdout
+    assert_same_batch(out, reference)
