@@ -7,12 +7,12 @@ tensor of shape (B,) that may be fractional (799.2). That is the UNet as trained
 Two families:
 - `ddim`, `pndm`, `lcm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps
   (`lcm` is for latent consistency models and LCM-LoRAs, on its own grid of at most 50 steps).
-- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `unipc` work, as Karras
+- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_sde`, `unipc` work, as Karras
   et al. 2022 and k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise
   levels `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
   training timestep the UNet is told, `timesteps[i]`, computed the way diffusers' scheduler computes it
   (interpolated, rounded or not: see `plan_sampling`), so there is no sigma -> t guess inside a sampler.
-  DPM2's midpoints come with theirs too (`timesteps_mid`).
+  DPM2's and DPM++ SDE's midpoints come with theirs too (`timesteps_mid`).
 
 Callbacks. Every sampler calls `callback(info)` once per step, after the step, with
     {"i": step number in this run, "t": timestep the model saw, "sigma": its noise level,
@@ -24,7 +24,7 @@ Noise. Ancestral/SDE samplers draw one standard normal tensor per step, every st
 it is multiplied by 0; `dpm_2_a` and `lcm` skip that last draw, as diffusers does), from the caller's `torch.Generator`
 on the generator's device (the CPU for a CPU generator) and move it to x's device, as diffusers' `randn_tensor`
 does; so a seeded CPU generator gives the same image on any device, and the same draws as diffusers given the
-same generator.
+same generator. `dpmpp_sde` draws a seed per row instead, for a Brownian tree (`BrownianNoise`).
 
 The pipeline uses the last section: `plan = plan_sampling(name, steps, strength, karras, eta)`, then
 `x = plan.noise_latents(noise, init_latents)` and `latents = plan.sample(eps_model, x, generator, callback)`.
@@ -32,6 +32,7 @@ The pipeline uses the last section: `plan = plan_sampling(name, steps, strength,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +44,9 @@ from . import schedule
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], "bool | None"]
 
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
+SAMPLERS = (
+    "ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "unipc", "lcm"
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -442,6 +445,105 @@ def _dpm_2_steps(eps_model, x, sigmas, timesteps, timesteps_mid, generator, call
     return x
 
 
+class BrownianNoise:
+    """Standard normal noise for an SDE sampler that asks for the noise of overlapping intervals (DPM++ SDE asks for
+    [sigma, sigma_mid] and then [sigma, sigma_next]): the normalized increment of one Brownian path W per image,
+        z(a, b) = (W(b) - W(a)) / sqrt(|b - a|)  ~ N(0, I),
+    so that the two draws of a step are correlated as the SDE's noise over nested intervals is. A Brownian tree
+    (torchsde's BrownianInterval, as k-diffusion's `BrownianTreeNoiseSampler` and diffusers' DPMSolverSDEScheduler
+    use it) gives W at any point from one seed, the same whichever points are asked in whichever order.
+
+    One tree per row, seeded by a 63-bit number drawn from that row's generator (a single generator: one tree for
+    the whole batch; None: torch's global RNG, as diffusers without `noise_sampler_seed`). The tree lives on the
+    CPU in float32 and its increments are moved to x, so an image is the same on any device. Its interval is
+    [sigma_min, sigma_max] of the whole schedule, not only of the steps run (img2img), as diffusers'.
+    """
+
+    def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float, generator=None):
+        try:
+            import torchsde
+        except ImportError:  # a dependency of sd15; only a partial install lacks it
+            raise ImportError("dpmpp_sde needs torchsde: pip install torchsde") from None
+        generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        self.batched = isinstance(generator, (list, tuple))
+        shape = x.shape[1:] if self.batched else x.shape
+        t0, t1 = torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)  # float32, as diffusers passes them
+        seeds = [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in generators]
+        self.trees = [
+            torchsde.BrownianInterval(t0=t0, t1=t1, size=shape, dtype=torch.float32, device="cpu", entropy=seed,
+                                      tol=1e-6, pool_size=24, halfway_tree=True)  # torchsde's BrownianTree settings
+            for seed in seeds
+        ]  # fmt: skip
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """z(sigma, sigma_next) shaped, typed and placed like `like`."""
+        lo, hi = sorted((sigma, sigma_next))
+        with warnings.catch_warnings():  # after exp(-(-log sigma)) an end may lie an ulp outside the tree's interval:
+            warnings.filterwarnings("ignore", "Should have t[ab]")  # torchsde warns and clamps it, as it does for diffusers
+            w = torch.stack([tree(lo, hi) for tree in self.trees])  # W(hi) - W(lo)
+        w = (w if self.batched else w[0]) * (1.0 if sigma < sigma_next else -1.0)  # W(sigma_next) - W(sigma)
+        return (w / (sigma_next - sigma).abs().sqrt()).to(device=like.device, dtype=like.dtype)
+
+
+def dpmpp_sde(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    timesteps_mid: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    on_predictor: Callable[[dict], None] | None = None,
+    sigma_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """DPM++ SDE: the second-order singlestep SDE solver DPM-Solver++(2S) of Lu et al. 2022 ("DPM-Solver++: Fast
+    Solver for Guided Sampling of Diffusion Probabilistic Models") with ancestral noise at both stages, as
+    k-diffusion's `sample_dpmpp_sde` (eta = 1, r = 1/2) and diffusers' DPMSolverSDEScheduler; "DPM++ SDE" in the
+    web UI. In log-noise time t = -log sigma, each step to t_next takes two stages of one ancestral step each:
+        stage 1: t -> s = t + h/2 (sigma_mid = sqrt(sigma sigma_next)), from D(x; sigma):
+                 x_mid = (sigma_d / sigma) x - expm1(t - t_d) D(x; sigma) + sigma_up z(sigma, sigma_mid)
+        stage 2: t -> t_next, from the same x with the midpoint's estimate D(x_mid; sigma_mid):
+                 x_next = (sigma_d / sigma) x - expm1(t - t_d) D(x_mid; sigma_mid) + sigma_up z(sigma, sigma_next)
+    where each stage's (sigma_d, sigma_up) = `_ancestral_step`(sigma, its target), t_d = -log sigma_d: the
+    exponential-integrator step (exact for a constant x_0 estimate) down to sigma_d, then fresh noise up to the
+    target. The noise comes from one Brownian path per image (`BrownianNoise`), which is what makes the two
+    stages' noises consistent. The last step, to sigma = 0, is an Euler step with one evaluation.
+    timesteps_mid (n,): the model timestep of each midpoint (the last unused); `on_predictor` as in `dpm_2`.
+    sigma_range: (sigma_min, sigma_max) of the whole schedule (default: of `sigmas`), the Brownian tree's interval.
+    Every quantity is computed as diffusers does, in float32 and in its order, down to sigma = exp(-(-log sigma)).
+    """
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    if sigma_range is None:
+        sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
+    noise = BrownianNoise(x, *sigma_range, generator)
+
+    def ancestral_stage(x, denoised, t, t_to):
+        """x at sigma_fn(t) -> sigma_fn(t_to): the deterministic step to sigma_down, then noise of std sigma_up."""
+        sigma_from, sigma_to = sigma_fn(t), sigma_fn(t_to)
+        sigma_up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        t_down = t_fn((sigma_to**2 - sigma_up**2) ** 0.5)
+        x = (sigma_fn(t_down) / sigma_fn(t)) * x - (t - t_down).expm1() * denoised
+        return x + noise(sigma_fn(t), sigma_fn(t_to), like=x) * sigma_up
+
+    for i in range(len(timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        if sigma_next > 0:
+            t, t_next = t_fn(sigma), t_fn(sigma_next)
+            t_mid = t + (t_next - t) * 0.5
+            x_mid = ancestral_stage(x, denoised, t, t_mid)
+            if on_predictor is not None:
+                info = {"i": i, "t": timesteps_mid[i], "sigma_mid": sigma_fn(t_mid), "sigma_next": sigma_next, "x": x_mid}
+                on_predictor(info)
+            x = ancestral_stage(x, denoise(eps_model, x_mid, sigma_fn(t_mid), timesteps_mid[i]), t, t_next)
+        else:
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)  # Euler to sigma = 0: x = denoised
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
 def _lms_coefficient(sigmas: torch.Tensor, i: int, order: int, j: int) -> float:
     """integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial through sigma_i, …, sigma_{i-order+1}
     that is 1 at sigma_{i-j}: the weight of the slope from j steps ago. Integrated exactly (it is a polynomial)."""
@@ -626,14 +728,16 @@ class SamplingPlan:
     """What one sampling run does: the full schedule of `steps` steps, and where img2img starts in it.
 
     timesteps: (n,) float32, the model timesteps of the full schedule (diffusers' `scheduler.timesteps`,
-        except that Heun's and DPM2's are listed once per step, not interleaved; PNDM's has steps + 1 entries).
-    sigmas: (n+1,) float32 noise levels ending in 0 for the sigma-space samplers; None for ddim/pndm.
+        except that Heun's, DPM2's and DPM++ SDE's are listed once per step, not interleaved; PNDM's has
+        steps + 1 entries).
+    sigmas: (n+1,) float32 noise levels ending in 0 for the sigma-space samplers; None for ddim/pndm/lcm.
     start: index of the first step run: 0 for txt2img, steps - int(steps * strength) for img2img, as
-        diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (its `order` factor is Heun's and DPM2's
-        interleaving).
+        diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (its `order` factor is Heun's, DPM2's and
+        DPM++ SDE's interleaving).
     init_noise_sigma: the scale of pure-noise latents (txt2img) in this sampler's space.
-    timesteps_mid: (n,) float32 for dpm_2/dpm_2_a: the model timestep of each step's midpoint
-        (`dpm_2_midpoints`), the entries diffusers interleaves between `timesteps`; None for the others.
+    timesteps_mid: (n,) float32 for dpm_2/dpm_2_a/dpmpp_sde: the model timestep of each step's midpoint
+        (`dpm_2_midpoints`, or sqrt(sigma sigma_next) for dpmpp_sde), the entries diffusers interleaves between
+        `timesteps`; None for the others.
     """
 
     sampler: str
@@ -669,7 +773,7 @@ class SamplingPlan:
         """Run the sampler from `x` (from `noise_latents`); returns the final VP latent (x_0 at sigma = 0).
 
         If `callback` returns True the run stops and the latent at that point is returned, scaled to VP.
-        `on_predictor` goes to Heun and DPM2 (see `heun`, `dpm_2`); the other samplers have no intermediate point.
+        `on_predictor` goes to Heun, DPM2 and DPM++ SDE (see `heun`, `dpm_2`); the other samplers have no intermediate point.
         """
         ts, sigmas, s = self.timesteps, self.sigmas, self.start
         last = {}
@@ -701,6 +805,9 @@ class SamplingPlan:
             x = dpmpp_2m(eps_model, x, sigmas[s:], ts[s:], cb)
         elif self.sampler == "dpmpp_2m_sde":
             x = dpmpp_2m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb)
+        elif self.sampler == "dpmpp_sde":  # its Brownian noise spans the whole schedule, also in img2img
+            sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
+            x = dpmpp_sde(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], generator, cb, on_predictor, sigma_range)
         elif self.sampler == "unipc":
             x = unipc(eps_model, x, sigmas[s:], ts[s:], cb)
         sigma_end = last.get("sigma_next", 0.0)  # 0 unless the callback stopped the run early
@@ -776,8 +883,10 @@ def plan_sampling(
             if karras:  # over the full training range, then the nearest integer timestep for the model
                 sig = schedule.karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
                 ts = schedule.sigma_to_t(sig).round()
-        else:  # Euler, Euler a, Heun, DPM2, LMS: fractional float32 timesteps, sigma interpolated linearly in t
-            ts = schedule.spaced_timesteps(steps, spacing).astype(np.float32)
+        else:  # Euler, Euler a, Heun, DPM2, LMS, DPM++ SDE: fractional timesteps, sigma interpolated linearly in t
+            ts = schedule.spaced_timesteps(steps, spacing)
+            if sampler != "dpmpp_sde":  # the others round t to float32 before interpolating
+                ts = ts.astype(np.float32)
             sig = schedule.t_to_sigma(ts)
             if karras:  # between this grid's end sigmas; the model gets the log-sigma timestep (DPM2's rounded)
                 sig = schedule.karras_sigmas(steps, float(sig[-1]), float(sig[0]))
@@ -786,6 +895,9 @@ def plan_sampling(
                     ts = ts.round()
         _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=sig)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        if sampler == "dpmpp_sde":  # the midpoints' timesteps, from the float64 sigmas, as diffusers computes them
+            log_mid = np.log(sig[:-1]) + np.diff(np.log(sig)) * 0.5  # halfway in log sigma (diffusers: in t = -log sigma)
+            ts_mid = torch.from_numpy(np.concatenate([schedule.sigma_to_t(np.exp(log_mid)), [0.0]]).astype(np.float32))
         if sampler in _DPM_2:  # the midpoints' timesteps, by log-sigma interpolation, not rounded
             ts_mid = _midpoint_timesteps(dpm_2_midpoints(sigmas, ancestral=sampler == "dpm_2_a"))
         if sampler in _MULTISTEP:  # they start from VP noise: x = x_t / sqrt(abar) = eps * sqrt(sigma^2 + 1)

@@ -144,6 +144,7 @@ DIFFUSERS_SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "dpmpp_sde": "DPMSolverSDEScheduler",
     "unipc": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
 }

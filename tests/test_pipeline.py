@@ -36,9 +36,11 @@ def test_txt2img_matches_diffusers_pndm(tiny_model, reference):
     assert ours.std() > 0.01  # a real image, not a constant that would match trivially
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "unipc", "lcm"])
 def test_txt2img_matches_diffusers_other_samplers(tiny_model, reference, sampler):
     reference.scheduler = diffusers_scheduler(sampler)
+    if sampler == "dpmpp_sde":  # sd15 seeds its Brownian tree with the first draw from the image's generator
+        reference.scheduler.noise_sampler_seed = int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(7)))
     try:
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         kwargs = dict(width=64, height=64, output_type="np")

@@ -46,6 +46,7 @@ def reference_scheduler(sampler: str, karras: bool = False, **overrides):
         "lms": diffusers.LMSDiscreteScheduler,
         "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
         "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
+        "dpmpp_sde": diffusers.DPMSolverSDEScheduler,
         "unipc": diffusers.UniPCMultistepScheduler,
         "lcm": diffusers.LCMScheduler,
     }
@@ -87,9 +88,17 @@ def latents(seed: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def seed_brownian_noise(scheduler, seed):
+    """DPMSolverSDEScheduler seeds its Brownian tree from `noise_sampler_seed` (else from torch's global RNG);
+    sd15's dpmpp_sde draws that seed from the image's generator: give diffusers the same number."""
+    if hasattr(scheduler, "noise_sampler_seed") and seed is not None:
+        scheduler.noise_sampler_seed = int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(seed)))
+
+
 def run_diffusers(scheduler, steps, noise, init=None, strength=1.0, seed=None, eta=0.0):
     """diffusers' StableDiffusion(Img2Img)Pipeline denoising loop around `scheduler`; returns (latents, t seen)."""
     model = FakeEps()
+    seed_brownian_noise(scheduler, seed)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
     if init is None:
@@ -328,6 +337,9 @@ def test_grid_equals_diffusers(sampler, karras):
         ref_mid = ref.sigmas_interpol[1::2] if sampler == "dpm_2" else ref.sigmas_interpol[::2]
         assert torch.equal(plan.timesteps_mid[:-1], ref_t_mid.float())  # the last step has no midpoint
         assert torch.equal(dpm_2_midpoints(plan.sigmas, sampler == "dpm_2_a"), ref_mid[:30])
+    if sampler == "dpmpp_sde":  # diffusers interleaves [t0, t_mid0, t1, t_mid1, …, t_last], [s0, s1, s1, s2, …, 0]
+        ref_t_mid, ref_t, ref_sigmas = ref_t[1::2], ref_t[::2], torch.cat([ref_sigmas[:1], ref_sigmas[1::2]])
+        assert torch.equal(plan.timesteps_mid[:-1], ref_t_mid)  # the last step has no midpoint
     assert torch.equal(plan.timesteps, ref_t)
     if plan.sigmas is not None:
         assert torch.equal(plan.sigmas, ref_sigmas.float())
@@ -376,7 +388,7 @@ def test_callback_returning_true_stops_early(sampler):
     torch.testing.assert_close(x, last["x"] / vp_scale)  # the latent at that point, returned in VP form
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "lcm"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "dpmpp_sde", "lcm"])
 def test_noise_comes_from_the_generator(sampler):
     noise = latents(0)
     a, _ = run_ours(sampler, 10, noise, seed=1)
@@ -429,6 +441,7 @@ def run_diffusers_inpaint(scheduler, steps, noise, init, strength, seed):
     """StableDiffusionInpaintPipeline's loop for a 4-channel UNet: after every scheduler step (Heun, DPM2: every
     half step) the kept region becomes `add_noise(init, noise, timesteps[i + 1])`, or init after the last step."""
     model = FakeEps(spatial=0.5)
+    seed_brownian_noise(scheduler, seed)
     scheduler.set_timesteps(steps)
     t_start = steps - min(int(steps * strength), steps)
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
@@ -468,7 +481,7 @@ def test_known_region_blending_parity(sampler, steps, strength):
 # --------------------------------------------------------------------------- batches
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpm_2_a", 0.0), ("dpmpp_2m_sde", 0.0), ("lcm", 0.0)])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 1.0), ("euler_a", 0.0), ("dpm_2_a", 0.0), ("dpmpp_2m_sde", 0.0), ("dpmpp_sde", 0.0), ("lcm", 0.0)])
 def test_each_row_draws_from_its_own_generator(sampler, eta):
     """With one generator per row (the pipeline's seed + i), a row's sampler noise does not depend on its batch."""
     plan = plan_sampling(sampler, 8, eta=eta)
@@ -477,3 +490,24 @@ def test_each_row_draws_from_its_own_generator(sampler, eta):
     for row, s in enumerate((5, 6)):
         alone = plan.sample(FakeEps(), plan.noise_latents(noise[row : row + 1]), torch.Generator().manual_seed(s))
         torch.testing.assert_close(batch[row : row + 1], alone, rtol=0, atol=1e-6)
+
+
+def test_brownian_noise_is_one_path_per_image():
+    """dpmpp_sde's two noises per step are increments of one Brownian path: each N(0, 1), and over nested intervals
+    [a, m] ⊂ [a, b] correlated by sqrt((a - m) / (a - b)); the same seed gives the same path whatever is asked
+    first; each row of a batch has its own path, equal to that row alone. (Statistics over 4·64·64 numbers: the
+    standard error of a mean or correlation is ~0.008, so 0.04 bounds are five of them.)"""
+    from sd15.samplers import BrownianNoise
+
+    like = torch.zeros(2, 4, 64, 64)
+    a, m, b = torch.tensor(10.0), torch.tensor(6.4), torch.tensor(1.0)
+    noise = BrownianNoise(like, 0.03, 14.6, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    z_am, z_ab = noise(a, m, like), noise(a, b, like)
+    assert abs(z_ab.mean()) < 0.04 and abs(z_ab.std() - 1) < 0.04
+    corr = float((z_am * z_ab).mean())
+    assert corr == pytest.approx(((a - m) / (a - b)).sqrt().item(), abs=0.04)  # 0.6; independent draws give 0
+    again = BrownianNoise(like, 0.03, 14.6, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert torch.equal(again(a, b, like), z_ab)  # asked in the other order: the same path
+    alone = BrownianNoise(like[1:], 0.03, 14.6, [torch.Generator().manual_seed(2)])
+    assert torch.equal(alone(a, b, like[1:]), z_ab[1:])
+    assert float((z_ab[0] * z_ab[1]).mean()) == pytest.approx(0, abs=0.04)  # rows are independent paths
