@@ -64,8 +64,10 @@ def _content_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str) -> Job:
-    key = json.dumps({"model": model_hash, **asdict(s)}, sort_keys=True)
+def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked: bool = False) -> Job:
+    """The job making image `s`; `checked`: by the safety checker, which may black an image out, so that a rerun
+    with it off makes such images anew (the ids of unchecked images stay those of earlier versions)."""
+    key = json.dumps({"model": model_hash, **asdict(s), **({"safety_checker": True} if checked else {})}, sort_keys=True)
     return Job(hashlib.sha256(key.encode()).hexdigest()[:16], line, s, prompt)
 
 
@@ -190,8 +192,8 @@ def read_jobs(path: str | os.PathLike, defaults: dict, model_hash: str) -> list[
 def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
     """The jobs as model `m` makes them: their settings as its PNGs record them (sd15.pipeline.record_settings),
     with the LoRAs in effect (--lora, <lora:name:scale> in the prompt) and the textual inversions the prompts
-    use, which change the image and so its id. With none, the jobs are unchanged. A missing LoRA is refused here,
-    before any image is made."""
+    use, which change the image and so its id, as does a safety checker (it blacks out what it flags). With none,
+    the jobs are unchanged. A missing LoRA is refused here, before any image is made."""
     from .lora import recorded_prompt
     from .prompts import adapter_hashes
 
@@ -202,7 +204,8 @@ def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
             adapters = adapter_hashes(m, s.prompt, s.negative_prompt)
         except ValueError as e:
             raise ValueError(f"line {job.line} of the prompts file: {e}") from None
-        out.append(_job(model_hash, job.line, replace(s, prompt=recorded_prompt(m, s.prompt), **adapters), job.prompt))
+        recorded = replace(s, prompt=recorded_prompt(m, s.prompt), **adapters)
+        out.append(_job(model_hash, job.line, recorded, job.prompt, checked=getattr(m, "safety_checker", None) is not None))
     return _unique(out)
 
 

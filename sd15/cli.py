@@ -545,6 +545,8 @@ def run_batch(args) -> None:
     folder = next(a for a in (out.absolute(), *out.absolute().parents) if a.exists())
     if not folder.is_dir():
         raise UserError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # found now, not after the model has loaded
+        raise UserError(f"--out {out}: {folder} is not writable; choose another --out")
     if (out / "manifest.json").is_dir():
         raise UserError(f"--out {out}: its manifest.json is a folder; move it away or choose another --out")
     model_path = find_model(args.model)

@@ -142,14 +142,18 @@ def parse_parameters(text: str) -> dict:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
-    """Write `image` with a `parameters` text chunk, atomically (a temporary file renamed into place)."""
+    """Write `image` with a `parameters` text chunk, atomically (a temporary file renamed into place). The data
+    reaches the disk before the rename, so that after a machine crash the file is whole or absent, not short."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

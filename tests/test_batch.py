@@ -313,3 +313,47 @@ def test_torchrun_resume_shares_what_is_left_evenly(tmp_path, single_process_run
     assert run.returncode == 0, run.stderr[-2000:]
     assert "rank 0/2: made 1 images" in run.stdout and "rank 1/2: made 1 images" in run.stdout
     assert_same_batch(out, reference)
+
+
+def test_the_safety_checker_is_part_of_an_images_id(tmp_path, tiny_model, monkeypatch):
+    """The safety checker blacks out what it flags, so a rerun with it off must make such images anew: its being on
+    is part of the id. Without it the ids are those the prompts file alone gives (earlier folders stay done)."""
+    from sd15.batch import read_jobs, with_adapters
+
+    prompts = write_prompts(tmp_path, 4)
+    defaults = dict(negative_prompt="", steps=3, sampler="pndm", guidance_scale=7.5, seed=None, width=64, height=64, karras=False)
+    jobs = read_jobs(prompts, defaults, "0abb3eca25")
+    monkeypatch.setattr(tiny_model, "safety_checker", None, raising=False)
+    unchecked = [job.id for job in with_adapters(tiny_model, "0abb3eca25", jobs)]
+    monkeypatch.setattr(tiny_model, "safety_checker", object())  # any checker: only its presence counts
+    checked = [job.id for job in with_adapters(tiny_model, "0abb3eca25", jobs)]
+    assert unchecked == [job.id for job in jobs]
+    assert len(set(checked)) == len(jobs) and not set(checked) & set(unchecked)
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_loading(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Found before the model loads (the tests run as root, for whom every folder is writable: os.access is faked)."""
+    import sd15.cli
+
+    prompts, out = write_prompts(tmp_path, 3), tmp_path / "locked" / "out"
+    out.parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(sd15.cli.os, "access", lambda p, mode: Path(p) != out.parent and real_access(p, mode))
+    monkeypatch.setattr(sd15.cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    assert main(["batch", str(prompts), "--out", str(out), "--model", str(tiny_checkpoint), *ARGS]) == 2
+    assert "is not writable" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_png_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """After a machine crash a renamed file may be short unless its data was synced first (a kill cannot do that)."""
+    from PIL import Image
+
+    from sd15 import pnginfo
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(pnginfo.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(pnginfo.os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    path = pnginfo.save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", "a cat\nSteps: 3")
+    assert events == ["fsync", "replace"]
+    assert pnginfo.read_parameters(path) == "a cat\nSteps: 3"
