@@ -112,6 +112,12 @@ class Trace:
         self.capture = [capture] if isinstance(capture, str) else list(capture)
         self.patch = dict(patch or {})
         self.reduce = dict(reduce or {})
+        for pattern, how in self.reduce.items():  # refused now, not at the first capture of a long run
+            unknown = [step for step in how.split("+") if step not in REDUCTIONS] if isinstance(how, str) else []
+            if unknown or not (isinstance(how, str) or callable(how)):
+                what = ", ".join(map(repr, unknown)) if unknown else repr(how)
+                raise ValueError(f"reduce[{pattern!r}]: {what} is not a reduction; use a function or names from "
+                                 f"{sorted(REDUCTIONS)} joined by '+'")  # fmt: skip
         self.steps = steps if steps is None or callable(steps) else set(steps)
         self.device = device
         self.records: dict[str, list[Record]] = defaultdict(list)
@@ -158,8 +164,8 @@ class Trace:
                     kept = REDUCTIONS[step](kept, self) if isinstance(step, str) else step(kept)
         if self.device is not None:
             kept = kept.to(self.device)
-        if kept is value:
-            kept = kept.clone()  # the run may reuse the tensor's memory
+        if kept.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+            kept = kept.clone()  # the run may change the tensor in place (inpainting blends x) or reuse its memory
         self.records[name].append(Record(kept, self.step, len(self.records[name]), self.image))
 
     # -- reading results
@@ -191,10 +197,11 @@ class Trace:
     def __enter__(self) -> "Trace":
         if getattr(self.m, "_trace", None) is not None:
             raise RuntimeError("a trace is already installed on this model; nest runs, not traces")
+        patterns = self.capture + list(self.patch)
+        self._refuse_unmatched(patterns)
         # the fast path's fused modules skip the submodules a trace hooks: record on the reference path
         self._reference_path = fast.suspended(self.m)
         self._reference_path.__enter__()
-        patterns = self.capture + list(self.patch)
         for model_name in MODELS:
             model = getattr(self.m, model_name)
             for name, module in model.named_modules():
@@ -206,6 +213,20 @@ class Trace:
                     self._handles.append(module.register_forward_hook(self._forward_hook(full)))
         self.m._trace = self
         return self
+
+    def _refuse_unmatched(self, patterns: list[str]) -> None:
+        """A pattern that names no point of this model (a typo such as `unet.*.atn2.probs`) would capture nothing,
+        silently: refuse it, before the fast path is suspended or anything is installed."""
+        names = list(STEP_POINTS)
+        for model_name in MODELS:
+            for name, module in getattr(self.m, model_name).named_modules():
+                names += [f"{model_name}.{name}"] if name else []
+                if isinstance(module, (CrossAttention, CLIPAttention)):
+                    names.append(f"{model_name}.{name}.probs")
+        unmatched = [p for p in patterns if not any(self._matches(n, [p]) for n in names)]
+        if unmatched:
+            raise ValueError(f"{', '.join(map(repr, unmatched))} names no point of this model; "
+                             "sd15.hooks.points(m) lists the usual ones")  # fmt: skip
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):

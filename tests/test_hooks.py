@@ -196,3 +196,29 @@ def test_attention_map_labels_follow_what_the_model_saw(tiny_model):
     assert labels == [(1, "a"), (2, "red"), (3, "cat")]
     long = prompt_token_labels(tiny_model, " ".join(["dog"] * 80))
     assert len(long) == 80 and long[75] == (77 + 1, "dog")  # the second 77-token chunk
+
+
+def test_bad_patterns_and_reductions_are_refused_before_anything_is_installed(tiny_model):
+    """A typo would capture nothing, silently, and an unknown reduction used to fail at the first capture,
+    mid-run: both are refused when the trace is made or entered, and the model is left as it was."""
+    with pytest.raises(ValueError, match="'unet.\\*.atn2.probs' names no point"):
+        with sd15.trace(tiny_model, capture=["unet.*.attn2.probs", "unet.*.atn2.probs"]):
+            pass
+    with pytest.raises(ValueError, match="'mean_head' is not a reduction"):
+        sd15.trace(tiny_model, capture=[ATTN2], reduce={"*.probs": "cond+mean_head"})
+    assert getattr(tiny_model, "_trace", None) is None
+    with sd15.trace(tiny_model, capture=[ATTN2, "vae.decoder.mid.block_1", "step.x"]) as tr:  # all real points
+        tiny_model.generate("a cat", **RUN)
+    assert len(tr[ATTN2]) > 0 and len(tr["vae.decoder.mid.block_1"]) == 1
+    assert len(tr["step.x"]) == 4  # PLMS reports its 3 steps + 1 evaluations
+
+
+def test_captured_values_do_not_change_when_the_run_edits_its_tensors(tiny_model):
+    """Inpainting blends the known region into x in place after each step; a capture must keep what it saw (a
+    detached tensor on the capture device shares the run's memory unless copied)."""
+    x, denoised = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
+    with sd15.trace(tiny_model, capture=["step.x", "step.denoised"]) as tr:
+        tr.end_step({"x": x, "denoised": denoised})
+        x.add_(5.0)
+        denoised.mul_(3.0)
+    assert torch.equal(tr["step.x"][0], torch.zeros(1, 4, 8, 8)) and torch.equal(tr["step.denoised"][0], torch.ones(1, 4, 8, 8))
