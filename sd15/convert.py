@@ -81,14 +81,7 @@ def diffusers_component(component: str, items: dict[str, Item]) -> tuple[dict[st
     from .unet import UNetConfig
     from .vae import VAEConfig
 
-    names = keymap.to_diffusers(component, items)
-    first = {}
-    for key, dkey in names.items():  # e.g. a text encoder under both `transformer.text_model.` and `transformer.`
-        if dkey in first:
-            prefix = keymap.ORIGINAL_PREFIX[component]
-            raise CheckpointError(f"the {component} holds {printable(dkey)} twice, as {printable(prefix + first[dkey])} "
-                                  f"and {printable(prefix + key)}; keep one copy of the {component}")  # fmt: skip
-        first[dkey] = key
+    names = keymap.to_diffusers(component, items)  # refuses two keys of one name (a text encoder stored twice)
     out = {}
     for key, dkey in names.items():
         it = items[key]

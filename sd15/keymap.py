@@ -176,9 +176,19 @@ def _rename(keys, pairs, reverse: bool, what: str) -> dict[str, str]:
     if unknown:
         shown = ", ".join(map(printable, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise CheckpointError(f"{len(unknown)} {what} key(s) fit no SD1.x layout rule: {shown}")
-    if len(set(out.values())) != len(out):
-        raise CheckpointError(f"the {what} keys map onto each other (duplicate names in the file?)")
+    _check_one_to_one(out, what)
     return out
+
+
+def _check_one_to_one(names: dict[str, str], what: str, prefix: str = "") -> None:
+    """Refuse two keys renamed to one name, of which one would be dropped without a word (a text encoder stored
+    under both `transformer.text_model.X` and `transformer.X`; a VAE with both `to_q` and the older `query`)."""
+    first = {}
+    for key, name in names.items():
+        if name in first:
+            raise CheckpointError(f"the {what} holds {printable(name)} twice, as {printable(prefix + first[name])} "
+                                  f"and {printable(prefix + key)}; keep one copy of the {what}")  # fmt: skip
+        first[name] = key
 
 
 def is_vae_attention_weight(diffusers_key: str) -> bool:
@@ -197,7 +207,7 @@ def to_diffusers(component: str, keys) -> dict[str, str]:
         return _rename(keys, unet_pairs(unet_structure_original(keys)), False, "UNet")
     if component == "vae":
         return _rename(keys, vae_pairs(vae_structure_original(keys)), False, "VAE")
-    return _text_model_keys(keys)
+    return _text_model_keys(keys, ORIGINAL_PREFIX["text_encoder"])
 
 
 def from_diffusers(component: str, keys) -> dict[str, str]:
@@ -210,12 +220,15 @@ def from_diffusers(component: str, keys) -> dict[str, str]:
         return _rename(keys, unet_pairs(unet_structure_diffusers(keys)), True, "diffusers UNet")
     if component == "vae":
         return _rename(keys, vae_pairs(vae_structure_diffusers(keys)), True, "diffusers VAE")
-    return _text_model_keys(keys)
+    return _text_model_keys(keys, "")
 
 
-def _text_model_keys(keys: list[str]) -> dict[str, str]:
-    """Text-encoder keys, the same in both layouts but for the `text_model.` level older files lack."""
-    return {k: k if k.startswith("text_model.") else "text_model." + k for k in keys}
+def _text_model_keys(keys: list[str], prefix: str) -> dict[str, str]:
+    """Text-encoder keys, the same in both layouts but for the `text_model.` level older files lack; `prefix`
+    is what the file puts before them, for messages."""
+    out = {k: k if k.startswith("text_model.") else "text_model." + k for k in keys}
+    _check_one_to_one(out, "text encoder", prefix)
+    return out
 
 
 def split_original(keys) -> dict[str, dict[str, str]]:

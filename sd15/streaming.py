@@ -10,7 +10,8 @@
    and then every tensor's bytes one at a time, hashed (SHA-256) as they are written. Peak memory is about the
    largest tensor, not the file.
 3. Everything is written under a temporary name next to the target; the result is re-read from disk and
-   checked before it is renamed into place (`write_verified`, `atomic_output`).
+   checked before it is renamed into place (`write_verified`, `atomic_output`), over an existing output only
+   with `force` and only if that output is still what it was at the start.
 
 The operations themselves (convert, merge) are in sd15.convert.
 """
@@ -86,6 +87,11 @@ class MappedSafetensors:
                 raise CheckpointError(f"{self.path} is corrupt: tensor {key!r} of shape {list(shape)} "
                                       f"has {end - begin} bytes")  # fmt: skip
             self._info[key] = (dtype, shape, begin, end)
+        spans = sorted((begin, end) for _, _, begin, end in self._info.values())
+        ends = [0] + [end for _, end in spans]  # each tensor starts where the one before it ends, the last at the file's end
+        if any(begin != prev for (begin, _), prev in zip(spans, ends)) or ends[-1] != self.path.stat().st_size - self._data_start:
+            raise CheckpointError(f"{self.path} is corrupt: its tensors' bytes overlap or leave gaps, where the format stores "
+                                  "them back to back (the safetensors library refuses it too); download it again")  # fmt: skip
 
     def keys(self):
         return self._info.keys()
@@ -145,15 +151,19 @@ class _Shards:
 
 
 def open_weights(folder: Path, name: str):
-    """A diffusers component's weights: NAME.safetensors, sharded, the fp16 variant, or a .bin pickle."""
-    bin_name = "pytorch_model.bin" if name == "model" else f"{name}.bin"
-    for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.fp16.safetensors", bin_name):
+    """A diffusers component's weights: NAME.safetensors, sharded, the fp16 variant (one file or sharded), or a
+    .bin pickle, looked for in that order."""
+    bin_name = "pytorch_model" if name == "model" else name
+    candidates = (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.fp16.safetensors",
+                  f"{name}.safetensors.index.fp16.json", f"{bin_name}.bin", f"{bin_name}.fp16.bin")  # fmt: skip
+    for candidate in candidates:
         path = folder / candidate
         if path.is_file():
-            if candidate.endswith(".index.json"):
+            if candidate.endswith(".json"):
                 return _Shards(path)
             return MappedSafetensors(path) if candidate.endswith(".safetensors") else TensorDict(load_pickle(path), path)
-    raise CheckpointError(f"{folder} holds no weights (looked for {name}.safetensors, {bin_name})")
+    raise CheckpointError(f"{folder} holds no weights: it has none of {', '.join(candidates)}. "
+                          "Is the folder complete (a download cut short)?")  # fmt: skip
 
 
 class DiffusersFolder:
@@ -180,7 +190,11 @@ class DiffusersFolder:
             if not (self.path / component).is_dir():
                 raise CheckpointError(f"{self.path} is a diffusers folder without {component}/")
             reader = open_weights(self.path / component, keymap.WEIGHTS_NAME[component])
-            for dkey, key in keymap.from_diffusers(component, reader.keys()).items():
+            try:
+                names = keymap.from_diffusers(component, reader.keys())
+            except CheckpointError as e:
+                raise CheckpointError(f"{reader.path}: {e}") from None
+            for dkey, key in names.items():
                 shape = tuple(reader.shape(dkey))
                 if component == "vae" and keymap.is_vae_attention_weight(dkey) and len(shape) == 2:
                     shape += (1, 1)  # linear -> 1×1 conv
@@ -294,13 +308,28 @@ def open_source(path: str | os.PathLike):
     with weights_only=True), a diffusers folder, or a diffusers component folder (config.json + weights)."""
     path = Path(path)
     if path.is_dir() and not (path / "model_index.json").exists() and (path / "config.json").exists():
-        return open_weights(path, "diffusion_pytorch_model" if (path / "diffusion_pytorch_model.safetensors").exists() else "model")
+        return open_weights(path, _weights_name(path / "config.json"))
     if path.is_dir() and (path / "model_index.json").is_file():
         return DiffusersFolder(path, copy=False)
     view = open_checkpoint(path)
     if isinstance(view, SafetensorsFile):
         return MappedSafetensors(path)
     return ReleasingPickle(view) if isinstance(view, TensorDict) and sys.platform == "linux" else view
+
+
+def _weights_name(config_path: Path) -> str:
+    """A component folder's weights name, by which library wrote its config.json: diffusers (`_class_name`:
+    diffusion_pytorch_model.*) or transformers (`architectures`: model.*)."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is not readable JSON: {e}") from None
+    if isinstance(config, dict) and "_class_name" in config:
+        return "diffusion_pytorch_model"
+    if isinstance(config, dict) and "architectures" in config:
+        return "model"
+    raise CheckpointError(f"{config_path} names no model class (diffusers' _class_name or transformers' architectures); "
+                          "sd15 reads component folders written by diffusers or transformers")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,9 +463,35 @@ def write_verified(path: Path, items: dict[str, Item], metadata: dict | None, pr
     return digests
 
 
+def _identity(path: Path) -> tuple | None:
+    """What is at `path`, a symlink not followed: None if nothing, else its device, inode and modification time,
+    which change when it is replaced or written to."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a folder, or a symlink (never what it points to)."""
+    if _is_folder(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(target: Path, force: bool, inputs: list[Path]):
-    """Yield a temporary path next to `target`; on success move it into place, on any failure remove it."""
+    """Yield a temporary path next to `target`; on success move it into place, on any failure remove it.
+
+    Whatever is at `target` is replaced only with `force`, and only if it is still, at the rename, what was there
+    at the start (which the caller may have checked): an output that appears or changes meanwhile is kept and the
+    new one discarded. A symlink at `target` is itself replaced, never followed."""
     target = Path(target)
     if not target.parent.is_dir():
         raise ValueError(f"the output's folder does not exist: {target.parent}")
@@ -447,21 +502,32 @@ def atomic_output(target: Path, force: bool, inputs: list[Path]):
             raise ValueError(f"the output {target} would replace the input {p}; choose another output")
         if p in resolved.parents:
             raise ValueError(f"the output {target} lies inside the input folder {p}; choose an output outside it")
-    if target.exists() and not force:
+    before = _identity(target)
+    if before is not None and not force:
         raise FileExistsError(f"{target} already exists; pass --force to replace it")
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    tmp, old = (target.with_name(f".{target.name}.{what}-{os.getpid()}") for what in ("partial", "old"))
+    for p in (tmp, old):
+        if os.path.lexists(p):
+            raise FileExistsError(f"{p} is in the way: a conversion to {target.name} in this process is writing it, or "
+                                  "one killed with kill -9 under this process number left it. If none is running, delete it"
+                                  + (" (it is the output that conversion was replacing)" if p == old else ""))  # fmt: skip
     try:
         yield tmp
-        if target.exists() and (target.is_dir() or tmp.is_dir()):
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if _identity(target) != before:
+            raise FileExistsError(f"{target} was {'created' if before is None else 'replaced or changed'} by something else "
+                                  "while the conversion ran; it is left as it is and the new output is discarded. "
+                                  "Check what it is, then run again (with --force to replace it)")  # fmt: skip
+        if before is None or not (tmp.is_dir() or _is_folder(target)):
+            os.replace(tmp, target)  # a file over a file or a symlink (the link itself)
+        else:  # rename() cannot put a folder over a file or a link, nor a file over a folder: move the old one aside
             os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            _remove(old)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            _remove(tmp)  # nothing once it is in place
         raise
