@@ -6,6 +6,7 @@
     sd15 generate "a (red:1.2) fox <lora:ink:0.8>" --clip-skip 2 --embedding easynegative.safetensors   # docs/prompting.md
     sd15 inpaint photo.png mask.png "a red door" --mask-blur 4 -o door.png    # white in the mask = repaint
     sd15 generate "a castle" --hires-scale 2 --preview live.png                # 1024×1024 via 512×512
+    sd15 generate "a house" --controlnet control_v11p_sd15_canny.pth:0.8 --control-image edges.png   # docs/controlnet.md
 
 A user error (a bad argument, a missing or unusable checkpoint) exits with status 2 and one line on stderr
 saying what was wrong, and writes nothing; `--debug` shows the traceback instead.
@@ -109,6 +110,18 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_controlnet_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--controlnet", action="append", type=_lora_spec, default=[], metavar="FILE[:SCALE]",
+                   help="a ControlNet 1.x file for SD1.5 (repeatable, each with its --control-image; scale 1 by default)")
+    p.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="the control image (an edge map, depth map, pose…) of each --controlnet, in order")
+    p.add_argument("--control-start", type=_finite_float, default=0.0, metavar="F",
+                   help="fraction of the steps after which the ControlNets start (default 0)")
+    p.add_argument("--control-end", type=_finite_float, default=1.0, metavar="F",
+                   help="fraction of the steps after which the ControlNets stop (default 1)")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNets on the conditional half only (diffusers' guess mode)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd15", description="Stable Diffusion v1.5, from scratch in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hires-strength", type=_finite_float, default=None, help="the refining pass's strength (default 0.5)")
     g.add_argument("--hires-steps", type=_positive_int, default=None, help="the refining pass's steps (default: --steps)")
     g.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default=None, help="how to upscale (default lanczos)")
+    _add_controlnet_arguments(g)
     _add_sampling_arguments(g)
 
     i = sub.add_parser("img2img", help="image to image")
@@ -132,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("prompt")
     i.add_argument("--strength", type=_finite_float, default=0.75, help="how much to change, in (0, 1] (default 0.75)")
     i.add_argument("--fit", choices=("resize", "crop"), default="resize", help="for sides not a multiple of 8")
+    _add_controlnet_arguments(i)
     _add_sampling_arguments(i)
 
     n = sub.add_parser("inpaint", help="repaint the white part of a mask (inpainting or regular checkpoints)")
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--height", type=_size, default=None, help="working height of --padding mode")
     n.add_argument("--no-paste-back", action="store_true", help="return the model's pixels everywhere, not the original's outside the mask")
     n.add_argument("--fit", choices=("resize", "crop"), default="resize", help="for sides not a multiple of 8")
+    _add_controlnet_arguments(n)
     _add_sampling_arguments(n)
 
     b = sub.add_parser("batch", help="many prompts from a JSON-lines file; resumable; torchrun for many GPUs")
@@ -221,6 +237,40 @@ def _load_adapters(m, args) -> None:
             m.load_lora(path, scale)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _control_images(args) -> list:
+    """The --control-image files, read, checked to pair with the --controlnet files (before any model loads)."""
+    if len(args.controlnet) != len(args.control_image):
+        raise UserError(f"give one --control-image per --controlnet: {len(args.controlnet)} ControlNets, "
+                        f"{len(args.control_image)} control images")  # fmt: skip
+    for path, _ in args.controlnet:
+        if not path.is_file():
+            raise UserError(f"no such ControlNet file: {path}")
+    if args.controlnet and not 0 <= args.control_start < args.control_end <= 1:
+        raise UserError(f"--control-start and --control-end must satisfy 0 <= start < end <= 1, got "
+                        f"{args.control_start:g} and {args.control_end:g}")  # fmt: skip
+    return [_open_image(path, "control image") for path in args.control_image]
+
+
+def _load_controlnets(args) -> list:
+    """The --controlnet files, loaded where the model will be (checked before the model itself loads)."""
+    import torch
+
+    from .controlnet import load_controlnet
+    from .model import default_device_and_dtype
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    device, dtype = default_device_and_dtype(args.device, dtypes.get(args.dtype))
+    return [load_controlnet(path, device, dtype) for path, _ in args.controlnet]
+
+
+def _controlnet_kwargs(args, nets: list, images: list) -> dict:
+    """The ControlNet arguments of generate / img2img / inpaint (none when no --controlnet is given)."""
+    if not nets:
+        return {}
+    return dict(controlnet=nets, control_image=images, controlnet_conditioning_scale=[scale for _, scale in args.controlnet],
+                control_guidance_start=args.control_start, control_guidance_end=args.control_end, guess_mode=args.guess_mode)  # fmt: skip
 
 
 def _load_safety_checker(m, args) -> None:
@@ -323,6 +373,13 @@ def run_generate(args) -> None:
     prompt = args.prompt if args.prompt is not None else settings.get("prompt")
     if prompt is None:
         raise UserError("give a prompt (or --from-png FILE)")
+    control_images = _control_images(args)
+    if settings.get("controlnets") and not args.controlnet:
+        names = ", ".join(c["model"] for c in settings["controlnets"])
+        print(f"warning: {args.from_png} was made with ControlNet ({names}), whose control image a PNG does not hold: "
+              "generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
+    # without -W/-H (or a PNG's size) the output takes the first control image's size, rounded down to a multiple of 8
+    control_w, control_h = (max(8, control_images[0].width // 8 * 8), max(8, control_images[0].height // 8 * 8)) if control_images else (512, 512)
 
     def pick(flag, key, default):
         return flag if flag is not None else settings.get(key, default)
@@ -333,8 +390,8 @@ def run_generate(args) -> None:
         guidance_scale=pick(args.cfg, "guidance_scale", 7.5),
         sampler=pick(args.sampler, "sampler", "pndm"),
         seed=pick(args.seed, "seed", None),
-        width=pick(args.width, "width", 512),
-        height=pick(args.height, "height", 512),
+        width=pick(args.width, "width", control_w),
+        height=pick(args.height, "height", control_h),
         karras=pick(args.karras, "karras", False),
         eta=settings.get("eta", 0.0),
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
@@ -351,14 +408,18 @@ def run_generate(args) -> None:
     if hires:
         check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
                              hires["hires_steps"], hires["upscaler"], kwargs["sampler"], kwargs["guidance_scale"], args.num_images)  # fmt: skip
-    paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png,))
+    if hires and args.controlnet:
+        raise UserError("--hires-scale does not take a ControlNet yet; generate at the size you want, or without --controlnet")
+    paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png, *args.control_image))
+    nets = _load_controlnets(args)
     m, model_path = _load_model(args)
     with _inspection(m, args) as trace:
         preview = _preview_callback(m, args)
         if hires:  # sd15.hires: native size first, then upscaled and refined
             images = m.hires_fix(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **hires, **kwargs)
         else:
-            images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **kwargs)
+            images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **kwargs,
+                                **_controlnet_kwargs(args, nets, control_images))  # fmt: skip
     _save(m, model_path, images, paths)
     if trace is not None:
         _write_inspection(m, args, trace, images, prompt)
@@ -440,7 +501,11 @@ def run_inpaint(args) -> None:
                         f"{image.width}×{image.height}; they must be the same size")  # fmt: skip
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     _check_image_run(args, image, seed)
-    paths = _output_paths(args, seed, inputs=(args.image, args.mask))
+    control_images = _control_images(args)
+    if args.controlnet and args.padding is not None:
+        raise UserError("--controlnet cannot be used with --padding (its image would need the same crop); inpaint the whole image")
+    paths = _output_paths(args, seed, inputs=(args.image, args.mask, *args.control_image))
+    nets = _load_controlnets(args)
     m, model_path = _load_model(args)
     if m.unet.config.in_channels == 4:
         print("note: a regular checkpoint inpaints by blending; an inpainting checkpoint (9-channel UNet) does better",
@@ -459,6 +524,7 @@ def run_inpaint(args) -> None:
         width=args.width,
         height=args.height,
         callback=_preview_callback(m, args),
+        **_controlnet_kwargs(args, nets, control_images),
     )
     _save(m, model_path, images, paths)
 
@@ -498,7 +564,9 @@ def run_img2img(args) -> None:
     image = _open_image(args.image, "image")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     _check_image_run(args, image, seed)
-    paths = _output_paths(args, seed, inputs=(args.image,))
+    control_images = _control_images(args)
+    paths = _output_paths(args, seed, inputs=(args.image, *args.control_image))
+    nets = _load_controlnets(args)
     m, model_path = _load_model(args)
     images = m.img2img(
         image,
@@ -508,6 +576,7 @@ def run_img2img(args) -> None:
         fit=args.fit,
         **_image_sampling_kwargs(args),
         callback=_preview_callback(m, args),
+        **_controlnet_kwargs(args, nets, control_images),
     )
     _save(m, model_path, images, paths)
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from . import controlnet as controlnet_io
 from . import images as image_io
 from . import pipeline, schedule, tiling
 from .samplers import plan_sampling
@@ -218,7 +219,7 @@ def _known_region_blender(plan, init: torch.Tensor, noise: torch.Tensor, mask: t
 
 
 def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
-             batch_size, callback, progress, clip_skip):  # fmt: skip
+             batch_size, callback, progress, clip_skip, controls=(), guess_mode=False):  # fmt: skip
     """Final latents (N, 4, h, w) for the fitted image `pixels` (1, 3, H, W) and binary mask `hard` (1, 1, H, W)."""
     in_channels = m.unet.config.in_channels
     latent_channels = m.unet.config.out_channels
@@ -258,7 +259,8 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, str
         step_callback = _known_region_blender(*known, callback)
         on_predictor = _known_region_blender(*known, None)
     return pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, step_callback,
-                         progress, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor)  # fmt: skip
+                         progress, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor, controls=controls,
+                         guess_mode=guess_mode)  # fmt: skip
 
 
 def inpaint(
@@ -287,6 +289,12 @@ def inpaint(
     width: int | None = None,
     height: int | None = None,
     latents: torch.Tensor | None = None,
+    controlnet=None,
+    control_image=None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
+    guess_mode: bool = False,
 ):
     """Repaint where `mask` is white, guided by `prompt`; see the module docstring for both kinds of checkpoint.
 
@@ -297,6 +305,8 @@ def inpaint(
     mode's working size). latents: the initial noise (N, 4, h, w) in place of the seeded one.
     Returns what `generate` returns for `output_type` ("latent": the final latents, without paste-back; not
     in padding mode). PIL images carry `info["sd15"]` (GenerationSettings, Size the working size).
+    ControlNet arguments as sd15.pipeline.generate's; the control image is brought to the (fitted) image's
+    size. With `padding` (a crop around the mask) a ControlNet is refused: its image would need the same crop.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -335,12 +345,17 @@ def inpaint(
     H, W = pixels.shape[-2:]
     pipeline.check_settings(steps, guidance_scale, sampler, W, H, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
+    if controlnet is not None and padding is not None:
+        raise ValueError("a ControlNet cannot be used with inpainting's padding mode (its image would need the "
+                         "same crop); inpaint the whole image, without padding")  # fmt: skip
+    controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
+                                              control_guidance_start, control_guidance_end, W, H)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = pipeline._generators(seed, len(prompts))
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
     result = _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
-                      batch_size, callback, progress, clip_skip)  # fmt: skip
+                      batch_size, callback, progress, clip_skip, controls, guess_mode)  # fmt: skip
 
     def composite(decoded: torch.Tensor) -> torch.Tensor:
         decoded = decoded.float().cpu()
@@ -357,5 +372,6 @@ def inpaint(
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, karras=karras, eta=eta, strength=strength,
-                                 clip_skip=clip_skip, mask_blur=mask_blur, inpaint_padding=padding)  # fmt: skip
+                                 clip_skip=clip_skip, mask_blur=mask_blur, inpaint_padding=padding,
+                                 controlnets=controlnet_io.settings_record(controls))  # fmt: skip
     return out

@@ -34,6 +34,7 @@ from .checkpoint import (
     unexplained_keys,
 )
 from .clip import CLIPTextConfig, CLIPTextModel
+from .controlnet import ControlNet, load_controlnet
 from .embeddings import EmbeddingSet
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -75,6 +76,11 @@ class StableDiffusion:
     unload_loras = lora.unload_loras
     inpaint = inpaint_io.inpaint
     hires_fix = hires_io.hires_fix
+
+    def load_controlnet(self, path: str | os.PathLike, name: str | None = None) -> ControlNet:
+        """A ControlNet file (sd15.controlnet) on this model's device and dtype, for `controlnet=` of
+        generate, img2img and inpaint."""
+        return load_controlnet(path, self.device, self.dtype, name)
 
 
 def default_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:

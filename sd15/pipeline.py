@@ -22,10 +22,11 @@ import numbers
 import secrets
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
+from . import controlnet as controlnet_io
 from . import images as image_io
 from . import lora as lora_io
 from . import prompt_schedule
@@ -67,6 +68,9 @@ class GenerationSettings:
     hires_upscaler: str | None = None  # "lanczos" or "latent"
     mask_blur: float | None = None  # inpainting (sd15.inpaint)
     inpaint_padding: int | None = None  # inpainting "only masked": the margin around the mask's box
+    # The ControlNets (sd15.controlnet.settings_record: model, hash, weight, start, end), set per image by
+    # record_settings. Not a dataclass field, so that asdict() (sd15.batch's image ids) is what it was.
+    controlnets: ClassVar[list[dict]] = []
 
 
 def _whole(value) -> bool:
@@ -154,28 +158,50 @@ def encode_text(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1) ->
     return prompt_io.encode_prompts(m, prompts, clip_skip)
 
 
-def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, concat=None):
+def unet_call(m: "StableDiffusion", x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, residuals=None) -> torch.Tensor:
+    """m.unet(x, t, context), with a ControlNet's (down residuals, mid residual) when given.
+
+    sd15.cuda_graphs' runner keys its graphs on tensor arguments and cannot hold a list of them, so a call
+    with residuals runs that runner's eager forward (the fast path's modules, without a graph)."""
+    if residuals is None:
+        return m.unet(x, t, context)
+    down, mid = residuals
+    graphed = m.unet.__dict__.get("forward")
+    if graphed is not None and hasattr(graphed, "eager"):  # a cuda_graphs.GraphedForward
+        return graphed.eager(x=x, t=t, context=context, down_residuals=down, mid_residual=mid)
+    return m.unet(x, t, context, down_residuals=down, mid_residual=mid)
+
+
+def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, concat=None,
+                     control=None):  # fmt: skip
     """eps(x, t) with classifier-free guidance: eps_u + s · (eps_c - eps_u), one UNet call on [uncond; cond].
 
     With s <= 1 the unconditional branch is skipped (as diffusers does) and eps = eps_c. `concat` (B, C', h, w),
     if given, is appended to x's channels at every call (the inpainting UNet's mask and masked-image latents).
+    `control(x, t, context, guided)`, if given, returns the ControlNet residuals of that UNet call (or None);
+    it sees x without `concat` (ControlNets take the 4 latent channels).
     """
 
     # one context tensor for the whole run, so that the fast path computes its cross-attention k/v once
     context = torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond  # (2B, T, D) or (B, T, D)
 
+    def unet(x_in: torch.Tensor, t_in: torch.Tensor, guided: bool) -> torch.Tensor:
+        residuals = control(x_in, t_in, context, guided) if control is not None else None
+        if concat is not None:
+            extra = concat.to(x_in).repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
+            x_in = torch.cat([x_in, extra], dim=1)  # (B, 4 + C', h, w)
+        return unet_call(m, x_in, t_in, context, residuals)
+
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = x.to(m.dtype), t.to(m.device)
-        if concat is not None:
-            x_in = torch.cat([x_in, concat.to(x_in)], dim=1)  # (B, 4 + C', h, w)
         trace = getattr(m, "_trace", None)  # sd15.hooks: records the two branches when asked to
         if guidance_scale <= 1.0:
-            eps = m.unet(x_in, t_in, context).to(x.dtype)
+            eps = unet(x_in, t_in, False).to(x.dtype)
             return trace.visit("step.eps", eps) if trace is not None and trace.wants("step.eps") else eps
         if trace is not None:
             trace.guided = True  # the UNet's points see an [uncond; cond] batch during this call
         try:
-            eps_u, eps_c = m.unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), context).chunk(2)
+            eps_u, eps_c = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), True).chunk(2)
         finally:
             if trace is not None:
                 trace.guided = False
@@ -189,14 +215,17 @@ def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Ten
     return eps_model
 
 
-def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives: list[str], seed: int, **fields) -> None:
+def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives: list[str], seed: int, controlnets=(),
+                    **fields) -> None:  # fmt: skip
     """Attach to each PIL image the GenerationSettings its PNG will record (image i: prompts[i], seed + i),
-    with the LoRAs and textual inversions its prompt used."""
+    with the LoRAs and textual inversions its prompt used, and the ControlNets of the run."""
     for i, image in enumerate(images):
         image.info["sd15"] = GenerationSettings(
             prompt=lora_io.recorded_prompt(m, prompts[i]), negative_prompt=negatives[i], seed=seed + i,
             **fields, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
         )  # fmt: skip
+        if controlnets:
+            image.info["sd15"].controlnets = list(controlnets)
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:
@@ -257,23 +286,29 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", leave=False)
 
 
-def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None):
+def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None, controls=(), guess_mode=False):
     """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration."""
     with lora_io.prompt_loras(m, prompts):
-        return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor)
+        return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor,
+                        controls=controls, guess_mode=guess_mode)  # fmt: skip
 
 
-def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat):
+def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat, controls=(), guess_mode=False):
     """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
     for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
-    each encoded once. Returns it and a one-item list the step callback keeps at the number of steps done."""
+    each encoded once; and the residuals of the ControlNets (`controls`) active at that step. Returns it and
+    a one-item list the step callback keeps at the number of steps done."""
     steps = plan.steps - plan.start
+    steps_done = [0]
+
+    def control(x, t, context, guided):
+        return controlnet_io.residuals(controls, x, t, context, guided, steps_done[0], steps, guess_mode)
+
     stretches = []
     for last, texts, negs in prompt_schedule.batch_schedule(prompts, negatives if guidance_scale > 1.0 else None, steps):
         with torch.no_grad():  # cond and uncond get as many 77-token chunks (the shorter padded)
             cond, uncond = prompt_io.encode_pair(m, texts, negs, clip_skip)
-        stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat)))
-    steps_done = [0]
+        stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat, control if controls else None)))
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # the stretch holding step steps_done + 1 (PLMS's extra final evaluation stays in the last one)
@@ -284,7 +319,7 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
 
 
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
-             concat=None, on_predictor=None):  # fmt: skip
+             concat=None, on_predictor=None, controls=(), guess_mode=False):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
     if given, sees the intermediate points of Heun and DPM2 (a), with info["images"] as the callback gets it."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
@@ -295,7 +330,7 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
         if trace is not None:
             trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
         eps_model, steps_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
-                                                     None if concat is None else concat[lo:hi])  # fmt: skip
+                                                     None if concat is None else concat[lo:hi], controls, guess_mode)  # fmt: skip
 
         def step_callback(info: dict, first: int = lo) -> bool:
             steps_done[0] = info["i"] + 1
@@ -338,6 +373,12 @@ def generate(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    controlnet=None,
+    control_image=None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
+    guess_mode: bool = False,
 ):
     """Text-to-image. Returns a list of PIL images, or a float array (N, H, W, 3) in [0, 1] ("np"), or the
     final latents (N, 4, H/8, W/8), unscaled by 0.18215 ("latent"); N = len(prompts) × num_images, in
@@ -349,6 +390,12 @@ def generate(
     `latents` replaces the seeded initial noise (unit variance, (N, 4, H/8, W/8)); `callback(info)` is
     called after every step with {"i", "t", "sigma", "sigma_next", "x", "denoised", "images"} and stops the run by
     returning True (the images finished so far, and the current one as it stands, are returned).
+
+    ControlNet (sd15.controlnet, docs/controlnet.md): `controlnet` (from `sd15.load_controlnet`) and its
+    `control_image` (PIL, array or tensor in [0, 1]; PIL images are resized to width × height), or lists of both
+    (their residuals are summed); `controlnet_conditioning_scale` multiplies the residuals; the ControlNet is
+    applied from step fraction `control_guidance_start` to `control_guidance_end` (each one value or one per
+    ControlNet); `guess_mode` runs it on the conditional half only, as diffusers' guess mode.
     """
     check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     check_prompts(prompt, negative_prompt)
@@ -363,13 +410,17 @@ def generate(
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (N, 4, h, w) on the CPU
     else:
         noise = given_latents(latents, (len(prompts), *shape))
+    controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
+                                              control_guidance_start, control_guidance_end, width, height)  # fmt: skip
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
     start = plan.noise_latents(noise).to(m.device)
-    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)
+    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
+                  controls=controls, guess_mode=guess_mode)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                        width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip)  # fmt: skip
+                        width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip,
+                        controlnets=controlnet_io.settings_record(controls))  # fmt: skip
     return out
 
 
@@ -392,11 +443,19 @@ def img2img(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    controlnet=None,
+    control_image=None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
+    guess_mode: bool = False,
 ):
     """Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the timestep that
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
     steps. `image`: a PIL image, an array, or a (1, 3, H, W) tensor in [-1, 1]; sides that are not
     multiples of 8 are brought to one by `fit` ("resize" or "crop", see sd15.images).
+    ControlNet arguments as `generate`'s; the control image is brought to the (fitted) input image's size, and
+    the start and end fractions count the int(steps · strength) steps that run.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -411,6 +470,8 @@ def img2img(
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = _generators(seed, len(prompts))
+    controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
+                                              control_guidance_start, control_guidance_end, width, height)  # fmt: skip
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
     with torch.no_grad():
         posterior = tiling.encode(m.vae, pixels.to(m.device, m.dtype))
@@ -420,9 +481,11 @@ def img2img(
         noise = torch.randn(init.shape, generator=g)
         starts.append(plan.noise_latents(noise, init))
     start = torch.cat(starts).to(m.device)
-    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip)
+    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
+                  controls=controls, guess_mode=guess_mode)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                        width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip)  # fmt: skip
+                        width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip,
+                        controlnets=controlnet_io.settings_record(controls))  # fmt: skip
     return out

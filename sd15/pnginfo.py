@@ -6,7 +6,12 @@ The AUTOMATIC1111 web UI stores a `parameters` tEXt chunk that most SD tools rea
     Negative prompt: blurry, lowres
     Steps: 50, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly
 
-The prompt may span several lines; the negative prompt line is present only when it is not empty; the last
+A ControlNet is recorded as the web UI's ControlNet extension records one, a quoted list of its own settings:
+
+    ControlNet 0: "Module: none, Model: control_v11p_sd15_canny [a8f3a7d0e5], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"
+
+(Module: the preprocessor, none here, since sd15 takes the control image as it is; the hash is the file's, as
+the model's.) The prompt may span several lines; the negative prompt line is present only when it is not empty; the last
 line is comma-separated `Key: value` pairs (a value with a comma or colon is double-quoted). The model hash
 is the first 10 hex digits of the file's SHA-256, as that UI shows it.
 """
@@ -83,10 +88,26 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Eta": f"{s.eta:g}" if s.eta else None,
         "TI hashes": _hash_list(s.ti_hashes),
         "Lora hashes": _hash_list(s.lora_hashes),
+        **{f"ControlNet {i}": _controlnet_text(c) for i, c in enumerate(s.controlnets)},
         "Version": "sd15",
     }
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
+
+
+def _controlnet_text(c: dict) -> str:
+    model = f"{c['model']} [{c['hash']}]" if c.get("hash") else c["model"]
+    return (f"Module: none, Model: {model}, Weight: {c['weight']:g}, Resize Mode: Just Resize, "
+            f"Guidance Start: {c['guidance_start']:g}, Guidance End: {c['guidance_end']:g}")  # fmt: skip
+
+
+def _parse_controlnet(value: str) -> dict:
+    """One `ControlNet N` value -> {"model", "hash", "weight", "guidance_start", "guidance_end"} (the defaults
+    of the extension where a field is absent)."""
+    fields = {k.strip(): v.strip() for k, v in _FIELD.findall(value)}
+    model, _, digest = re.fullmatch(r"(.*?)(?: \[(\w+)\])?", fields.get("Model", "")).group(1, 0, 2)
+    return dict(model=model, hash=digest, weight=float(fields.get("Weight", 1)),
+                guidance_start=float(fields.get("Guidance Start", 0)), guidance_end=float(fields.get("Guidance End", 1)))  # fmt: skip
 
 
 _FIELD = re.compile(r'\s*([\w \-+/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -98,7 +119,8 @@ def parse_parameters(text: str) -> dict:
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
     name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale", "hires_steps", "hires_upscaler", and for inpainting
-    "mask_blur" and "inpaint_padding". LoRAs are named in the prompt itself, as `<lora:name:scale>`.
+    "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
+    "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
     """
     lines = text.strip("\n").split("\n")
     last = lines[-1] if re.match(r"(.*, )?Steps: ", lines[-1]) else ""  # the settings line always has Steps
@@ -136,6 +158,9 @@ def parse_parameters(text: str) -> dict:
     for key, name in (("TI hashes", "ti_hashes"), ("Lora hashes", "lora_hashes")):
         if key in fields:
             result[name] = _parse_hash_list(fields[key])
+    controlnets = sorted((int(k.split()[1]), v) for k, v in fields.items() if re.fullmatch(r"ControlNet \d+", k))
+    if controlnets:
+        result["controlnets"] = [_parse_controlnet(v) for _, v in controlnets]
     if "Size" in fields:
         result["width"], result["height"] = (int(v) for v in fields["Size"].split("x"))
     return result

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ema_key
 from .clip import CLIPTextConfig, CLIPTextModel
+from .controlnet import CONTROL_PREFIX, ControlNet
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -108,6 +109,17 @@ def random_checkpoint(
         sd["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     sd.update(schedule_buffers())
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def random_controlnet(size: str = "tiny", seed: int = 0, prefix: str = CONTROL_PREFIX,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A ControlNet for the `size` model in the layout of ControlNet 1.1's files (`control_model.` keys; `prefix=""`
+    for files without it). Its zero convolutions are random too, not zero as before training, so that the
+    residuals reach the UNet and a test sees them."""
+    with torch.device("meta"):
+        net = ControlNet(SIZES[size]["unet"])
+    sd = {prefix + k: v for k, v in random_state_dict(net, seed * 3 + 20_000).items()}
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:

@@ -53,7 +53,7 @@ class UNetConfig:
         `num_heads` cannot be read off shapes; every SD1.x model uses 8.
         """
         model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
-        out_channels = sd["out.2.weight"].shape[0]
+        out_channels = sd["out.2.weight"].shape[0] if "out.2.weight" in sd else 4  # a ControlNet has no `out`
         # Input blocks come in levels: num_res_blocks ResBlocks, then a Downsample (`op`), except the last level.
         downsample_blocks = sorted(int(k.split(".")[1]) for k in sd if k.endswith(".op.weight"))
         num_res_blocks = downsample_blocks[0] - 1 if downsample_blocks else _count_input_blocks(sd) - 1
@@ -262,6 +262,44 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def time_embedding(c: UNetConfig) -> nn.Sequential:
+    """`time_embed`: the sinusoidal embedding (model_channels wide) -> Linear, SiLU, Linear -> 4·model_channels."""
+    emb_dim = 4 * c.model_channels
+    return nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def encoder_blocks(c: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """`input_blocks`, the UNet's way down, and the width of each block's output (the skip connections).
+
+    Shared with sd15.controlnet, whose trainable copy of the encoder has the same blocks under the same names.
+    """
+    ch, emb_dim = c.model_channels, 4 * c.model_channels
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+    skip_channels = [ch]  # the width of every feature map the output blocks will concatenate
+    ds = 1  # current downsampling factor
+    for level, mult in enumerate(c.channel_mult):
+        for _ in range(c.num_res_blocks):
+            layers = [ResBlock(ch, emb_dim, mult * c.model_channels)]
+            ch = mult * c.model_channels
+            if ds in c.attention_resolutions:
+                layers.append(SpatialTransformer(ch, c.num_heads, c.transformer_depth, c.context_dim))
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(c.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+            ds *= 2
+    return blocks, skip_channels
+
+
+def middle_block(c: UNetConfig) -> TimestepEmbedSequential:
+    """`middle_block` at the lowest resolution: ResBlock, SpatialTransformer, ResBlock."""
+    ch, emb_dim = c.model_channels * c.channel_mult[-1], 4 * c.model_channels
+    return TimestepEmbedSequential(
+        ResBlock(ch, emb_dim, ch), SpatialTransformer(ch, c.num_heads, c.transformer_depth, c.context_dim), ResBlock(ch, emb_dim, ch)
+    )
+
+
 class UNet(nn.Module):
     """eps_θ(x_t, t, c): predicts the noise in latent x_t at timestep t given text context c.
 
@@ -272,40 +310,18 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = c = config
-        ch = c.model_channels
-        emb_dim = 4 * ch
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = time_embedding(c)
+        self.input_blocks, skip_channels = encoder_blocks(c)
+        self.middle_block = middle_block(c)
 
-        def transformer(width: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.num_heads, c.transformer_depth, c.context_dim)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
-        skip_channels = [ch]  # the width of every feature map the output blocks will concatenate
-        ds = 1  # current downsampling factor
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * c.model_channels)]
-                ch = mult * c.model_channels
-                if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch)
-        )
-
+        emb_dim, ch, ds = 4 * c.model_channels, skip_channels[-1], 2 ** (len(c.channel_mult) - 1)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(SpatialTransformer(ch, c.num_heads, c.transformer_depth, c.context_dim))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -313,7 +329,17 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`down_residuals` (one per input block, each shaped like its output) and `mid_residual` (shaped like
+        the middle block's output) are a ControlNet's (sd15.controlnet): added to the skip connections and to
+        the middle block's output, as ldm's ControlledUnetModel adds its `control`. Without them, the plain UNet."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4·C)
         h, skips = x, []
@@ -321,6 +347,12 @@ class UNet(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if mid_residual is not None:
+            h = h + mid_residual.to(h.dtype)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals has {len(down_residuals)} tensors; this UNet has {len(skips)} skip connections")
+            skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, down_residuals)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)

@@ -71,6 +71,20 @@ def diffusers_unet(checkpoint: dict[str, torch.Tensor], c: UNetConfig, extract_e
     return model.eval()
 
 
+def diffusers_controlnet(checkpoint: dict[str, torch.Tensor], c: UNetConfig):
+    """diffusers' ControlNetModel from an original-layout ControlNet state dict (with or without the
+    `control_model.` prefix), converted by diffusers' own `convert_controlnet_checkpoint`."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    unet = diffusers_unet_config(c)
+    config = {k: unet[k] for k in ("in_channels", "block_out_channels", "layers_per_block", "down_block_types",
+                                   "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block")}  # fmt: skip
+    model = ControlNetModel(**config, conditioning_channels=3)
+    model.load_state_dict(convert_controlnet_checkpoint(checkpoint, config), strict=True)
+    return model.eval()
+
+
 def diffusers_vae(checkpoint: dict[str, torch.Tensor], c: VAEConfig):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -160,8 +174,9 @@ def diffusers_scheduler(sampler: str, karras: bool = False):
     return getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(SD15_SCHEDULER_CONFIG, **overrides)
 
 
-def diffusers_pipeline(checkpoint, m, folder, pipeline_class="StableDiffusionPipeline", sampler="pndm"):
-    """A diffusers pipeline over the same random weights as the sd15 model `m` (configs taken from it)."""
+def diffusers_pipeline(checkpoint, m, folder, pipeline_class="StableDiffusionPipeline", sampler="pndm", **components):
+    """A diffusers pipeline over the same random weights as the sd15 model `m` (configs taken from it);
+    `components` adds others (`controlnet=` for the ControlNet pipelines)."""
     import diffusers
 
     return getattr(diffusers, pipeline_class)(
@@ -173,4 +188,5 @@ def diffusers_pipeline(checkpoint, m, folder, pipeline_class="StableDiffusionPip
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        **components,
     )
