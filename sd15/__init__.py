@@ -5,8 +5,9 @@
 """
 
 from .checkpoint import CheckpointError
+from .controlnet import load_controlnet
 from .hooks import trace
 from .model import StableDiffusion, load
 
-__all__ = ["CheckpointError", "StableDiffusion", "load", "trace"]
+__all__ = ["CheckpointError", "StableDiffusion", "load", "load_controlnet", "trace"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ dtype and device, and assigned in place. Peak memory stays near one copy of the 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,11 +97,18 @@ def _meta_shapes(ckpt, keymap: dict[str, str]) -> dict[str, torch.Tensor]:
     return {k: torch.empty(ckpt.shape(fk), device="meta") for k, fk in keymap.items()}
 
 
+# The VAE attention's q, k, v and proj_out are 1×1 convolutions, [C, C, 1, 1]; some converters store them as
+# linear [C, C], the same numbers. They are read either way.
+VAE_ATTENTION = re.compile(r"(en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+
+
 def _build(name: str, module_cls, config, ckpt, keymap: dict[str, str], device, dtype) -> nn.Module:
     with torch.device("meta"):
         module = module_cls(config)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    check_state_dict(name, expected, {k: ckpt.shape(fk) for k, fk in keymap.items()})
+    found = {k: tuple(ckpt.shape(fk)) for k, fk in keymap.items()}
+    linear = {k for k, shape in found.items() if VAE_ATTENTION.fullmatch(k) and expected.get(k) == shape + (1, 1)}
+    check_state_dict(name, expected, {**found, **{k: found[k] + (1, 1) for k in linear}})
     state = {}
     for key, file_key in keymap.items():
         if key.endswith("position_ids"):
@@ -108,6 +116,8 @@ def _build(name: str, module_cls, config, ckpt, keymap: dict[str, str], device, 
             state[key] = torch.arange(expected[key][-1], device=device)[None]
             continue
         tensor = ckpt.get(file_key)
+        if key in linear:
+            tensor = tensor.reshape(expected[key])  # [C, C] -> [C, C, 1, 1]
         if not tensor.is_floating_point():  # every other weight of the three models is a float
             raise CheckpointError(f"The {name} weight {printable(file_key)} is stored as {tensor.dtype}, not as floating "
                                   "point numbers; the file is corrupt or not a model checkpoint.")  # fmt: skip

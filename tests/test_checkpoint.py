@@ -107,6 +107,21 @@ def test_old_clip_keys_and_float_position_ids(tiny_model, tmp_path):
         assert torch.equal(m.text_encoder(ids), tiny_model.text_encoder(ids))
 
 
+def test_linear_vae_attention_loads_as_its_convolutions(tiny_model, tiny_state_dict, tmp_path):
+    """Some converters store the VAE attention's 1×1 convs (q, k, v, proj_out of encoder and decoder) as linear
+    [C, C]; the numbers are the same, so sd15.load reads them (it refused them as "wrong shape"), as the converter
+    does. Other shapes stay refused."""
+    attention = [k for k in tiny_state_dict if ".mid.attn_1." in k and k.endswith("weight") and tiny_state_dict[k].ndim == 4]
+    assert len(attention) == 8
+    sd = {k: v.flatten(1) if k in attention else v for k, v in tiny_state_dict.items()}
+    m = sd15.load(save_checkpoint(sd, tmp_path / "linear.safetensors"))
+    ours, theirs = m.vae.state_dict(), tiny_model.vae.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    sd[attention[0]] = sd[attention[0]][:, :-1].contiguous()  # [C, C - 1]: not a flattened 1×1 conv
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        sd15.load(save_checkpoint(sd, tmp_path / "bad.safetensors"))
+
+
 def test_ema_selection(tiny_checkpoint, tiny_state_dict, tmp_path):
     m = sd15.load(tiny_checkpoint, ema=True)
     key = "input_blocks.0.0.weight"
