@@ -108,7 +108,8 @@ def _checked(settings: dict, num_images: int) -> dict:
     (sd15.pipeline.check_prompts and check_settings, which takes image i's seed + i into account)."""
     s = {key: _typed(key, settings[key]) for key in ("prompt", *FIELDS)}
     check_prompts(s["prompt"], s["negative_prompt"])
-    check_settings(s["steps"], s["guidance_scale"], s["sampler"], s["width"], s["height"], num_images, seed=s["seed"])
+    check_settings(s["steps"], s["guidance_scale"], s["sampler"], s["width"], s["height"], num_images, seed=s["seed"],
+                   karras=s["karras"])  # fmt: skip
     return s
 
 

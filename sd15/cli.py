@@ -111,13 +111,13 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
 
 
 def _add_controlnet_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--controlnet", action="append", type=_lora_spec, default=[], metavar="FILE[:SCALE]",
+    p.add_argument("--controlnet", action="append", type=_controlnet_spec, default=[], metavar="FILE[:SCALE]",
                    help="a ControlNet 1.x file for SD1.5 (repeatable, each with its --control-image; scale 1 by default)")
     p.add_argument("--control-image", action="append", default=[], metavar="IMG",
                    help="the control image (an edge map, depth map, pose…) of each --controlnet, in order")
-    p.add_argument("--control-start", type=_finite_float, default=0.0, metavar="F",
+    p.add_argument("--control-start", type=_finite_float, default=None, metavar="F",
                    help="fraction of the steps after which the ControlNets start (default 0)")
-    p.add_argument("--control-end", type=_finite_float, default=1.0, metavar="F",
+    p.add_argument("--control-end", type=_finite_float, default=None, metavar="F",
                    help="fraction of the steps after which the ControlNets stop (default 1)")
     p.add_argument("--guess-mode", action="store_true", help="ControlNets on the conditional half only (diffusers' guess mode)")
 
@@ -198,16 +198,23 @@ def _load_model(args):
     return m, path
 
 
-def _lora_spec(text: str) -> tuple[Path, float]:
+def _lora_spec(text: str, default: float | None = 1.0) -> tuple[Path, float | None]:
     """--lora FILE or FILE:SCALE (a trailing `:number` is the scale, so `C:\\x.safetensors` stays a path)."""
     path, sep, scale = text.rpartition(":")
     try:
-        path, value = (Path(path), float(scale)) if sep and path else (Path(text), 1.0)
+        path, value = (Path(path), float(scale)) if sep and path else (Path(text), default)
     except ValueError:
-        return Path(text), 1.0
-    if not math.isfinite(value):
+        if Path(path).is_file() and not Path(text).exists():  # FILE:typo
+            raise argparse.ArgumentTypeError(f"the scale after {path}: must be a number, got {scale!r}") from None
+        return Path(text), default
+    if value is not None and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"the scale must be a finite number (usually 0 to 1), got {scale}")
     return path, value
+
+
+def _controlnet_spec(text: str) -> tuple[Path, float | None]:
+    """--controlnet FILE or FILE:SCALE; no scale is None (then the --from-png PNG's, else 1)."""
+    return _lora_spec(text, default=None)
 
 
 def _load_adapters(m, args) -> None:
@@ -239,18 +246,39 @@ def _load_adapters(m, args) -> None:
             print(f"warning: {w.message}", file=sys.stderr)
 
 
-def _control_images(args) -> list:
-    """The --control-image files, read, checked to pair with the --controlnet files (before any model loads)."""
+def _control_inputs(args, recorded: list[dict] = ()) -> tuple[list, dict]:
+    """The --control-image files, read, and the ControlNets' settings: the flags, else those a --from-png PNG
+    `recorded` for as many ControlNets, else the defaults. All checked before any model loads."""
+    from .checkpoint import printable
+    from .controlnet import control_rgb
+
     if len(args.controlnet) != len(args.control_image):
         raise UserError(f"give one --control-image per --controlnet: {len(args.controlnet)} ControlNets, "
                         f"{len(args.control_image)} control images")  # fmt: skip
+    if not args.controlnet:
+        flags = [f for f, v in (("--control-start", args.control_start), ("--control-end", args.control_end),
+                                ("--guess-mode", args.guess_mode)) if v not in (None, False)]  # fmt: skip
+        if flags:
+            raise UserError(f"{' and '.join(flags)} apply to ControlNets: give --controlnet FILE --control-image IMG, or leave them out")
+        return [], {}
     for path, _ in args.controlnet:
         if not path.is_file():
-            raise UserError(f"no such ControlNet file: {path}")
-    if args.controlnet and not 0 <= args.control_start < args.control_end <= 1:
-        raise UserError(f"--control-start and --control-end must satisfy 0 <= start < end <= 1, got "
-                        f"{args.control_start:g} and {args.control_end:g}")  # fmt: skip
-    return [_open_image(path, "control image") for path in args.control_image]
+            raise UserError(f"no such ControlNet file: {printable(path)}")
+    if recorded and len(recorded) != len(args.controlnet):
+        print(f"warning: {printable(args.from_png)} records {len(recorded)} ControlNets, {len(args.controlnet)} given: "
+              "their weights, starts and ends are not taken from it", file=sys.stderr)  # fmt: skip
+    recorded = list(recorded) if len(recorded) == len(args.controlnet) else [{}] * len(args.controlnet)
+    scales = [scale if scale is not None else r.get("weight", 1.0) for (_, scale), r in zip(args.controlnet, recorded)]
+    starts = [args.control_start if args.control_start is not None else r.get("guidance_start", 0.0) for r in recorded]
+    ends = [args.control_end if args.control_end is not None else r.get("guidance_end", 1.0) for r in recorded]
+    for scale, start, end in zip(scales, starts, ends):
+        if not math.isfinite(scale):  # only a PNG's can be NaN: the flag's is checked by _lora_spec
+            raise UserError(f"the ControlNet weight must be a finite number, got {scale}; give it as --controlnet FILE:SCALE")
+        if not 0 <= start < end <= 1:
+            raise UserError(f"--control-start and --control-end must satisfy 0 <= start < end <= 1, got {start:g} and {end:g}")
+    images = [control_rgb(_open_image(path, "control image")) for path in args.control_image]  # refuses mode F now
+    return images, dict(controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends,
+                        guess_mode=args.guess_mode)  # fmt: skip
 
 
 def _load_controlnets(args) -> list:
@@ -265,12 +293,9 @@ def _load_controlnets(args) -> list:
     return [load_controlnet(path, device, dtype) for path, _ in args.controlnet]
 
 
-def _controlnet_kwargs(args, nets: list, images: list) -> dict:
+def _controlnet_kwargs(nets: list, images: list, settings: dict) -> dict:
     """The ControlNet arguments of generate / img2img / inpaint (none when no --controlnet is given)."""
-    if not nets:
-        return {}
-    return dict(controlnet=nets, control_image=images, controlnet_conditioning_scale=[scale for _, scale in args.controlnet],
-                control_guidance_start=args.control_start, control_guidance_end=args.control_end, guess_mode=args.guess_mode)  # fmt: skip
+    return dict(controlnet=nets, control_image=images, **settings) if nets else {}
 
 
 def _load_safety_checker(m, args) -> None:
@@ -316,7 +341,7 @@ def _output_paths(args, seed: int, inputs: tuple = ()) -> list[Path]:
         raise UserError(f"the output must be a .png file, got {base}")
     paths = [base] if args.num_images == 1 else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(args.num_images)]
     preview = [Path(args.preview)] if getattr(args, "preview", None) else []
-    sources = [Path(p) for p in inputs if p]
+    sources = [Path(p) for p in inputs if p] + [path for path, _ in getattr(args, "controlnet", [])]
     for path, what in [*((p, "output") for p in paths), *((p, "--preview file") for p in preview)]:
         if any(_same_file(path, source) for source in sources):
             raise UserError(f"the {what} {path} is also an input of this run; choose another name (sd15 never replaces its inputs)")
@@ -373,11 +398,13 @@ def run_generate(args) -> None:
     prompt = args.prompt if args.prompt is not None else settings.get("prompt")
     if prompt is None:
         raise UserError("give a prompt (or --from-png FILE)")
-    control_images = _control_images(args)
+    control_images, control = _control_inputs(args, settings.get("controlnets", []))
     if settings.get("controlnets") and not args.controlnet:
-        names = ", ".join(c["model"] for c in settings["controlnets"])
-        print(f"warning: {args.from_png} was made with ControlNet ({names}), whose control image a PNG does not hold: "
-              "generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
+        from .checkpoint import printable
+
+        names = ", ".join(printable(c["model"]) for c in settings["controlnets"])
+        print(f"warning: {printable(args.from_png)} was made with ControlNet ({names}), whose control image a PNG does "
+              "not hold: generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
     # without -W/-H (or a PNG's size) the output takes the first control image's size, rounded down to a multiple of 8
     control_w, control_h = (max(8, control_images[0].width // 8 * 8), max(8, control_images[0].height // 8 * 8)) if control_images else (512, 512)
 
@@ -401,9 +428,11 @@ def run_generate(args) -> None:
     hires = _hires_settings(args, settings)
     from .hires import check_hires_settings
     from .pipeline import check_prompts, check_settings
+    from .samplers import plan_sampling
 
     check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"],
                    args.num_images, seed=kwargs["seed"], eta=kwargs["eta"])  # fmt: skip
+    plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"])  # e.g. --karras with ddim or lcm
     check_prompts(prompt, kwargs["negative_prompt"])
     if hires:
         check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
@@ -419,7 +448,7 @@ def run_generate(args) -> None:
             images = m.hires_fix(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **hires, **kwargs)
         else:
             images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **kwargs,
-                                **_controlnet_kwargs(args, nets, control_images))  # fmt: skip
+                                **_controlnet_kwargs(nets, control_images, control))  # fmt: skip
     _save(m, model_path, images, paths)
     if trace is not None:
         _write_inspection(m, args, trace, images, prompt)
@@ -468,19 +497,26 @@ def _write_inspection(m, args, trace, images, prompt: str) -> None:
 
 
 def _open_image(path: str, what: str):
-    """Read an image file, refusing one larger than sd15 can use before its pixels are decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file as it is shown (EXIF rotation applied), refusing one larger than sd15 can use before
+    its pixels are decoded."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from .pipeline import MAX_PIXELS
 
     try:
-        with Image.open(path) as im:  # reads the header only
-            if im.width * im.height > MAX_PIXELS:
-                raise UserError(f"the {what} {path} is {im.width}×{im.height}, larger than sd15 allows ({MAX_PIXELS} pixels)")
-            if min(im.size) < 8:
-                raise UserError(f"the {what} {path} is {im.width}×{im.height} pixels, too small: each side must be at least 8")
-            return im.copy()
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sd15's own, lower limit is checked below
+            with Image.open(path) as im:  # reads the header only
+                if im.width * im.height > MAX_PIXELS:
+                    raise UserError(f"the {what} {path} is {im.width}×{im.height}, larger than sd15 allows ({MAX_PIXELS} pixels)")
+                if min(im.size) < 8:
+                    raise UserError(f"the {what} {path} is {im.width}×{im.height} pixels, too small: each side must be at least 8")
+                return ImageOps.exif_transpose(im)  # decoded here; a photo stored sideways: as it is shown
+    except Image.DecompressionBombError:  # PIL's own limit, checked as it reads the header
+        raise UserError(f"the {what} {path} is larger than sd15 allows ({MAX_PIXELS} pixels)") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"cannot read the {what} {path}: {e}") from None
 
 
@@ -501,7 +537,7 @@ def run_inpaint(args) -> None:
                         f"{image.width}×{image.height}; they must be the same size")  # fmt: skip
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     _check_image_run(args, image, seed)
-    control_images = _control_images(args)
+    control_images, control = _control_inputs(args)
     if args.controlnet and args.padding is not None:
         raise UserError("--controlnet cannot be used with --padding (its image would need the same crop); inpaint the whole image")
     paths = _output_paths(args, seed, inputs=(args.image, args.mask, *args.control_image))
@@ -524,7 +560,7 @@ def run_inpaint(args) -> None:
         width=args.width,
         height=args.height,
         callback=_preview_callback(m, args),
-        **_controlnet_kwargs(args, nets, control_images),
+        **_controlnet_kwargs(nets, control_images, control),
     )
     _save(m, model_path, images, paths)
 
@@ -564,7 +600,7 @@ def run_img2img(args) -> None:
     image = _open_image(args.image, "image")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     _check_image_run(args, image, seed)
-    control_images = _control_images(args)
+    control_images, control = _control_inputs(args)
     paths = _output_paths(args, seed, inputs=(args.image, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
@@ -576,7 +612,7 @@ def run_img2img(args) -> None:
         fit=args.fit,
         **_image_sampling_kwargs(args),
         callback=_preview_callback(m, args),
-        **_controlnet_kwargs(args, nets, control_images),
+        **_controlnet_kwargs(nets, control_images, control),
     )
     _save(m, model_path, images, paths)
 

@@ -19,6 +19,8 @@ start as a no-op. The UNet adds the residuals to its skip connections and to its
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch.nn as nn
 from PIL import Image
 
 from .checkpoint import CheckpointError, check_state_dict, identify, open_checkpoint, printable
+from .images import _to_pil_rgb
 from .unet import UNetConfig, encoder_blocks, middle_block, time_embedding, timestep_embedding
 
 CONTROL_PREFIX = "control_model."  # how ControlNet 1.0/1.1 .pth files and their .safetensors copies name it
@@ -150,6 +153,10 @@ def load_controlnet(path: str | os.PathLike, device=None, dtype=None, name: str 
         _refuse(path, f"a ControlNet whose hint has {hint_channels} channels", "sd15 feeds it RGB control images (3 channels)")
     device, dtype = default_device_and_dtype(device, dtype)
     net = _build("ControlNet", ControlNet, config, ckpt, keymap, device, dtype)
+    damaged = next((k for k, v in net.state_dict().items() if not torch.isfinite(v).all()), None)
+    if damaged is not None:  # else every image would end in NaN latents, after the whole run
+        raise CheckpointError(f"{path}: the ControlNet's {damaged} holds NaN or infinite numbers (in {dtype}); the file "
+                              "is damaged: download it again")  # fmt: skip
     net.name, net.path = name or Path(path).stem, Path(path)
     net.hash = file_hash(path)[:10] if Path(path).is_file() else None  # as the PNG's "Model hash" of a checkpoint
     return net
@@ -175,28 +182,41 @@ class Control:
         return not (step / steps < self.start or (step + 1) / steps > self.end)
 
 
+def control_rgb(image: Image.Image) -> Image.Image:
+    """A PIL control image as RGB, as it is shown (EXIF rotation applied), transparency as black: the "nothing
+    here" of edge, depth, pose and scribble maps (diffusers drops the alpha instead, the same where it is opaque)."""
+    return _to_pil_rgb(image, background=(0, 0, 0))
+
+
 def control_image(image, width: int, height: int) -> torch.Tensor:
     """A control image -> (1, 3, height, width) float32 in [0, 1].
 
-    PIL images and uint8 arrays (H, W), (H, W, 3) or (H, W, 4) are converted to RGB and, if their size is not
-    the output's, resized with Lanczos as diffusers' control image processor does. Float arrays (H, W, 3) and
+    PIL images (any mode, by `control_rgb`) and uint8 arrays (H, W), (H, W, 3) or (H, W, 4) are converted to RGB and, if their size is not the
+    output's, resized with Lanczos as diffusers' control image processor does. Float arrays (H, W, 3) and
     tensors (3, H, W) or (1, 3, H, W) are taken as values in [0, 1] and must have the output's size already
     (a resize would have to guess their range): others are refused.
     """
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+            raise ValueError(f"a uint8 control image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
-        rgb = image.convert("RGB")
+        rgb = control_rgb(image)
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.LANCZOS)
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"a control image array must be (H, W, 3), got shape {image.shape}")
+        if image.dtype.kind not in "fb":
+            raise ValueError(f"a control image array must be uint8 (0 to 255) or floats in [0, 1], got {image.dtype}")
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"a control image must be a PIL image, an array or a tensor, got {type(image).__name__}"
                          " (open files with PIL.Image.open)")  # fmt: skip
+    if not (image.is_floating_point() or image.dtype == torch.bool):
+        raise ValueError(f"a control image tensor must hold floats in [0, 1], got {image.dtype}"
+                         + (" (divide it by 255)" if image.dtype == torch.uint8 else ""))  # fmt: skip
     t = image.detach().float().cpu()
     t = t[None] if t.ndim == 3 else t
     if t.ndim != 4 or t.shape[:2] != (1, 3):
@@ -204,7 +224,9 @@ def control_image(image, width: int, height: int) -> torch.Tensor:
     if tuple(t.shape[-2:]) != (height, width):
         raise ValueError(f"the control image is {t.shape[-1]}×{t.shape[-2]} but the output is {width}×{height}; "
                          "resize it, or pass it as a PIL image (resized with Lanczos)")  # fmt: skip
-    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+    if not torch.isfinite(t).all():
+        raise ValueError("the control image holds NaN or infinite values")
+    if t.min() < 0 or t.max() > 1:
         raise ValueError("a control image given as floats must hold values in [0, 1] (ControlNets read [0, 1], "
                          "not the [-1, 1] of img2img's input)")  # fmt: skip
     return t
@@ -217,13 +239,22 @@ def _per_net(value, n: int, what: str) -> list:
     return values
 
 
-def prepare_controls(m, controlnet, image, scale, start, end, width: int, height: int) -> list[Control]:
+def prepare_controls(m, controlnet, image, scale, start, end, width: int, height: int, guess_mode=False) -> list[Control]:
     """The pipeline's ControlNet arguments (one of each, or lists with one per ControlNet) as checked Controls."""
+    if not isinstance(guess_mode, bool):  # "no" would be true
+        raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+    if controlnet is None and guess_mode:
+        raise ValueError("guess_mode=True given without a ControlNet: pass controlnet=… (sd15.load_controlnet), or leave it out")
     if controlnet is None:
-        if image is not None:
-            raise ValueError("a control image was given without a ControlNet (controlnet=…)")
+        given = [name for name, value, default in (("a control image", image, None), ("controlnet_conditioning_scale", scale, 1.0),
+                                                   ("control_guidance_start", start, 0.0), ("control_guidance_end", end, 1.0))
+                 if not (value is default or (isinstance(value, (int, float)) and value == default))]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} given without a ControlNet: pass controlnet=… (sd15.load_controlnet), or leave them out")
         return []
     nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+    if not nets:
+        raise ValueError("controlnet is an empty list: give a ControlNet, a list of them, or None")
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not nets or len(images) != len(nets) or any(i is None for i in images):
         raise ValueError(f"give one control image per ControlNet: {len(nets)} ControlNets, "
@@ -235,8 +266,8 @@ def prepare_controls(m, controlnet, image, scale, start, end, width: int, height
         if not isinstance(net, ControlNet):
             raise ValueError(f"controlnet must be a ControlNet (sd15.controlnet.load_controlnet), got {type(net).__name__}")
         _check_fits(net, m)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (s, a, b)):
-            raise ValueError(f"a ControlNet's scale, start and end must be finite numbers, got {s!r}, {a!r}, {b!r}")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (s, a, b)):
+            raise ValueError(f"a ControlNet's scale, start and end must be finite numbers (floats), got {s!r}, {a!r}, {b!r}")
         if not 0.0 <= a < b <= 1.0:
             raise ValueError(f"control guidance start and end must satisfy 0 <= start < end <= 1, got {a} and {b}")
         param = next(net.parameters())

@@ -8,8 +8,8 @@ shapes and addresses, so the runner here keeps:
 - one graph per input signature (shapes, dtypes, the non-tensor options such as `clip_skip`), captured the
   first time that signature is seen, after two warm-up calls on a side stream (cuDNN and Triton choose and
   compile their kernels there, outside the capture);
-- static input buffers the caller's tensors are copied into, and an output buffer copied out of (a clone,
-  since the next replay overwrites it);
+- static input buffers the caller's tensors (also each tensor of a list, as a ControlNet's residuals) are
+  copied into, and an output buffer copied out of (a clone, since the next replay overwrites it);
 - for the UNet, the cross-attention k/v buffers of the text context (sd15.fast computes them once per
   context): when a new context arrives it is copied in and those buffers are recomputed eagerly, once per
   generation, not once per step;
@@ -109,7 +109,7 @@ class GraphedForward:
     def __call__(self, *args, **options):
         named = {**dict(zip(self.parameter_names, args)), **options}
         names = sorted(named)  # the order of the static input buffers, and of the signature
-        tensors = [named[k] for k in names if isinstance(named[k], torch.Tensor)]
+        tensors = [t for k in names for t in _tensors_in(named[k])]
         if (
             not tensors
             or not _all_on_cuda(tensors)
@@ -148,6 +148,8 @@ class GraphedForward:
             if isinstance(value, torch.Tensor):
                 statics.append(value.clone())
                 return statics[-1]
+            if _tensors_in(value):  # a list of tensors (a ControlNet's residuals): a buffer for each
+                return [static(v) for v in value]
             return value
 
         static_named = {k: static(named[k]) for k in names}
@@ -191,9 +193,21 @@ def _all_on_cuda(tensors: list[torch.Tensor]) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors an argument holds: itself, or each item of a list or tuple of tensors (a ControlNet's
+    `down_residuals`), which then get static buffers of their own."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    return []
+
+
 def _signature(value) -> tuple:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
+    if _tensors_in(value):
+        return ("tensors", tuple(_signature(v) for v in value))
     return ("value", value)
 
 

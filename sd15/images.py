@@ -31,15 +31,20 @@ def _fit_pil(image: Image.Image, fit: str) -> Image.Image:
     raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
 
 
-def _to_pil_rgb(image) -> Image.Image:
+def _to_pil_rgb(image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A PIL image of any mode as RGB, as it is shown: EXIF rotation applied, transparency flattened onto
+    `background`, 16-bit values scaled to 8 bits. Floating-point images (mode F) have no fixed range: refused."""
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)  # a photo stored sideways with an EXIF rotation: as it is shown
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # flatten onto white
-            return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            flat = Image.new("RGBA", image.size, (*background, 255))
+            return Image.alpha_composite(flat, image.convert("RGBA")).convert("RGB")
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image, dtype=np.float64) / 257.0
             return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
+        if image.mode == "F":
+            raise ValueError("a floating-point image (PIL mode F) has no fixed range of values; save it as an 8- or "
+                             "16-bit image, or pass an array of floats in [0, 1]")  # fmt: skip
         return image.convert("RGB")
     raise TypeError(f"expected a PIL image, got {type(image).__name__}")
 

@@ -349,7 +349,7 @@ def inpaint(
         raise ValueError("a ControlNet cannot be used with inpainting's padding mode (its image would need the "
                          "same crop); inpaint the whole image, without padding")  # fmt: skip
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
-                                              control_guidance_start, control_guidance_end, W, H)  # fmt: skip
+                                              control_guidance_start, control_guidance_end, W, H, guess_mode)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = pipeline._generators(seed, len(prompts))

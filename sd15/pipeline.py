@@ -88,13 +88,13 @@ def _finite(value) -> bool:
 
 
 def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1, *,
-                   seed: int | None = None, eta: float = 0.0, batch_size: int = 1):  # fmt: skip
+                   seed: int | None = None, eta: float = 0.0, batch_size: int = 1, karras: bool = False):  # fmt: skip
     """Refuse impossible settings with a message that says what to change, before anything is allocated."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if not _whole(steps) or steps < 1 or steps > 1000:
         raise ValueError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
-    plan_sampling(sampler, steps)  # some samplers' timestep grids break at the top of that range
+    plan_sampling(sampler, steps, karras=bool(karras))  # grids that break at the top of that range; Karras where it has no meaning
     if not _finite(guidance_scale):
         raise ValueError(f"guidance scale must be a finite number, got {guidance_scale!r:.40}")
     for name, side in (("width", width), ("height", height)):
@@ -159,16 +159,11 @@ def encode_text(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1) ->
 
 
 def unet_call(m: "StableDiffusion", x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, residuals=None) -> torch.Tensor:
-    """m.unet(x, t, context), with a ControlNet's (down residuals, mid residual) when given.
-
-    sd15.cuda_graphs' runner keys its graphs on tensor arguments and cannot hold a list of them, so a call
-    with residuals runs that runner's eager forward (the fast path's modules, without a graph)."""
+    """m.unet(x, t, context), with a ControlNet's (down residuals, mid residual) when given (sd15.cuda_graphs
+    gives the residuals static buffers of their own: such calls replay a graph too)."""
     if residuals is None:
         return m.unet(x, t, context)
     down, mid = residuals
-    graphed = m.unet.__dict__.get("forward")
-    if graphed is not None and hasattr(graphed, "eager"):  # a cuda_graphs.GraphedForward
-        return graphed.eager(x=x, t=t, context=context, down_residuals=down, mid_residual=mid)
     return m.unet(x, t, context, down_residuals=down, mid_residual=mid)
 
 
@@ -411,7 +406,7 @@ def generate(
     else:
         noise = given_latents(latents, (len(prompts), *shape))
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
-                                              control_guidance_start, control_guidance_end, width, height)  # fmt: skip
+                                              control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
     start = plan.noise_latents(noise).to(m.device)
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
@@ -471,7 +466,7 @@ def img2img(
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = _generators(seed, len(prompts))
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
-                                              control_guidance_start, control_guidance_end, width, height)  # fmt: skip
+                                              control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
     with torch.no_grad():
         posterior = tiling.encode(m.vae, pixels.to(m.device, m.dtype))

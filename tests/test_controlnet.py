@@ -10,6 +10,7 @@ differs by ~1e-6 relative, amplified by guidance and the VAE decoder; a residual
 skip, scaled twice or applied on the wrong steps moves pixels by 1e-2 or more (checked below too).
 """
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,6 @@ from sd15.controlnet import ControlNet, control_image, load_controlnet
 from sd15.pnginfo import format_parameters, parse_parameters, read_parameters
 from sd15.random_weights import random_controlnet, save_checkpoint
 from sd15.unet import UNetConfig
-from test_cuda_graphs import fake_cuda  # noqa: F401  (the CUDA graph API replaced by CPU stand-ins)
 
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"  # read off real checkpoints (see its README)
 TOL = 1e-4
@@ -229,21 +229,6 @@ def test_inpaint_takes_a_controlnet(tiny_model, controlnet):
         tiny_model.inpaint(image, mask, "a door", padding=8, controlnet=controlnet, control_image=picture(8))
 
 
-def test_cuda_graph_runner_takes_controlnet_steps_eagerly(tiny_checkpoint, controlnet_file, fake_cuda):
-    """sd15.cuda_graphs cannot hold the residual lists: those calls run its eager forward, with equal results."""
-    from sd15 import cuda_graphs
-
-    graphed, eager = sd15.load(tiny_checkpoint, fast=True), sd15.load(tiny_checkpoint, fast=True)
-    cuda_graphs.install(graphed)
-    run = dict(steps=3, seed=3, width=64, height=64, output_type="np", control_image=picture(9))
-    a = graphed.generate("a cat", controlnet=graphed.load_controlnet(controlnet_file), **run)
-    b = eager.generate("a cat", controlnet=eager.load_controlnet(controlnet_file), **run)
-    assert np.abs(a - b).max() < 1e-6
-    assert graphed.unet.forward.captures == 0
-    graphed.generate("a cat", steps=2, seed=3, width=64, height=64, output_type="np")
-    assert graphed.unet.forward.captures == 1  # plain calls still replay a graph
-
-
 # ------------------------------------------------------------------------------------------ PNG parameters
 
 
@@ -277,12 +262,23 @@ def _write(tmp_path, name, sd):
         (lambda cn, sd1: {k: v for k, v in cn.items() if "middle_block_out" not in k}, "no middle_block_out"),
         (lambda cn, sd1: {k: v for k, v in cn.items() if "input_blocks.4.0" not in k}, "incomplete ControlNet"),
         (lambda cn, sd1: {k: v for k, v in cn.items() if "input_blocks.1.1.norm.bias" not in k}, "1 missing:\\n    input_blocks.1.1.norm.bias"),
+        (lambda cn, sd1: {k: v * float("nan") if k.endswith("zero_convs.2.0.bias") else v for k, v in cn.items()},
+         "zero_convs.2.0.bias holds NaN or infinite numbers \\(in torch.float32\\)"),
     ],
 )
 def test_bad_files_are_refused(controlnet_state_dict, tiny_state_dict, tmp_path, make, message):
     path = _write(tmp_path, "bad.safetensors", make(controlnet_state_dict, tiny_state_dict))
     with pytest.raises(CheckpointError, match=message):
         load_controlnet(path)
+
+
+def test_fp16_files_load_in_the_models_dtype_and_fp16_overflow_is_refused(controlnet_state_dict, controlnet, tmp_path):
+    half = load_controlnet(_write(tmp_path, "half.safetensors", {k: v.half() for k, v in controlnet_state_dict.items()}))
+    assert all(v.dtype == torch.float32 for v in half.state_dict().values())  # the CPU's default, as the model's
+    assert all(torch.equal(v, controlnet.state_dict()[k].half().float()) for k, v in half.state_dict().items())
+    big = {k: v * 1e6 if k.endswith("zero_convs.0.0.weight") else v for k, v in controlnet_state_dict.items()}
+    with pytest.raises(CheckpointError, match="zero_convs.0.0.weight holds NaN or infinite numbers \\(in torch.float16\\)"):
+        load_controlnet(_write(tmp_path, "big.safetensors", big), dtype=torch.float16)  # finite in float32, not in float16
 
 
 def test_sd2_controlnet_and_mismatched_base_are_refused(tiny_model, controlnet_state_dict, tmp_path):
@@ -309,13 +305,59 @@ def test_sd2_controlnet_and_mismatched_base_are_refused(tiny_model, controlnet_s
         (dict(controlnet="NET", control_image=picture(0), controlnet_conditioning_scale=float("nan")), "finite"),
         (dict(controlnet="NET", control_image=picture(0), controlnet_conditioning_scale=[1.0, 0.5]), "one per ControlNet \\(1\\)"),
         (dict(controlnet=torch.nn.Linear(2, 2), control_image=picture(0)), "must be a ControlNet"),
+        (dict(controlnet=[], control_image=[]), "controlnet is an empty list"),
+        (dict(controlnet_conditioning_scale=0.5), "controlnet_conditioning_scale given without a ControlNet"),
+        (dict(control_guidance_end=0.5), "control_guidance_end given without a ControlNet"),
+        (dict(controlnet="NET", control_image=picture(0), controlnet_conditioning_scale=torch.tensor(0.5)), "finite numbers \\(floats\\)"),
+        (dict(controlnet="NET", control_image=picture(0), control_guidance_start=-0.1), "0 <= start < end <= 1"),
+        (dict(controlnet="NET", control_image=picture(0), control_guidance_end=1.5), "0 <= start < end <= 1"),
+        (dict(controlnet=["NET", "NET"], control_image=picture(0)), "2 ControlNets, 1 images"),
+        (dict(controlnet="NET", control_image=np.zeros((3, 64, 64), np.uint8)), "uint8 control image array must be \\(H, W\\)"),
+        (dict(controlnet="NET", control_image=np.full((64, 64, 3), 200, np.uint16)), "must be uint8 \\(0 to 255\\) or floats"),
+        (dict(controlnet="NET", control_image=np.full((64, 64, 3), "x", object)), "got object"),
+        (dict(controlnet="NET", control_image=torch.full((3, 64, 64), 200, dtype=torch.uint8)), "divide it by 255"),
+        (dict(controlnet="NET", control_image=torch.ones(3, 64, 64, dtype=torch.complex64)), "got torch.complex64"),
+        (dict(controlnet="NET", control_image=np.full((64, 64, 3), np.nan, np.float32)), "holds NaN or infinite values"),
+        (dict(controlnet="NET", control_image=Image.fromarray(np.full((64, 64), 0.5, np.float32))), "floating-point image \\(PIL mode F\\)"),
+        (dict(controlnet="NET", control_image=picture(0), guess_mode="no"), "guess_mode must be True or False"),
+        (dict(guess_mode=True), "guess_mode=True given without a ControlNet"),
     ],
 )
 def test_bad_pipeline_inputs_are_refused(tiny_model, controlnet, kwargs, message):
-    if kwargs.get("controlnet") == "NET":
-        kwargs = {**kwargs, "controlnet": controlnet}
+    if isinstance(kwargs.get("controlnet"), (str, list)) and kwargs["controlnet"]:
+        kwargs = {**kwargs, "controlnet": controlnet if kwargs["controlnet"] == "NET" else [controlnet] * len(kwargs["controlnet"])}
     with pytest.raises(ValueError, match=message):
         tiny_model.generate("a cat", steps=1, width=64, height=64, **kwargs)
+
+
+def test_control_images_are_read_as_they_are_shown():
+    """Any PIL mode gives RGB as shown: EXIF rotation applied, 16-bit scaled (not clipped at 255), transparency
+    black (ControlNets' "nothing here", whatever colour the transparent pixels store)."""
+    rgb = picture(11)
+    for mode in ("P", "L", "1", "CMYK", "RGBA"):
+        assert torch.equal(control_image(rgb.convert(mode), 64, 64), control_image(rgb.convert(mode).convert("RGB"), 64, 64)), mode
+    depth = Image.fromarray(np.full((64, 64), 128 * 257, np.uint16))  # a 16-bit depth map, mid-grey
+    assert depth.mode.startswith("I;16") and torch.allclose(control_image(depth, 64, 64), torch.full((1, 3, 64, 64), 128 / 255))
+    clear = Image.new("RGBA", (64, 64), (255, 255, 255, 0))  # transparent, stored as white
+    assert control_image(clear, 64, 64).max() == 0
+    stored = picture(12, 48, 64)  # 64 wide, 48 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    shown = control_image(Image.open(buffer), 48, 64)
+    assert torch.equal(shown, control_image(stored.transpose(Image.Transpose.ROTATE_270), 48, 64))
+    frames = [picture(13), picture(14)]  # an animated GIF: its first frame
+    frames[0].save(buffer := io.BytesIO(), format="GIF", save_all=True, append_images=frames[1:])
+    assert torch.equal(control_image(Image.open(buffer), 64, 64), control_image(Image.open(buffer).convert("RGB"), 64, 64))
+    assert control_image(Image.new("RGB", (1, 1), "white"), 64, 64).min() == 1  # tiny: resized like any other
+
+
+def test_numpy_scalars_are_taken_as_scales(tiny_model, controlnet):
+    run = dict(steps=2, seed=1, width=64, height=64, output_type="np", controlnet=controlnet, control_image=picture(0))
+    a = tiny_model.generate("a cat", controlnet_conditioning_scale=np.float32(0.5), control_guidance_end=np.float64(0.5), **run)
+    b = tiny_model.generate("a cat", controlnet_conditioning_scale=0.5, control_guidance_end=0.5, **run)
+    assert np.array_equal(a, b)
 
 
 def test_control_image_forms_agree():

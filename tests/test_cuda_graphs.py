@@ -204,3 +204,24 @@ def test_a_timestep_given_as_a_number_runs_eagerly(models):
         assert graphed.unet.forward.captures == 0
         graphed.unet(x, torch.tensor([500, 500]), ctx)
     assert graphed.unet.forward.captures == 1
+
+
+def test_controlnet_steps_replay_graphs_of_their_own(models, tmp_path):
+    """A ControlNet's residuals (a list of 12 tensors and one more) get static buffers like any tensor argument:
+    the steps with residuals replay one graph, the steps without (after control_guidance_end) another, and the
+    images equal the eager ones."""
+    from PIL import Image
+
+    from sd15.random_weights import random_controlnet, save_checkpoint
+
+    graphed, eager = models
+    path = save_checkpoint(random_controlnet("tiny", seed=4), tmp_path / "control.safetensors")
+    hint = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    run = dict(RUN, control_image=hint, control_guidance_end=0.5)
+    for image_seed in (3, 4):
+        a = graphed.generate("a cat", controlnet=graphed.load_controlnet(path), **{**run, "seed": image_seed})
+        b = eager.generate("a cat", controlnet=eager.load_controlnet(path), **{**run, "seed": image_seed})
+        assert np.abs(a - b).max() < 1e-6
+    plain = eager.generate("a cat", **{**RUN, "seed": 4})
+    assert np.abs(b - plain).max() > 1e-2  # the residuals reached the image
+    assert graphed.unet.forward.captures == 2  # with residuals, and without them

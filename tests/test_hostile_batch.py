@@ -36,6 +36,8 @@ BAD_LINES = [
     (line(negative_prompt={"x": 1}), '"negative_prompt" must be a string', "a JSON object"),
     (line(sampler=5), '"sampler" must be a string', "got 5"),
     (line(sampler="nope"), "unknown sampler", "'nope'"),
+    (line(sampler="ddim", karras=True), "karras sigmas apply to the sigma-space samplers", "not 'ddim'"),
+    (line(sampler="lcm", steps=51), "lcm takes 1 to 50 steps", "got 51"),
     (line(cfg="7"), '"guidance_scale" must be a finite number', 'the string "7"'),
     (line(guidance_scale=10**400), '"guidance_scale" must be a finite number', "..."),
     ('{"prompt": "a", "cfg": NaN}', "not valid JSON", "NaN is not a JSON value"),

@@ -317,3 +317,130 @@ def test_damaged_lora_and_embedding_numbers_are_refused(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="has no tokens"):
         tiny_model.load_embedding(tmp_path / "untitled.bin")
     tiny_model.embeddings.remove("ok")
+
+
+# ------------------------------------------------------------------------------------------ ControlNet inputs
+
+
+@pytest.fixture(scope="module")
+def controlnet_state_dict():
+    from sd15.random_weights import random_controlnet
+
+    return random_controlnet("tiny", seed=0)
+
+
+def _png_header(path, width, height):
+    """A PNG that claims width × height pixels and holds almost none (a decompression bomb's header)."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_controlnet_inputs_are_refused_before_the_model_loads(workdir, tiny_checkpoint, controlnet_state_dict, capsys, monkeypatch):
+    """Bad ControlNet files, control images and settings: one line, exit status 2, the model never loaded, no
+    file created or changed, and a pickle's code never run."""
+    from sd15.pnginfo import save_png
+
+    cn = save_checkpoint(controlnet_state_dict, workdir / "cn.safetensors")
+    (workdir / "net.png").write_bytes(cn.read_bytes())  # a ControlNet file with a name an output could take
+    save_checkpoint({k: v * float("nan") if k.endswith("zero_convs.0.0.weight") else v for k, v in controlnet_state_dict.items()},
+                    workdir / "nan.safetensors")  # fmt: skip
+    torch.save({"state_dict": dict(controlnet_state_dict), "x": RunsCode(workdir / "pwned")}, workdir / "evil.pth")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(workdir / "lora.safetensors"))  # fmt: skip
+    _png(workdir / "edges.png")
+    Image.new("L", (64, 64), 255).save(workdir / "mask.png")
+    _png_header(workdir / "bomb.png", 30000, 30000)  # over PIL's own limit: its DecompressionBombError
+    _png_header(workdir / "big.png", 10000, 10000)  # under it, but PIL warns (two lines on stderr) before sd15 refuses
+    Image.new("RGB", (1, 1)).save(workdir / "dot.png")
+    (workdir / "cut.png").write_bytes((workdir / "edges.png").read_bytes()[:60])
+    (workdir / "notes.txt").write_text("not an image")
+    (workdir / "folder").mkdir()
+    Image.fromarray(np.full((64, 64), 0.5, np.float32)).save(workdir / "depth.tiff")  # mode F
+    recorded = 'ControlNet 0: "Module: none, Model: cn [0123456789], Weight: {}, Guidance Start: {}, Guidance End: 1"'
+    for name, weight, start in (("nan-weight.png", "nan", 0), ("late-start.png", 1, 5)):
+        save_png(Image.new("RGB", (64, 64)), workdir / name,
+                 "a cat\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 64x64, " + recorded.format(weight, start))  # fmt: skip
+    cases = [
+        (["generate", "a cat", "--control-end", "0.5"], "--control-end apply to ControlNets"),
+        (["generate", "a cat", "--guess-mode"], "--guess-mode apply to ControlNets"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors:O.5", "--control-image", "edges.png"], "must be a number, got 'O.5'"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "bomb.png"], "bomb.png is larger than sd15 allows"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "big.png"], "big.png is 10000×10000, larger than sd15 allows"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "dot.png"], "too small"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "cut.png"], "cannot read the control image cut.png"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "notes.txt"], "cannot identify image file"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "folder"], "Is a directory"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "depth.tiff"], "floating-point image (PIL mode F)"),
+        (["generate", "a cat", "--controlnet", "nan.safetensors", "--control-image", "edges.png"], "zero_convs.0.0.weight holds NaN or infinite numbers"),
+        (["generate", "a cat", "--controlnet", "evil.pth", "--control-image", "edges.png"], "Refused to load"),
+        (["generate", "a cat", "--controlnet", "lora.safetensors", "--control-image", "edges.png"], "is a LoRA adapter"),
+        (["generate", "a cat", "--controlnet", "net.png", "--control-image", "edges.png", "-o", "net.png"], "is also an input of this run"),
+        (["generate", "a cat", "--controlnet", "cn.safetensors", "--control-image", "edges.png", "--hires-scale", "2"], "does not take a ControlNet"),
+        (["generate", "a cat", "--from-png", "nan-weight.png", "--controlnet", "cn.safetensors", "--control-image", "edges.png"], "weight must be a finite number"),
+        (["generate", "a cat", "--from-png", "late-start.png", "--controlnet", "cn.safetensors", "--control-image", "edges.png"], "got 5 and 1"),
+        (["generate", "a cat", "--sampler", "lcm", "--steps", "51"], "lcm takes 1 to 50 steps"),
+        (["generate", "a cat", "--sampler", "lcm", "--karras"], "not 'lcm'"),
+        (["generate", "a cat", "--sampler", "ddim", "--karras"], "not 'ddim'"),
+        (["inpaint", "edges.png", "mask.png", "a cat", "--padding", "8", "--controlnet", "cn.safetensors", "--control-image", "edges.png"],
+         "cannot be used with --padding"),
+        (["img2img", "edges.png", "a cat", "--sampler", "lcm", "--steps", "51"], "lcm takes 1 to 50 steps"),
+    ]  # fmt: skip
+    for args, message in cases:
+        defaults = [["--steps", "2"], ["-o", "x.png"]]
+        args = [*args, "--model", str(tiny_checkpoint), "--no-safety-checker", *(a for d in defaults if d[0] not in args for a in d)]
+        err = refused_before_loading(args, workdir, capsys, monkeypatch)
+        assert message in err and "Warning" not in err, (args, err)  # no stray warning from PIL
+    assert not (workdir / "pwned").exists()
+
+
+def _exif_rotated(path, size=(64, 48)):
+    """A JPEG stored `size` (64 wide, 48 high) with EXIF Orientation 6: shown 48 wide and 64 high."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_rotated_control_images_and_masks_on_the_cli(workdir, tiny_checkpoint, controlnet_state_dict, capsys):
+    """The command line reads images as they are shown, as the library does: the output takes an EXIF-rotated
+    control image's shown size, and a mask drawn on an EXIF-rotated photo as shown fits it."""
+    cn = save_checkpoint(controlnet_state_dict, workdir / "cn.safetensors")
+    _exif_rotated(workdir / "photo.jpg")
+    Image.new("L", (48, 64), 255).save(workdir / "mask.png")  # drawn over the photo as it is shown
+    run = ["--model", str(tiny_checkpoint), "--steps", "2", "--no-progress", "--no-safety-checker"]
+    assert main(["generate", "a cat", "--controlnet", str(cn), "--control-image", "photo.jpg", "-o", "a.png", *run]) == 0
+    assert main(["inpaint", "photo.jpg", "mask.png", "a cat", "-o", "b.png", *run]) == 0, capsys.readouterr().err
+    for name in ("a.png", "b.png"):
+        with Image.open(name) as im:
+            assert im.size == (48, 64), name
+
+
+def test_from_png_with_a_controlnet_takes_its_weight_start_and_end(workdir, tiny_checkpoint, controlnet_state_dict, capsys):
+    """--from-png of a ControlNet image, with --controlnet FILE and the control image again, makes the same image
+    (the PNG's weight, start and end; flags override them); without --controlnet it warns, names escaped."""
+    from sd15.pnginfo import read_parameters, save_png
+
+    cn = save_checkpoint(controlnet_state_dict, workdir / "cn.safetensors")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(workdir / "edges.png")
+    run = ["--model", str(tiny_checkpoint), "--steps", "3", "--sampler", "ddim", "--no-progress", "--no-safety-checker"]
+    assert main(["generate", "a cat", "--controlnet", f"{cn}:0.6", "--control-image", "edges.png", "--control-end", "0.5",
+                 "--seed", "3", "-o", "first.png", *run]) == 0  # fmt: skip
+    assert main(["generate", "--from-png", "first.png", "--controlnet", str(cn), "--control-image", "edges.png", "-o", "again.png", *run]) == 0
+    assert main(["generate", "--from-png", "first.png", "--controlnet", f"{cn}:0.6", "--control-image", "edges.png",
+                 "--control-end", "1", "-o", "other.png", *run]) == 0  # fmt: skip
+    pixels = {name: np.asarray(Image.open(name)) for name in ("first.png", "again.png", "other.png")}
+    assert np.array_equal(pixels["again.png"], pixels["first.png"])
+    assert not np.array_equal(pixels["other.png"], pixels["first.png"])  # --control-end 1 overrides the PNG's 0.5
+    assert read_parameters("again.png").splitlines()[-1] == read_parameters("first.png").splitlines()[-1]
+    capsys.readouterr()
+    text = read_parameters("first.png").replace("Model: cn [", "Model: \\u001b[31mcn [")  # an escape sequence in the name
+    save_png(Image.new("RGB", (64, 64)), workdir / "escape.png", text)
+    assert main(["generate", "--from-png", "escape.png", "-o", "plain.png", *run]) == 0
+    err = capsys.readouterr().err
+    assert "was made with ControlNet (\\x1b[31mcn)" in err and "\x1b" not in err

@@ -211,3 +211,25 @@ def test_the_sampler_loop_never_waits_for_the_gpu(graphed_fp16, sampler):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+def test_controlnet_on_the_graphed_fp16_model_matches_the_reference_path(graphed_fp16, full_checkpoint):
+    """A full-size random ControlNet (fp16) steering the default CUDA model (fp16, kernels, CUDA graphs, the
+    residuals in graph buffers of their own) against the same on the plain fp16 modules: the same image within
+    fp16's tolerance, and a graph captured for the ControlNet steps. Last in the file: the device run's time is
+    short, and it is the newest path."""
+    from PIL import Image
+
+    from sd15.random_weights import random_controlnet
+
+    path = save_checkpoint(random_controlnet("full", seed=1, dtype=torch.float16), full_checkpoint.parent / "control.safetensors")
+    hint = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    run = dict(steps=4, seed=3, width=256, height=256, output_type="np", control_image=hint)
+    plain = sd15.load(full_checkpoint, device=CUDA, fast=False)
+    captures = graphed_fp16.unet.forward.captures
+    fast = graphed_fp16.generate("a cat", controlnet=graphed_fp16.load_controlnet(path), **run)
+    reference = plain.generate("a cat", controlnet=plain.load_controlnet(path), **run)
+    diff = np.abs(fast - reference)
+    print(f"ControlNet, fp16 fast + graphs vs fp16 reference modules: mean |Δ| {diff.mean():.2e}, max {diff.max():.2e}")
+    assert diff.mean() < 2e-2  # as for the plain model above: sampling compounds fp16 rounding, so the mean
+    assert graphed_fp16.unet.forward.captures > captures  # the ControlNet steps replay a graph of their own
