@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .checkpoint import CheckpointError, check_state_dict, identify, open_checkpoint, printable
+from .checkpoint import CheckpointError, identify, open_checkpoint, printable
 from .images import _to_pil_rgb
 from .unet import UNetConfig, encoder_blocks, middle_block, time_embedding, timestep_embedding
 
@@ -137,8 +137,8 @@ def load_controlnet(path: str | os.PathLike, device=None, dtype=None, name: str 
     """Load a ControlNet 1.0/1.1 file for SD1.x (.safetensors, or a .pth/.ckpt pickle read with
     torch.load(weights_only=True) by sd15.checkpoint). Keys and shapes are checked strictly; by default it
     goes where sd15.load puts a model (CUDA in fp16 when present, else the CPU in fp32)."""
-    from .embeddings import file_hash
     from .model import _build, _meta_shapes, default_device_and_dtype
+    from .pnginfo import short_hash
 
     ckpt = open_checkpoint(path)
     keymap = controlnet_keys(ckpt, path)
@@ -158,7 +158,7 @@ def load_controlnet(path: str | os.PathLike, device=None, dtype=None, name: str 
         raise CheckpointError(f"{path}: the ControlNet's {damaged} holds NaN or infinite numbers (in {dtype}); the file "
                               "is damaged: download it again")  # fmt: skip
     net.name, net.path = name or Path(path).stem, Path(path)
-    net.hash = file_hash(path)[:10] if Path(path).is_file() else None  # as the PNG's "Model hash" of a checkpoint
+    net.hash = short_hash(path) if Path(path).is_file() else None  # as the PNG's "Model hash" of a checkpoint (cached)
     return net
 
 
