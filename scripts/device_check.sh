@@ -63,7 +63,9 @@ if [[ "$PART" == tests || "$PART" == all ]]; then
     step "GPU tests: real kernels, fast path vs reference, graphs, SDPA backend, determinism"
     # Budgets: the tests compile tens of Triton kernel variants (about half a second each) and draw the random
     # weights into the cache; the ablation and the profile only load them (each ~30 s of work).
-    timeout 205 python3 -m pytest -q -s -p no:cacheprovider --durations=10 tests/gpu tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+    # -v names each test as it ends, so a run cut by the timeout still says which passed; the kernels first, and
+    # the newest GPU test (the ControlNet, last in tests/gpu) last
+    timeout 205 python3 -m pytest -v -s -p no:cacheprovider --durations=10 tests/test_kernels.py tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 
     step "what each part of the fast path gives: one guided UNet step and one VAE decode"
     timeout -k 10 65 python3 scripts/ablate_fast_path.py --json "$OUT/ablation.json" 2>"$OUT/ablation.log" | tee "$OUT/ablation.txt"
