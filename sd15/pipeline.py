@@ -158,15 +158,6 @@ def encode_text(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1) ->
     return prompt_io.encode_prompts(m, prompts, clip_skip)
 
 
-def unet_call(m: "StableDiffusion", x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, residuals=None) -> torch.Tensor:
-    """m.unet(x, t, context), with a ControlNet's (down residuals, mid residual) when given (sd15.cuda_graphs
-    gives the residuals static buffers of their own: such calls replay a graph too)."""
-    if residuals is None:
-        return m.unet(x, t, context)
-    down, mid = residuals
-    return m.unet(x, t, context, down_residuals=down, mid_residual=mid)
-
-
 def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, concat=None,
                      control=None):  # fmt: skip
     """eps(x, t) with classifier-free guidance: eps_u + s · (eps_c - eps_u), one UNet call on [uncond; cond].
@@ -185,7 +176,10 @@ def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Ten
         if concat is not None:
             extra = concat.to(x_in).repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
             x_in = torch.cat([x_in, extra], dim=1)  # (B, 4 + C', h, w)
-        return unet_call(m, x_in, t_in, context, residuals)
+        if residuals is None:
+            return m.unet(x_in, t_in, context)
+        down, mid = residuals  # sd15.cuda_graphs gives them static buffers: such calls replay a graph too
+        return m.unet(x_in, t_in, context, down_residuals=down, mid_residual=mid)
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = x.to(m.dtype), t.to(m.device)
