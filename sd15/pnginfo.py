@@ -40,6 +40,7 @@ SAMPLER_NAMES = {
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
     "dpmpp_sde": "DPM++ SDE",
     "unipc": "UniPC",
     "lcm": "LCM",

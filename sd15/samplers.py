@@ -7,7 +7,7 @@ tensor of shape (B,) that may be fractional (799.2). That is the UNet as trained
 Two families:
 - `ddim`, `pndm`, `lcm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps
   (`lcm` is for latent consistency models and LCM-LoRAs, on its own grid of at most 50 steps).
-- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_sde`, `unipc` work, as Karras
+- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`(`_heun`), `dpmpp_sde`, `unipc` work, as Karras
   et al. 2022 and k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise
   levels `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
   training timestep the UNet is told, `timesteps[i]`, computed the way diffusers' scheduler computes it
@@ -45,7 +45,8 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], "bool | None"]
 
 SAMPLERS = (
-    "ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "unipc", "lcm"
+    "ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms",
+    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "unipc", "lcm",
 )  # fmt: skip
 
 
@@ -628,14 +629,20 @@ def dpmpp_2m_sde(
     timesteps: torch.Tensor,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    solver: str = "midpoint",
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE: the stochastic variant of Lu et al. 2022 (the "SDE-DPM-Solver++" of their
     appendix, as in diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") and k-diffusion's
-    `sample_dpmpp_2m_sde` with eta = 1, midpoint). With h = lambda_next - lambda, lambda = -log sigma:
-        x_next = (sigma_next / sigma) e^{-h} x + (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z,
-    D as in `dpmpp_2m` (first order on the first step); the last step, to sigma = 0, gives x = denoised.
-    z is drawn in float32, as diffusers does.
+    `sample_dpmpp_2m_sde` with eta = 1). With h = lambda_next - lambda, lambda = -log sigma and
+    d = (denoised - denoised_prev) / r, r = h_prev / h (the slope of the data prediction, per step):
+        x_next = (sigma_next / sigma) e^{-h} x + (1 - e^{-2h}) denoised + c d + sigma_next sqrt(1 - e^{-2h}) z,
+    where the second-order correction's weight c is (1 - e^{-2h}) / 2 for solver "midpoint" (the sampler
+    `dpmpp_2m_sde`), and 1 - (1 - e^{-2h}) / (2h) for solver "heun" (`dpmpp_2m_sde_heun`, the web UI's
+    "DPM++ 2M SDE Heun": the exact integral of the linearly extrapolated data prediction). The first step is
+    first order (c = 0) and the last, to sigma = 0, gives x = denoised. z is drawn in float32, as diffusers does.
     """
+    if solver not in ("midpoint", "heun"):
+        raise ValueError(f"solver must be 'midpoint' or 'heun', got {solver!r}")
     old_denoised, h_prev = None, None
     for i in range(len(timesteps)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -645,9 +652,13 @@ def dpmpp_2m_sde(
             x = denoised
         else:
             h = torch.log(sigma) - torch.log(sigma_next)
-            D = denoised if old_denoised is None else denoised + (denoised - old_denoised) / (2 * (h_prev / h))
             one_minus_e2h = -torch.expm1(-2 * h)  # 1 - e^{-2h}
-            x = (sigma_next / sigma) * torch.exp(-h) * x + one_minus_e2h * D + sigma_next * one_minus_e2h**0.5 * z
+            x = (sigma_next / sigma) * torch.exp(-h) * x + one_minus_e2h * denoised
+            if old_denoised is not None:
+                d = (denoised - old_denoised) / (h_prev / h)
+                c = one_minus_e2h / 2 if solver == "midpoint" else 1 - one_minus_e2h / (2 * h)
+                x = x + c * d
+            x = x + sigma_next * one_minus_e2h**0.5 * z
             h_prev = h
         old_denoised = denoised
         if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
@@ -718,7 +729,7 @@ def unipc(
 
 
 _VP_SAMPLERS = ("ddim", "pndm", "lcm")  # VP latent, integer timesteps (LCM's on its own grid)
-_MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")  # DPMSolverMultistep/UniPCMultistep timestep grids
+_MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "unipc")  # DPMSolverMultistep/UniPCMultistep timestep grids
 _DPM_2 = ("dpm_2", "dpm_2_a")  # a second evaluation per step, at a midpoint with its own timestep
 _DEFAULT_SPACING = {"ddim": "leading", "pndm": "leading"}  # the others default to "linspace" in diffusers
 
@@ -803,8 +814,9 @@ class SamplingPlan:
             x = lms(eps_model, x, sigmas, ts, start=s, callback=cb)
         elif self.sampler == "dpmpp_2m":
             x = dpmpp_2m(eps_model, x, sigmas[s:], ts[s:], cb)
-        elif self.sampler == "dpmpp_2m_sde":
-            x = dpmpp_2m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb)
+        elif self.sampler in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
+            solver = "heun" if self.sampler == "dpmpp_2m_sde_heun" else "midpoint"
+            x = dpmpp_2m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb, solver)
         elif self.sampler == "dpmpp_sde":  # its Brownian noise spans the whole schedule, also in img2img
             sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
             x = dpmpp_sde(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], generator, cb, on_predictor, sigma_range)

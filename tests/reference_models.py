@@ -158,6 +158,7 @@ DIFFUSERS_SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde_heun": "DPMSolverMultistepScheduler",
     "dpmpp_sde": "DPMSolverSDEScheduler",
     "unipc": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
@@ -168,7 +169,9 @@ def diffusers_scheduler(sampler: str, karras: bool = False):
     """The diffusers scheduler a diffusers user swaps in for `sampler`: X.from_config(SD1.5's config)."""
     import diffusers
 
-    overrides = {"algorithm_type": "sde-dpmsolver++"} if sampler == "dpmpp_2m_sde" else {}
+    overrides = {"algorithm_type": "sde-dpmsolver++"} if sampler.startswith("dpmpp_2m_sde") else {}
+    if sampler == "dpmpp_2m_sde_heun":
+        overrides["solver_type"] = "heun"
     if karras:
         overrides["use_karras_sigmas"] = True
     return getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(SD15_SCHEDULER_CONFIG, **overrides)

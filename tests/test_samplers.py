@@ -46,12 +46,15 @@ def reference_scheduler(sampler: str, karras: bool = False, **overrides):
         "lms": diffusers.LMSDiscreteScheduler,
         "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
         "dpmpp_2m_sde": diffusers.DPMSolverMultistepScheduler,
+        "dpmpp_2m_sde_heun": diffusers.DPMSolverMultistepScheduler,
         "dpmpp_sde": diffusers.DPMSolverSDEScheduler,
         "unipc": diffusers.UniPCMultistepScheduler,
         "lcm": diffusers.LCMScheduler,
     }
-    if sampler == "dpmpp_2m_sde":
+    if sampler in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
         overrides["algorithm_type"] = "sde-dpmsolver++"
+    if sampler == "dpmpp_2m_sde_heun":
+        overrides["solver_type"] = "heun"
     return classes[sampler].from_config(SD15_SCHEDULER_CONFIG, **overrides)
 
 
@@ -209,7 +212,7 @@ def test_999_steps_parity(sampler, karras):
     assert_parity(run_ours(sampler, 999, noise, seed=7, karras=karras), ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "pndm", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "unipc"])
 def test_1000_steps_are_refused_where_the_grid_breaks(sampler):
     """pipeline.check_settings allows 1000 steps. There diffusers' "leading" grid (DDIM, PNDM) reaches t = 1000, an
     IndexError mid-run, and the DPM-Solver/UniPC grid (1001 points over 0 … 999, rounded) lists t = 500 twice, a
@@ -388,7 +391,7 @@ def test_callback_returning_true_stops_early(sampler):
     torch.testing.assert_close(x, last["x"] / vp_scale)  # the latent at that point, returned in VP form
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "dpmpp_sde", "lcm"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "lcm"])
 def test_noise_comes_from_the_generator(sampler):
     noise = latents(0)
     a, _ = run_ours(sampler, 10, noise, seed=1)
