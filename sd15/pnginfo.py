@@ -42,6 +42,8 @@ SAMPLER_NAMES = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
     "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
     "unipc": "UniPC",
     "lcm": "LCM",
 }

@@ -1,4 +1,5 @@
-"""Samplers for SD1.5, as plain functions, matching diffusers 0.42.1's schedulers step for step.
+"""Samplers for SD1.5, as plain functions, matching diffusers 0.42.1's schedulers step for step (and k-diffusion's
+functions, for the two diffusers lacks: `dpmpp_2s_a`, `dpmpp_3m_sde`).
 
 The model. Every sampler takes `eps_model(x, t) -> eps`: the (already classifier-free-guided) noise
 prediction for the variance-preserving (VP) latent `x` (B, 4, H, W) at training timestep `t`, a float32
@@ -7,12 +8,13 @@ tensor of shape (B,) that may be fractional (799.2). That is the UNet as trained
 Two families:
 - `ddim`, `pndm`, `lcm` work on the VP latent x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer timesteps
   (`lcm` is for latent consistency models and LCM-LoRAs, on its own grid of at most 50 steps).
-- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`(`_heun`), `dpmpp_sde`, `unipc` work, as Karras
+- `euler`, `euler_a`, `heun`, `dpm_2`, `dpm_2_a`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`(`_heun`), `dpmpp_sde`, `dpmpp_2s_a`,
+  `dpmpp_3m_sde`, `unipc` work, as Karras
   et al. 2022 and k-diffusion do, on x = x_0 + sigma * eps = x_t / sqrt(abar_t) over a decreasing list of noise
   levels `sigmas` (the last one 0), through the denoiser D(x; sigma) of `denoise`. Each sigma comes with the
   training timestep the UNet is told, `timesteps[i]`, computed the way diffusers' scheduler computes it
   (interpolated, rounded or not: see `plan_sampling`), so there is no sigma -> t guess inside a sampler.
-  DPM2's and DPM++ SDE's midpoints come with theirs too (`timesteps_mid`).
+  DPM2's, DPM++ SDE's and DPM++ 2S a's midpoints come with theirs too (`timesteps_mid`).
 
 Callbacks. Every sampler calls `callback(info)` once per step, after the step, with
     {"i": step number in this run, "t": timestep the model saw, "sigma": its noise level,
@@ -21,10 +23,10 @@ If the callback returns `True`, the sampler stops and returns that `x` (in its o
 x_0 + sigma_next * eps for the others; `SamplingPlan.sample` converts it to VP).
 
 Noise. Ancestral/SDE samplers draw one standard normal tensor per step, every step (also the last, where
-it is multiplied by 0; `dpm_2_a` and `lcm` skip that last draw, as diffusers does), from the caller's `torch.Generator`
+it is multiplied by 0; `dpm_2_a` and `lcm` skip that last draw, as diffusers does, and `dpmpp_2s_a` as k-diffusion does), from the caller's `torch.Generator`
 on the generator's device (the CPU for a CPU generator) and move it to x's device, as diffusers' `randn_tensor`
 does; so a seeded CPU generator gives the same image on any device, and the same draws as diffusers given the
-same generator. `dpmpp_sde` draws a seed per row instead, for a Brownian tree (`BrownianNoise`).
+same generator. `dpmpp_sde` and `dpmpp_3m_sde` draw a seed per row instead, for a Brownian tree (`BrownianNoise`).
 
 The pipeline uses the last section: `plan = plan_sampling(name, steps, strength, karras, eta)`, then
 `x = plan.noise_latents(noise, init_latents)` and `latents = plan.sample(eps_model, x, generator, callback)`.
@@ -45,8 +47,8 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], "bool | None"]
 
 SAMPLERS = (
-    "ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms",
-    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "unipc", "lcm",
+    "ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun", "dpmpp_sde", "dpmpp_2s_a", "dpmpp_3m_sde", "unipc", "lcm",
 )  # fmt: skip
 
 
@@ -446,6 +448,63 @@ def _dpm_2_steps(eps_model, x, sigmas, timesteps, timesteps_mid, generator, call
     return x
 
 
+def dpmpp_2s_a_midpoints(sigmas: torch.Tensor) -> torch.Tensor:
+    """(n,) the noise level of DPM++ 2S a's second evaluation in each step of `sigmas` (n+1,): halfway in
+    t = -log sigma between sigma_i and the ancestral step's sigma_down, computed as k-diffusion does (in float32,
+    exp(-(t + h/2))), so the plan's midpoint timesteps belong to the very sigmas the sampler evaluates; 0 for a
+    step with no second evaluation (sigma_down = 0, the step to sigma = 0)."""
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    sigma_down = _ancestral_step(sigma, sigma_next)[0]
+    t, t_next = sigma.log().neg(), sigma_down.log().neg()
+    return torch.where(sigma_down > 0, (t + (t_next - t) * 0.5).neg().exp(), 0.0)
+
+
+def dpmpp_2s_a(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    timesteps_mid: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    on_predictor: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """DPM++ 2S a: the single-step second-order DPM-Solver++(2S) of Lu et al. 2022 (their Algorithm 1 with
+    r = 1/2), taken as the deterministic part of an ancestral step, as k-diffusion's
+    `sample_dpmpp_2s_ancestral` (eta = 1) and the web UI's "DPM++ 2S a". diffusers has no scheduler for it.
+
+    Each step goes from sigma down to sigma_down (`_ancestral_step`), in log-noise time t = -log sigma,
+    h = t_down - t, through a midpoint s = t + h/2 (sigma_s = sqrt(sigma sigma_down), `dpmpp_2s_a_midpoints`):
+        x_s    = (sigma_s / sigma) x - expm1(-h/2) D(x; sigma)              (first-order step to the midpoint)
+        x_down = (sigma_down / sigma) x - expm1(-h) D(x_s; sigma_s)         (the whole step, with the midpoint's x_0)
+        x_next = x_down + sigma_up z,   z ~ N(0, I)
+    Using the midpoint's estimate of x_0 for the whole step is what makes it second order: that is the
+    exponential integrator of `dpmpp_2m` with its x_0 taken halfway instead of extrapolated from the last step.
+    A step with sigma_down = 0 (the last) is an Euler step to 0 (x = D(x; sigma)) with no noise and no draw,
+    as in k-diffusion. Two model evaluations per step but the last; timesteps_mid and `on_predictor` as in `dpm_2`.
+    """
+    sigmas_mid = dpmpp_2s_a_midpoints(sigmas)
+    for i in range(len(timesteps)):
+        sigma, sigma_mid, sigma_next = sigmas[i], sigmas_mid[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
+        if sigma_down == 0:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)  # Euler to sigma = 0: x = denoised
+        else:
+            h = sigma.log() - sigma_down.log()  # t_down - t
+            x_mid = (sigma_mid / sigma) * x - torch.expm1(-h * 0.5) * denoised
+            if on_predictor is not None:
+                info = {"i": i, "t": timesteps_mid[i], "sigma_mid": sigma_mid, "sigma_next": sigma_next, "x": x_mid}
+                on_predictor(info)
+            denoised_mid = denoise(eps_model, x_mid, sigma_mid, timesteps_mid[i])
+            x = (sigma_down / sigma) * x - torch.expm1(-h) * denoised_mid
+        if sigma_next > 0:
+            x = x + _randn_like(x, generator) * sigma_up
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
 class BrownianNoise:
     """Standard normal noise for an SDE sampler that asks for the noise of overlapping intervals (DPM++ SDE asks for
     [sigma, sigma_mid] and then [sigma, sigma_next]): the normalized increment of one Brownian path W per image,
@@ -666,6 +725,62 @@ def dpmpp_2m_sde(
     return x
 
 
+def dpmpp_3m_sde(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    sigma_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE: `dpmpp_2m_sde` with one more past x_0 estimate, as k-diffusion's
+    `sample_dpmpp_3m_sde` (eta = 1) and the web UI's "DPM++ 3M SDE". diffusers has no scheduler for it (its
+    DPMSolverMultistepScheduler's third order is deterministic only).
+
+    With lambda = -log sigma, h = lambda_next - lambda and h2 = 2h (eta = 1 doubles the exponential decay):
+        x_next = e^{-h2} x + (1 - e^{-h2}) D0 + phi_2 d1 - phi_3 d2 + sigma_next sqrt(1 - e^{-h2}) z,
+        phi_2 = 1 - (1 - e^{-h2}) / h2,   phi_3 = phi_2 / h2 - 1/2,
+    where d1 and d2 are the first and second divided differences of the last three x_0 estimates over the
+    log-noise steps (r0 = h_prev / h, r1 = h_prev2 / h):
+        d1_0 = (D0 - D1) / r0,  d1_1 = (D1 - D2) / r1,
+        d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1),  d2 = (d1_0 - d1_1) / (r0 + r1).
+    The first step is first order (no history), the second is the Heun variant of `dpmpp_2m_sde` (phi_2 d1_0
+    only), and the last, to sigma = 0, gives x = denoised. (e^{-h2} x is (sigma_next / sigma) e^{-h} x, since
+    sigma_next / sigma = e^{-h}.) The noise z comes from one Brownian path per image (`BrownianNoise`), as k-diffusion
+    and the web UI draw it; sigma_range as in `dpmpp_sde`.
+    """
+    if sigma_range is None:
+        sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
+    noise = BrownianNoise(x, *sigma_range, generator)
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in range(len(timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(eps_model, x, sigma, timesteps[i])
+        h = None
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            h2 = 2 * h
+            x = torch.exp(-h2) * x - torch.expm1(-h2) * denoised
+            phi_2 = torch.expm1(-h2) / h2 + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h2 - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+            x = x + noise(sigma, sigma_next, like=x) * sigma_next * (-torch.expm1(-h2)).sqrt()
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
+        if _report(callback, i, timesteps[i], sigma, sigma_next, x, denoised):
+            break
+    return x
+
+
 def unipc(
     eps_model: EpsModel,
     x: torch.Tensor,
@@ -820,6 +935,11 @@ class SamplingPlan:
         elif self.sampler == "dpmpp_sde":  # its Brownian noise spans the whole schedule, also in img2img
             sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
             x = dpmpp_sde(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], generator, cb, on_predictor, sigma_range)
+        elif self.sampler == "dpmpp_2s_a":
+            x = dpmpp_2s_a(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], generator, cb, on_predictor)
+        elif self.sampler == "dpmpp_3m_sde":  # a Brownian path over the whole schedule, as dpmpp_sde's
+            sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
+            x = dpmpp_3m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb, sigma_range)
         elif self.sampler == "unipc":
             x = unipc(eps_model, x, sigmas[s:], ts[s:], cb)
         sigma_end = last.get("sigma_next", 0.0)  # 0 unless the callback stopped the run early
@@ -895,7 +1015,7 @@ def plan_sampling(
             if karras:  # over the full training range, then the nearest integer timestep for the model
                 sig = schedule.karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
                 ts = schedule.sigma_to_t(sig).round()
-        else:  # Euler, Euler a, Heun, DPM2, LMS, DPM++ SDE: fractional timesteps, sigma interpolated linearly in t
+        else:  # Euler, Euler a, Heun, DPM2, LMS, DPM++ SDE, 2S a, 3M SDE: fractional timesteps, sigma interpolated linearly in t
             ts = schedule.spaced_timesteps(steps, spacing)
             if sampler != "dpmpp_sde":  # the others round t to float32 before interpolating
                 ts = ts.astype(np.float32)
@@ -912,6 +1032,8 @@ def plan_sampling(
             ts_mid = torch.from_numpy(np.concatenate([schedule.sigma_to_t(np.exp(log_mid)), [0.0]]).astype(np.float32))
         if sampler in _DPM_2:  # the midpoints' timesteps, by log-sigma interpolation, not rounded
             ts_mid = _midpoint_timesteps(dpm_2_midpoints(sigmas, ancestral=sampler == "dpm_2_a"))
+        if sampler == "dpmpp_2s_a":  # likewise (k-diffusion's sigma_to_t, as for any sigma it evaluates)
+            ts_mid = _midpoint_timesteps(dpmpp_2s_a_midpoints(sigmas))
         if sampler in _MULTISTEP:  # they start from VP noise: x = x_t / sqrt(abar) = eps * sqrt(sigma^2 + 1)
             init_noise_sigma = float((sigmas[0] ** 2 + 1) ** 0.5)
         elif spacing == "leading":  # diffusers' Euler-family init_noise_sigma

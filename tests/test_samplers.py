@@ -24,8 +24,11 @@ import torch
 from reference_models import SD15_SCHEDULER_CONFIG
 from sd15.samplers import SAMPLERS, dpm_2_midpoints, plan_sampling
 
-SIGMA_SAMPLERS = [s for s in SAMPLERS if s not in ("ddim", "pndm", "lcm")]
-SPACED = [s for s in SAMPLERS if s != "lcm"]  # the samplers on the training grid; lcm has its own, of at most 50 steps
+# the samplers diffusers has a scheduler for; DPM++ 2S a and DPM++ 3M SDE are checked against k-diffusion
+# (test_k_diffusion.py)
+DIFFUSERS_SAMPLERS = [s for s in SAMPLERS if s not in ("dpmpp_2s_a", "dpmpp_3m_sde")]
+SIGMA_SAMPLERS = [s for s in DIFFUSERS_SAMPLERS if s not in ("ddim", "pndm", "lcm")]
+SPACED = [s for s in DIFFUSERS_SAMPLERS if s != "lcm"]  # on the training grid; lcm has its own, of at most 50 steps
 KARRAS_IN_DIFFUSERS = [s for s in SIGMA_SAMPLERS if s != "euler_a"]  # EulerAncestral has no use_karras_sigmas
 SHAPE = (1, 4, 8, 8)
 TOL = 1e-4
@@ -143,7 +146,7 @@ def assert_parity(ours, ref):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 6, 20, 50])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", DIFFUSERS_SAMPLERS)
 def test_txt2img_parity(sampler, steps):
     noise = latents(0)
     ref = run_diffusers(reference_scheduler(sampler), steps, noise, seed=7)
@@ -160,7 +163,7 @@ def test_txt2img_parity_karras(sampler, steps):
 
 @pytest.mark.parametrize("strength", [0.3, 0.75])
 @pytest.mark.parametrize("steps", [6, 20, 50])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", DIFFUSERS_SAMPLERS)
 def test_img2img_parity(sampler, steps, strength):
     noise, init = latents(0), latents(1, 0.8)
     ref = run_diffusers(reference_scheduler(sampler), steps, noise, init, strength, seed=7)
@@ -183,7 +186,7 @@ EDGE_STRENGTHS = [(100, 0.01), (50, 0.5), (50, 0.99), (50, 1.0), (2, 0.5), (2, 1
 
 @pytest.mark.parametrize(
     "sampler, steps, strength",
-    [(s, n, x) for s in SAMPLERS for n, x in EDGE_STRENGTHS if s != "lcm" or n <= 50] + [("lcm", 50, 0.02)],
+    [(s, n, x) for s in DIFFUSERS_SAMPLERS for n, x in EDGE_STRENGTHS if s != "lcm" or n <= 50] + [("lcm", 50, 0.02)],
 )
 def test_img2img_parity_edge_strengths(sampler, steps, strength):
     noise, init = latents(0), latents(1, 0.8)
@@ -326,7 +329,7 @@ def test_lcm_boundary_condition():
     assert float(c_skip) == pytest.approx(0.25 / (190**2 + 0.25)) and float(c_out) == pytest.approx(1, abs=1e-5)
 
 
-@pytest.mark.parametrize("sampler, karras", [(s, False) for s in SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS])
+@pytest.mark.parametrize("sampler, karras", [(s, False) for s in DIFFUSERS_SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS])
 def test_grid_equals_diffusers(sampler, karras):
     ref = reference_scheduler(sampler, karras=karras)
     ref.set_timesteps(30)
@@ -391,7 +394,7 @@ def test_callback_returning_true_stops_early(sampler):
     torch.testing.assert_close(x, last["x"] / vp_scale)  # the latent at that point, returned in VP form
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "lcm"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm_2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "dpmpp_2s_a", "dpmpp_3m_sde", "lcm"])
 def test_noise_comes_from_the_generator(sampler):
     noise = latents(0)
     a, _ = run_ours(sampler, 10, noise, seed=1)
@@ -460,7 +463,7 @@ def run_diffusers_inpaint(scheduler, steps, noise, init, strength, seed):
 
 
 @pytest.mark.parametrize("steps, strength", [(6, 1.0), (20, 0.5), (10, 0.3), (2, 1.0), (50, 0.99)])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", DIFFUSERS_SAMPLERS)
 def test_known_region_blending_parity(sampler, steps, strength):
     """sd15.inpaint's blend for a regular UNet noises the kept region to the level of the new x, for every sampler
     family: the next listed timestep (DDIM/PNDM, PLMS's repeated one included) or sigma_next (the others, and
