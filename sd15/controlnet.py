@@ -189,12 +189,14 @@ def control_rgb(image: Image.Image) -> Image.Image:
 
 
 def control_image(image, width: int, height: int) -> torch.Tensor:
-    """A control image -> (1, 3, height, width) float32 in [0, 1].
+    """A control image -> (1, 3, height, width) float32 in [0, 1] (or -1: see below).
 
     PIL images (any mode, by `control_rgb`) and uint8 arrays (H, W), (H, W, 3) or (H, W, 4) are converted to RGB and, if their size is not the
     output's, resized with Lanczos as diffusers' control image processor does. Float arrays (H, W, 3) and
     tensors (3, H, W) or (1, 3, H, W) are taken as values in [0, 1] and must have the output's size already
-    (a resize would have to guess their range): others are refused.
+    (a resize would have to guess their range): others are refused. The one value outside [0, 1] they may hold is
+    exactly -1, with which the inpaint ControlNet (control_v11p_sd15_inpaint) marks masked pixels
+    (`sd15.control_preprocess.inpaint_condition`); other negative values, like the [-1, 1] of img2img's input, are refused.
     """
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
@@ -226,9 +228,10 @@ def control_image(image, width: int, height: int) -> torch.Tensor:
                          "resize it, or pass it as a PIL image (resized with Lanczos)")  # fmt: skip
     if not torch.isfinite(t).all():
         raise ValueError("the control image holds NaN or infinite values")
-    if t.min() < 0 or t.max() > 1:
+    if (((t < 0) | (t > 1)) & (t != -1)).any():  # -1: a masked pixel of the inpaint ControlNet's control image
         raise ValueError("a control image given as floats must hold values in [0, 1] (ControlNets read [0, 1], "
-                         "not the [-1, 1] of img2img's input)")  # fmt: skip
+                         "not the [-1, 1] of img2img's input), or exactly -1 where the inpaint ControlNet "
+                         "(control_v11p_sd15_inpaint) is to see masked pixels (sd15.control_preprocess.inpaint_condition)")  # fmt: skip
     return t
 
 
