@@ -5,9 +5,10 @@
 """
 
 from .checkpoint import CheckpointError
+from .control_preprocess import canny, inpaint_condition
 from .controlnet import load_controlnet
 from .hooks import trace
 from .model import StableDiffusion, load
 
-__all__ = ["CheckpointError", "StableDiffusion", "load", "load_controlnet", "trace"]
+__all__ = ["CheckpointError", "StableDiffusion", "canny", "inpaint_condition", "load", "load_controlnet", "trace"]
 __version__ = "0.1.0"
