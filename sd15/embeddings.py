@@ -3,8 +3,9 @@
 An embedding file holds one or more vectors in the text encoder's input space (D = 768 for SD1.x), learned so
 that a trigger word stands for a concept. sd15 reads the two file formats in use:
 
-- the AUTOMATIC1111 web UI's `.pt` / `.safetensors`: `{"string_to_param": {"*": (n, D)}, "name": …, …}`, or
-  `{"emb_params": (n, D)}`; the trigger word is the file's name without its extension (as that UI uses);
+- the AUTOMATIC1111 web UI's `.pt` / `.safetensors`: `{"string_to_param": {"*": (n, D)}, "name": …, …}` (the
+  original textual-inversion code's files hold an nn.ParameterDict there), or `{"emb_params": (n, D)}`; the
+  trigger word is the file's name without its extension (as that UI uses);
 - diffusers' `learned_embeds.bin` / `.safetensors`: `{token: (D,) or (n, D)}`; the trigger word is the token.
 
 The model's own token table is never changed. A trigger word's vectors get token ids after the vocabulary
@@ -15,9 +16,11 @@ embedding from the set undoes it completely.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,22 +60,36 @@ def file_hash(path: str | os.PathLike, skip: int = 0) -> str:
 
 
 def _read_pickle(path: Path):
-    """The object in a torch pickle, read with weights_only=True (tensors, dicts, lists, strings, numbers)."""
+    """The object in a torch pickle, read with weights_only=True (tensors, dicts, lists, strings, numbers, and
+    nn.ParameterDict: the original textual-inversion code saved `string_to_param` as one, and the web UI reads
+    those files; unpickling it sets a module's attributes and runs no code of the file's choosing)."""
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before it, such files are refused
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allow([torch.nn.ParameterDict]) if allow else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's refusal of a global; other errors: a damaged file
+        if found is None:  # torch's text here would suggest weights_only=False, which is never the answer
+            raise CheckpointError(f"{path} is not a readable embedding file (truncated or corrupt?)") from None
         raise CheckpointError(
-            f"Refused to load {path}: the pickle holds Python objects other than tensors, which could run code "
-            f"(sd15 reads pickles only with torch.load(weights_only=True)). Convert it to .safetensors with a tool "
-            f"you trust. ({str(e).splitlines()[0]})"
+            f"Refused to load {path}: the pickle contains {found[1]}, which could run code (sd15 reads pickles only "
+            f"with torch.load(weights_only=True)). Convert it to .safetensors with a tool you trust."
         ) from None
-    except (EOFError, RuntimeError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable embedding file (truncated or corrupt?): {e}") from None
+    except Exception as e:  # EOFError, RuntimeError, KeyError (the "load key" of a file that is no pickle), …
+        raise CheckpointError(f"{path} is not a readable embedding file (truncated or corrupt?): {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _as_vectors(value, path: Path, key: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2) or not value.is_floating_point():
+    if (not isinstance(value, torch.Tensor) or value.dim() not in (1, 2) or not value.is_floating_point()
+            or value.layout != torch.strided or value.is_meta):  # fmt: skip
         raise CheckpointError(f"{path}: {key} is not a vector or a (n, D) matrix of vectors")
+    if value.numel() == 0:
+        raise CheckpointError(f"{path}: {key} holds no numbers (its shape is {tuple(value.shape)})")
     if not torch.isfinite(value).all():
         raise CheckpointError(f"{path}: {key} holds NaN or infinite numbers; the file is damaged")
     return value.detach().float().reshape(-1, value.shape[-1]).cpu()  # (n, D)
@@ -83,7 +100,7 @@ def read_embedding(path: str | os.PathLike, name: str | None = None) -> TextualI
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No such embedding file: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":  # the web UI reads suffixes in any case (and so does the folder loader)
         from safetensors.torch import load_file
 
         try:
@@ -96,7 +113,7 @@ def read_embedding(path: str | os.PathLike, name: str | None = None) -> TextualI
         raise CheckpointError(f"{path} is not a textual-inversion embedding (it holds a {type(data).__name__})")
 
     if "string_to_param" in data:  # the web UI's training output
-        params = data["string_to_param"]
+        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])  # a ParameterDict's dict
         if not isinstance(params, dict) or len(params) != 1:
             held = f"{len(params)} entries" if isinstance(params, dict) else f"a {type(params).__name__}"
             raise CheckpointError(f"{path}: string_to_param should be a dict of one entry, it holds {held}")
@@ -111,8 +128,6 @@ def read_embedding(path: str | os.PathLike, name: str | None = None) -> TextualI
     else:
         keys = ", ".join(map(str, list(data)[:6]))
         raise CheckpointError(f"{path} is not a textual-inversion embedding sd15 recognises (keys: {keys})")
-    if vectors.shape[0] == 0:
-        raise CheckpointError(f"{path} holds no vectors")
     return TextualInversion(name or default_name, vectors, path, file_hash(path)[:12])
 
 
@@ -194,6 +209,12 @@ def add_embedding(m: "StableDiffusion", embedding: TextualInversion) -> TextualI
         where = f"{embedding.path}" if embedding.path else "an embedding"
         raise CheckpointError(f"{where}: its trigger word {embedding.name!r} has no tokens to match in a prompt; "
                               "rename the file (or pass a name)")  # fmt: skip
+    same = m.embeddings.match(trigger, 0)  # another trigger word of exactly these tokens would be unreachable
+    if same is not None and same[1] == len(trigger) and same[0].name != embedding.name:
+        where = f"{embedding.path}" if embedding.path else "an embedding"
+        raise CheckpointError(f"{where}: its trigger word {embedding.name!r} reads as the same tokens as "
+                              f"{same[0].name!r}, already loaded (the tokenizer ignores case and extra spaces); "
+                              "rename one (or pass a name)")  # fmt: skip
     m.embeddings.add(embedding, trigger)
     return embedding
 

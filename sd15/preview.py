@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,7 +140,8 @@ def load_taesd_decoder(path: str | os.PathLike, device=None, dtype: torch.dtype 
         candidates = [path / n for n in ("taesd_decoder.safetensors", "diffusion_pytorch_model.safetensors", "taesd_decoder.pth")]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise CheckpointError(f"{path} holds no TAESD decoder weights (taesd_decoder.safetensors or diffusion_pytorch_model.safetensors)")
+            names = ", ".join(c.name for c in candidates)
+            raise CheckpointError(f"{path} holds no TAESD decoder weights (none of {names})")
         path = found[0]
     ckpt = open_checkpoint(path)
     keys = {ours: key for key in ckpt.keys() if (ours := _taesd_key(key)) is not None}
@@ -154,9 +156,13 @@ def load_taesd_decoder(path: str | os.PathLike, device=None, dtype: torch.dtype 
 
 
 class Previewer:
-    """A step callback that writes `path` (PNG) every `every` steps and after the last one: the step's x_0
-    estimate through TAESD when a decoder is given, else through `latent_to_rgb` (upscaled to image size).
-    Chain it with another callback through `then`."""
+    """A step callback that writes `path` (PNG) every `every` steps, and after step `total` when it is given:
+    the step's x_0 estimate through TAESD when a decoder is given, else through `latent_to_rgb` (upscaled to
+    image size). Chain it with another callback through `then`.
+
+    Each write goes to a temporary file renamed over `path`, so a viewer never sees half a file. A preview that
+    cannot be written (a full disk, a folder that went away) is a warning, once; the run goes on.
+    """
 
     def __init__(self, path: str | os.PathLike, every: int = 5, total: int | None = None, taesd: TAESDDecoder | None = None,
                  coefficients: torch.Tensor = SD15_LATENT_RGB, bias: torch.Tensor | None = None, then=None):  # fmt: skip
@@ -165,6 +171,7 @@ class Previewer:
         self.path, self.every, self.total, self.taesd = Path(path), every, total, taesd
         self.coefficients, self.bias, self.then = coefficients, bias, then
         self.written = 0
+        self.failed = False  # a write has failed (and been warned about)
 
     def image(self, denoised: torch.Tensor):
         """Scaled latents (1, 4, h, w) -> PIL preview."""
@@ -179,12 +186,20 @@ class Previewer:
     def __call__(self, info: dict):
         i = info["i"] + 1
         if i % self.every == 0 or (self.total is not None and i == self.total):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")  # one per process: runs may share a preview
             try:
-                self.image(info["denoised"][:1]).save(tmp, format="PNG")
-                os.replace(tmp, self.path)  # a viewer never sees a half-written file
-            finally:
-                tmp.unlink(missing_ok=True)
-            self.written += 1
+                self._write(self.image(info["denoised"][:1]))
+                self.written += 1
+            except OSError as e:  # minutes of sampling are not lost to a preview
+                if not self.failed:
+                    warnings.warn(f"preview not written to {self.path} ({e}); the run goes on without it", stacklevel=2)
+                self.failed = True
         return self.then(info) if self.then is not None else None
+
+    def _write(self, image) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")  # one per process: runs may share a preview
+        try:
+            image.save(tmp, format="PNG")
+            os.replace(tmp, self.path)  # a viewer never sees a half-written file
+        finally:
+            tmp.unlink(missing_ok=True)

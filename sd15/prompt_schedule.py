@@ -6,11 +6,13 @@ reads it (`modules/prompt_parser.py`).
     [from::when]      `from` until step `when`, then nothing
     [a|b|c]           a at step 1, b at step 2, c at step 3, a at step 4, …
 
-`when` with a decimal point is a fraction of the steps (0.5 of 20 steps: step 10), without one a step number;
-it is capped at the number of steps, and the earlier text is used up to and including step `when`
-(steps count from 1). Brackets nest: `[[a:b:5]:c:10]`, and the text inside may carry emphasis:
-`([cat:dog:0.5]:1.2)`. Any other bracket is left as it is for sd15.prompts, which reads `[x]` and `(x:1.2)`
-as emphasis; so are escaped brackets `\\[`, and a bracket that is never closed.
+`when` with a decimal point is a fraction of the steps (0.5 of 20 steps: step 10), without one a step number
+(with an exponent too, as the web UI's number syntax has it: `2e1` is step 20); it is capped at the number of
+steps, and the earlier text is used up to and including step `when` (steps count from 1). Brackets nest:
+`[[a:b:5]:c:10]`, and the text inside may carry emphasis: `([cat:dog:0.5]:1.2)`. Any other bracket is left
+as it is for sd15.prompts, which reads `[x]` and `(x:1.2)` as emphasis; so are escaped brackets `\\[`, and a
+bracket that is never closed. A prompt with `[` nesting brackets more than MAX_DEPTH deep is refused with a
+one-line ValueError (the parser recurses once per level).
 
     schedule("a [cat:dog:0.5]", 10) -> [(5, "a cat"), (10, "a dog")]
 
@@ -23,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import re
 
-_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*")
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")  # lark's SIGNED_NUMBER, as the web UI reads it
+MAX_DEPTH = 100  # brackets inside brackets; deeper is refused, not a RecursionError
 
 
 @dataclass
@@ -43,13 +46,15 @@ Node = "str | _Scheduled | _Alternate"
 
 def parse(prompt: str) -> list:
     """The prompt as a list of nodes: text, and scheduled or alternating parts (which hold node lists)."""
-    nodes, end = _parse(prompt, 0, closers="")
+    nodes, end = _parse(prompt, 0, closers="", depth=0)
     assert end == len(prompt)
     return nodes
 
 
-def _parse(text: str, i: int, closers: str) -> tuple[list, int]:
+def _parse(text: str, i: int, closers: str, depth: int) -> tuple[list, int]:
     """Nodes from text[i:] up to (not including) the first character of `closers` at this level."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"the prompt nests brackets more than {MAX_DEPTH} deep; remove some")
     nodes: list = []
     while i < len(text) and text[i] not in closers:
         c = text[i]
@@ -57,10 +62,10 @@ def _parse(text: str, i: int, closers: str) -> tuple[list, int]:
             nodes.append(text[i : i + 2])
             i += 2
         elif c == "[":
-            node, i = _bracket(text, i)
+            node, i = _bracket(text, i, depth + 1)
             nodes.append(node)
         elif c == "(":  # emphasis: kept as text around its contents, which may hold scheduled parts
-            inner, j = _parse(text, i + 1, closers=")")
+            inner, j = _parse(text, i + 1, closers=")", depth=depth + 1)
             if j < len(text):
                 nodes += ["(", *inner, ")"]
                 i = j + 1
@@ -76,20 +81,22 @@ def _parse(text: str, i: int, closers: str) -> tuple[list, int]:
     return nodes, i
 
 
-def _bracket(text: str, start: int) -> tuple[object, int]:
+def _bracket(text: str, start: int, depth: int) -> tuple[object, int]:
     """The node of the `[` at text[start], and the index after its `]`. Splits its contents at the `:` and
     `|` of its own level; a `[` that is neither editing nor alternation is kept as text (emphasis)."""
     parts, seps, i = [], [], start + 1
     while True:
-        part, i = _parse(text, i, closers=":|]")
+        part, i = _parse(text, i, closers=":|]", depth=depth)
         parts.append(part)
-        if i >= len(text):  # never closed: "[" is text, and what followed is parsed as usual
-            nodes, _ = _parse(text, start + 1, closers="")
-            return _Group("[", nodes, ""), len(text)
-        if text[i] == "]":
+        if i >= len(text) or text[i] == "]":
             break
         seps.append(text[i])
         i += 1
+    joined: list = []  # the parts with their separators, as text
+    for k, part in enumerate(parts):
+        joined += part + ([seps[k]] if k < len(seps) else [])
+    if i >= len(text):  # never closed: "[" is text, and what followed is parsed as usual (not parsed again:
+        return _Group("[", joined, ""), len(text)  # that is exponential in the number of unclosed brackets)
     end = i + 1
     number = _NUMBER.fullmatch(_plain(parts[-1])) if seps and set(seps) == {":"} else None
     if number and len(parts) in (2, 3):
@@ -97,9 +104,6 @@ def _bracket(text: str, start: int) -> tuple[object, int]:
         return _Scheduled(before, after, number.group(1)), end
     if seps and set(seps) == {"|"}:
         return _Alternate(parts), end
-    joined: list = []
-    for k, part in enumerate(parts):
-        joined += part + ([seps[k]] if k < len(seps) else [])
     return _Group("[", joined, "]"), end
 
 
@@ -118,8 +122,10 @@ def _plain(nodes: list) -> str:
 
 
 def _step(when: str, steps: int) -> int:
-    value = float(when)
-    return min(steps, int(value * steps if "." in when else value))
+    """The last step of the earlier text: `when` as a fraction or a step, within [0, steps] (a number too large
+    for a float, "1e999", is infinite and capped like any other)."""
+    value = float(when) * steps if "." in when else float(when)
+    return int(min(max(value, 0.0), steps))
 
 
 def render(nodes: list, step: int, steps: int) -> str:
@@ -139,6 +145,8 @@ def render(nodes: list, step: int, steps: int) -> str:
 
 def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """[(last step, text), …]: the prompt's text for steps up to each last step, in order (steps count from 1)."""
+    if "[" not in prompt:  # no editing or alternation possible (and deep emphasis is sd15.prompts' to read)
+        return [(steps, prompt)]
     nodes = parse(prompt)
     if all(isinstance(n, str) for n in nodes):
         return [(steps, prompt)]

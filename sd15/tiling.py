@@ -67,13 +67,18 @@ def group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torc
 
 
 def apply_group_norm(x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GN(x) = (x - mean_g) / std_g · weight_c + bias_c, with the given per-group statistics (a tile of x)."""
+    """GN(x) = (x - mean_g) / std_g · weight_c + bias_c, with the given per-group statistics (a tile of x).
+
+    Computed in float32 and rounded once to x's dtype, as torch's GroupNorm does for fp16/bf16: x - mean in
+    half precision loses the group's variation when its mean is large against its spread.
+    """
     mean, rstd = stats
     C = x.shape[1]
     cg = C // norm.num_groups
-    mean = mean.repeat_interleave(cg, dim=1).to(x.device, x.dtype)[..., None, None]  # (B, C, 1, 1)
-    rstd = rstd.repeat_interleave(cg, dim=1).to(x.device, x.dtype)[..., None, None]
-    return (x - mean) * (rstd * norm.weight[:, None, None]) + norm.bias[:, None, None]
+    mean = mean.repeat_interleave(cg, dim=1).to(x.device, torch.float32)[..., None, None]  # (B, C, 1, 1)
+    rstd = rstd.repeat_interleave(cg, dim=1).to(x.device, torch.float32)[..., None, None]
+    weight, bias = norm.weight.float()[:, None, None], norm.bias.float()[:, None, None]  # (C, 1, 1)
+    return ((x.float() - mean) * (rstd * weight) + bias).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- running a local layer in tiles
@@ -154,16 +159,20 @@ def resnet_block_tiled(block: ResnetBlock, x: torch.Tensor, tile: int | None = N
     return map_tiles(second, [h, x], size, halo, tile, out=x if in_place else None)
 
 
+ATTENTION_SCORES = 2**28  # scores computed at once by the mid block's banded attention: 1 GB in fp32
+
+
 def mid_block(mid: MidBlock, x: torch.Tensor) -> torch.Tensor:
     """The VAE's mid block on the whole latent, its attention over all h·w pixels computed a band of queries at a
-    time: at 2048² (65536 tokens) the full score matrix alone would be 17 GB."""
+    time (at most ATTENTION_SCORES scores over the batch): at 2048² (65536 tokens) the full score matrix alone
+    would be 17 GB per image."""
     x = mid.block_1(x)
     attn = mid.attn_1
     B, C, H, W = x.shape
     h = attn.norm(x)
     q, k, v = (proj(h).flatten(2).transpose(1, 2).contiguous()[:, None] for proj in (attn.q, attn.k, attn.v))  # (B, 1, T, C)
     T = H * W
-    chunk = max(1, 2**28 // T)  # at most 2^28 scores (1 GB in fp32) at a time
+    chunk = max(1, ATTENTION_SCORES // (B * T))  # queries per band: B · chunk · T scores
     out = torch.cat([F.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v) for s in range(0, T, chunk)], dim=2)
     x = x + attn.proj_out(out[:, 0].transpose(1, 2).reshape(B, C, H, W))
     return mid.block_2(x)

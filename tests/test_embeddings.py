@@ -91,6 +91,18 @@ def test_an_embedding_never_straddles_two_chunks(m, files):
     assert chunks[1].ids[1:4] == [VOCAB, VOCAB + 1, VOCAB + 2]
 
 
+def test_the_original_textual_inversion_format_is_read(tmp_path):
+    """rinongal/textual_inversion saved string_to_param as an nn.ParameterDict; the web UI reads those files,
+    sd15 refused them as unsafe."""
+    from sd15.embeddings import read_embedding
+
+    vectors = torch.randn(2, D)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors.clone())})
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params}, tmp_path / "paper.pt")
+    embedding = read_embedding(tmp_path / "paper.pt")
+    assert embedding.name == "paper" and torch.equal(embedding.vectors, vectors)
+
+
 def test_wrong_width_and_unsafe_pickles_are_refused(m, files, tmp_path):
     with pytest.raises(CheckpointError, match=r"width 1024 \(a Stable Diffusion 2\.x embedding.*width 48"):
         m.load_embedding(files / "sd2style.safetensors")
@@ -106,6 +118,46 @@ def test_wrong_width_and_unsafe_pickles_are_refused(m, files, tmp_path):
     save_file({"a": torch.zeros(2, D), "b": torch.zeros(2, D)}, str(tmp_path / "two.safetensors"))
     with pytest.raises(CheckpointError, match="not a textual-inversion embedding"):
         m.load_embedding(tmp_path / "two.safetensors")
+
+
+def test_damaged_and_odd_files_are_refused_in_one_line(m, tmp_path):
+    """Each used to escape as a traceback (RuntimeError, KeyError, NotImplementedError), which also ended a
+    folder load; or, for a `.SAFETENSORS` suffix, was read as a pickle and refused as unsafe."""
+    from sd15.embeddings import read_embedding
+
+    torch.save({"<x>": torch.zeros(0)}, tmp_path / "empty_vector.bin")
+    torch.save({"emb_params": torch.zeros(0, D)}, tmp_path / "no_rows.pt")
+    torch.save({"string_to_param": {"*": torch.zeros(2, D).to_sparse()}}, tmp_path / "sparse.pt")
+    torch.save({"<x>": torch.zeros(1, D, device="meta")}, tmp_path / "meta.bin")
+    (tmp_path / "text.pt").write_text("not a pickle at all")  # torch.load: KeyError
+    (tmp_path / "cut.pt").write_bytes(b"\x80\x02garbage")  # torch.load: UnpicklingError, not a refused global
+    reasons = {"empty_vector.bin": "holds no numbers", "no_rows.pt": "holds no numbers", "sparse.pt": "not a vector",
+               "meta.bin": "not a vector", "text.pt": "not a readable embedding", "cut.pt": "not a readable embedding"}  # fmt: skip
+    for name, reason in reasons.items():
+        with pytest.raises(CheckpointError, match=reason) as error:
+            read_embedding(tmp_path / name)
+        assert "\n" not in str(error.value)
+    save_file({"emb_params": torch.ones(2, D)}, str(tmp_path / "Upper.SAFETENSORS"))
+    assert read_embedding(tmp_path / "Upper.SAFETENSORS").vectors.shape == (2, D)
+    try:
+        skipped = m.load_embeddings_folder(tmp_path)
+        assert [e.name for e in m.embeddings] == ["Upper"] and len(skipped) == len(reasons)
+    finally:
+        m.embeddings.clear()
+
+
+def test_a_trigger_word_of_the_same_tokens_as_another_is_refused(m, tmp_path):
+    """"MyStyle" and "mystyle" tokenize alike: the second would never be matched, silently."""
+    save_file({"emb_params": torch.ones(2, D)}, str(tmp_path / "MyStyle.safetensors"))
+    save_file({"emb_params": torch.zeros(2, D)}, str(tmp_path / "mystyle.safetensors"))
+    try:
+        skipped = m.load_embeddings_folder(tmp_path)
+        assert [e.name for e in m.embeddings] == ["MyStyle"]
+        assert len(skipped) == 1 and "same tokens as 'MyStyle'" in skipped[0]
+        m.load_embedding(tmp_path / "mystyle.safetensors", name="MyStyle")  # the same name replaces, as documented
+        assert torch.equal(m.embeddings["MyStyle"].vectors, torch.zeros(2, D))
+    finally:
+        m.embeddings.clear()
 
 
 def test_folder_loading_skips_what_does_not_fit(m, files):

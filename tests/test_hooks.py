@@ -222,3 +222,66 @@ def test_captured_values_do_not_change_when_the_run_edits_its_tensors(tiny_model
         x.add_(5.0)
         denoised.mul_(3.0)
     assert torch.equal(tr["step.x"][0], torch.zeros(1, 4, 8, 8)) and torch.equal(tr["step.denoised"][0], torch.ones(1, 4, 8, 8))
+
+
+def test_heatmaps_and_labels_follow_prompt_editing(tiny_model):
+    """The context is 77 tokens for "a cat" and 154 for 80 "dog"s: summing the two used to fail on the shapes,
+    and the labels named the editing syntax's own characters (":", "0", ".", "5") instead of its words."""
+    from sd15 import visualize
+
+    long = " ".join(["dog"] * 80)
+    with sd15.trace(tiny_model, capture=[visualize.CROSS_ATTENTION], reduce=visualize.HEATMAP_REDUCE) as tr:
+        tiny_model.generate(f"[a cat:{long}:0.5]", **{**RUN, "steps": 4, "sampler": "euler"})
+    heat = visualize.token_heatmaps(tr, (8, 8), (64, 64))
+    assert heat.shape == (154, 64, 64) and torch.isfinite(heat).all() and heat[77:].sum() > 0
+    assert visualize.prompt_token_labels(tiny_model, "a [cat:dog:0.5]") == [(1, "a"), (2, "cat/dog")]
+    assert visualize.prompt_token_labels(tiny_model, "[cat|dog] x", steps=1) == [(1, "cat"), (2, "x")]  # dog: never
+    assert visualize.prompt_token_labels(tiny_model, "[cat:dog:9] x", steps=4) == [(1, "cat"), (2, "x")]
+
+
+def test_attention_maps_and_trajectory_of_a_hires_fix(tiny_model, tmp_path):
+    """The first pass of a 1.5× hires fix has an 8×8 latent, the second 12×12: its maps matched no level of the
+    second's (an error after the run), and its frames were pasted over each other in the grid."""
+    from sd15 import visualize
+
+    capture = [visualize.CROSS_ATTENTION, "step.denoised"]
+    with sd15.trace(tiny_model, capture=capture, reduce=visualize.HEATMAP_REDUCE) as tr:
+        image = tiny_model.hires_fix("a cat", scale=1.5, steps=2, seed=1, width=64, height=64)[0]
+    assert image.size == (96, 96)
+    heat = visualize.token_heatmaps(tr, (12, 12), (96, 96))
+    torch.testing.assert_close(heat.sum(0), torch.ones(96, 96), atol=1e-4, rtol=0)
+    frames = visualize.decode_trajectory(tiny_model, tr)
+    assert [f.size for f in frames] == [(64, 64)] * 3 + [(96, 96)] * 2  # PLMS: 2 steps, 3 evaluations; then 2
+    sheet, anim = visualize.save_trajectory(frames, tmp_path)
+    assert Image.open(sheet).size == (3 * 96, 2 * 96)
+    assert np.array_equal(np.asarray(Image.open(sheet).crop((96, 96, 192, 192))), np.asarray(frames[-1]))  # whole
+    with sd15.trace(tiny_model, capture=[visualize.CROSS_ATTENTION]) as tr:
+        tiny_model.generate("a cat", **RUN)
+    with pytest.raises(ValueError, match="capture 'step.denoised'"):  # not an IndexError from the empty grid
+        visualize.decode_trajectory(tiny_model, tr)
+
+
+def test_trajectory_frames_decode_as_the_pipeline_decodes(tiny_model, monkeypatch):
+    """An untiled decode that runs out of memory is retried in tiles, as for the image itself."""
+    from sd15 import visualize
+
+    with sd15.trace(tiny_model, capture=["step.denoised"]) as tr:
+        image = tiny_model.generate("a cat", **{**RUN, "steps": 2, "sampler": "euler", "output_type": "pil"})[0]
+
+    def out_of_memory(_):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setenv("SD15_TILED_VAE", "0")
+    monkeypatch.setattr(tiny_model.vae, "decode", out_of_memory)
+    frames = visualize.decode_trajectory(tiny_model, tr)
+    assert len(frames) == 2
+    assert np.abs(np.asarray(frames[-1], dtype=int) - np.asarray(image, dtype=int)).max() <= 1  # the image itself
+
+
+def test_attention_map_files_sort_in_prompt_order_past_99_tokens(tmp_path):
+    from sd15.visualize import save_attention_maps
+
+    labels = [(i, f"w{i}") for i in range(1, 121)]
+    written = save_attention_maps(tmp_path, Image.new("RGB", (8, 8)), torch.rand(154, 8, 8), labels)
+    assert sorted(p.name for p in written) == [p.name for p in written]
+    assert written[0].name == "001-w1.png" and written[-1].name == "120-w120.png"

@@ -102,6 +102,25 @@ def test_previewer_writes_every_n_steps(tiny_model, tmp_path):
 
 
 
+def test_a_preview_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path):
+    """A full disk or a vanished folder mid-run used to raise out of the callback and end the run."""
+    import warnings
+
+    (tmp_path / "gone").write_text("a file where the preview's folder should be")
+    seen = []
+    previewer = Previewer(tmp_path / "gone" / "live.png", every=1, then=lambda info: seen.append(info["i"]))
+    info = {"i": 0, "denoised": torch.zeros(1, 4, 8, 8)}
+    with pytest.warns(UserWarning, match="preview not written to .*live.png.*the run goes on") as caught:
+        previewer(info)
+        previewer({**info, "i": 1})
+    assert len(caught) == 1 and previewer.written == 0 and seen == [0, 1]
+    (tmp_path / "gone").unlink()  # the folder can be made again: previews resume
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        previewer({**info, "i": 2})
+    assert previewer.written == 1 and Image.open(tmp_path / "gone" / "live.png").size == (64, 64)
+    assert [p.name for p in (tmp_path / "gone").iterdir()] == ["live.png"]  # no temporary file left behind
+
 
 def test_cli_preview(workdir, tiny_checkpoint, taesd_files, capsys):
     args = ["generate", "a cat", "--steps", "3", "--sampler", "euler", "--width", "64", "--height", "64", "--seed", "1",

@@ -30,6 +30,11 @@ RUN = dict(steps=4, seed=2, width=64, height=64, sampler="euler", output_type="n
         ("[cat:dog:0]", 5, [(5, "dog")]),
         ("[cat:dog:1.0]", 5, [(5, "cat")]),  # "1.0" is the whole run
         ("[cat:dog:1]", 5, [(1, "cat"), (5, "dog")]),  # "1" is step 1
+        ("[cat:dog:2e0]", 5, [(2, "cat"), (5, "dog")]),  # the web UI's numbers take an exponent: a step
+        ("[cat:dog:2.5e-1]", 8, [(2, "cat"), (8, "dog")]),  # with a decimal point: a fraction
+        ("[cat:dog:1e999]", 5, [(5, "cat")]),  # beyond a float's range: infinite, capped like any other
+        ("[cat:dog:1" + "0" * 400 + ".5]", 5, [(5, "cat")]),
+        ("[cat:dog:-1e999]", 5, [(5, "dog")]),
     ],
 )
 def test_schedules(prompt, steps, expected):
@@ -60,6 +65,30 @@ def test_every_step_is_covered_once_and_plain_prompts_come_back_unchanged(prompt
     assert ends == sorted(set(ends)) and ends[-1] == steps and ends[0] >= 1
     if not any(c in prompt for c in "[|"):
         assert result == [(steps, prompt)]
+
+
+def test_unclosed_brackets_are_read_in_linear_time(monkeypatch):
+    """Each unclosed `[` used to parse what followed it twice: 2^n parses for n of them (30 took hours)."""
+    from sd15 import prompt_schedule
+
+    calls, real = [0], prompt_schedule._parse
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        assert calls[0] < 10_000, "exponential parsing"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prompt_schedule, "_parse", counted)
+    prompt = "[" * 40 + "a [b:c:2] [x"
+    assert schedule(prompt, 4) == [(2, "[" * 40 + "a b [x"), (4, "[" * 40 + "a c [x")]
+
+
+def test_deep_nesting_is_refused_in_one_line_and_deep_emphasis_is_left_to_the_emphasis_parser():
+    for prompt in ["[" * 5000 + "a", "[a:" * 3000 + "b:1]", "([" * 2000 + "b"]:
+        with pytest.raises(ValueError, match="nests brackets more than 100 deep"):
+            schedule(prompt, 4)
+    deep = "(" * 3000 + "a" + ")" * 3000  # sd15.prompts reads it; no `[`, so nothing to schedule
+    assert schedule(deep, 4) == [(4, deep)]
 
 
 def test_batch_schedules_merge_at_every_change():
