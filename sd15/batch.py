@@ -2,13 +2,17 @@
 
 Each line of the JSON-lines file is one job: a prompt string, or an object with "prompt" and any of
 "negative_prompt", "steps", "guidance_scale" (or "cfg"), "sampler", "seed", "width", "height", "karras",
-"num_images". Settings a line leaves out come from the command line's defaults.
+"num_images". Settings a line leaves out come from the command line's defaults. A line may add ControlNets
+(sd15.controlnet), named as the command line's flags: "controlnet" (a file, or a list of files), "control_image"
+(one per ControlNet), "controlnet_scale", "control_start", "control_end" (each one number, or one per ControlNet)
+and "guess_mode". Relative paths are read from the prompts file's folder.
 
 Exactly once, across kills and reruns:
 - every image has an id: a hash of the model's short hash and all the settings its PNG records (seed, LoRAs
-  and textual inversions included; a line without a seed gets one derived from what the line says, not how
-  it is written, so a rerun picks the same). Its file is `DIR/<id>.png`. Lines asking for the same image
-  (the same id) make one job.
+  and textual inversions included, and each ControlNet's file hash, weight, start and end), with what a PNG
+  cannot record: the SHA-256 of each control image's bytes, and guess mode. A line without a seed gets one
+  derived from what the line says, not how it is written, so a rerun picks the same. Its file is
+  `DIR/<id>.png`. Lines asking for the same image (the same id) make one job.
 - the PNG is written to a temporary file and renamed into place, so it either exists whole or not at all;
   a rerun skips every id whose PNG exists and ends with PNG's IEND chunk (a machine crash, unlike a kill, can
   leave a renamed file short). A kill at any moment loses at most the image being made.
@@ -38,10 +42,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .pipeline import GenerationSettings, check_prompts, check_settings
+from .pipeline import GenerationSettings, _finite, check_prompts, check_settings
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 FIELDS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed", "width", "height", "karras")
+CONTROL_FIELDS = ("controlnet", "control_image", "controlnet_scale", "control_start", "control_end", "guess_mode")
 # The JSON type each key takes. Whole numbers are JSON integers (30, not 30.0), as the API takes ints, not floats.
 TEXT, FLAG, NUMBER = ("prompt", "negative_prompt", "sampler"), ("karras",), ("guidance_scale",)
 WHOLE = ("steps", "seed", "width", "height", "num_images")
@@ -53,22 +62,45 @@ IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the chunk every whole PNG ends with
 
 
 @dataclass(frozen=True)
+class LineControl:
+    """A line's ControlNets as files: what a job needs beyond its settings to make its image."""
+
+    nets: tuple[Path, ...]  # the ControlNet files (their hashes, weights, starts and ends are in settings.controlnets)
+    images: tuple[Path, ...]  # the control image of each
+    image_hashes: tuple[str, ...]  # SHA-256 of each control image's bytes (16 hex digits): part of the image's id
+    guess_mode: bool = False
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     line: int  # line number in the prompts file (1-based)
     settings: GenerationSettings  # what the PNG records (the id hashes these)
     prompt: str  # the line's prompt, as given to the model (settings.prompt adds tags for --lora LoRAs)
+    control: LineControl | None = None  # the line's ControlNets, if any
 
 
 def _content_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked: bool = False) -> Job:
-    """The job making image `s`; `checked`: by the safety checker, which may black an image out, so that a rerun
-    with it off makes such images anew (the ids of unchecked images stay those of earlier versions)."""
-    key = json.dumps({"model": model_hash, **asdict(s), **({"safety_checker": True} if checked else {})}, sort_keys=True)
-    return Job(hashlib.sha256(key.encode()).hexdigest()[:16], line, s, prompt)
+def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked: bool = False,
+         control: LineControl | None = None) -> Job:  # fmt: skip
+    """The job making image `s`. Its id hashes the model, every setting the PNG records, and what changes the
+    image but is not in the PNG: the control images' bytes and guess mode (`control`), and `checked`, by the
+    safety checker, which may black an image out (so that a rerun with it off makes such images anew).
+
+    What earlier versions had no field for is left out while it is absent (no ControlNet, no safety checker),
+    so the ids of such images stay those of earlier versions, and a rerun still finds their files."""
+    key = {"model": model_hash, **asdict(s)}
+    if not s.controlnets:
+        del key["controlnets"]
+    if control is not None:
+        key.update(control_images=list(control.image_hashes), guess_mode=control.guess_mode)
+    if checked:
+        key["safety_checker"] = True
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Job(digest, line, s, prompt, control)
 
 
 def _unique(jobs: list[Job]) -> list[Job]:
@@ -111,6 +143,79 @@ def _checked(settings: dict, num_images: int) -> dict:
     check_settings(s["steps"], s["guidance_scale"], s["sampler"], s["width"], s["height"], num_images, seed=s["seed"],
                    karras=s["karras"])  # fmt: skip
     return s
+
+
+def _paths(key: str, value) -> list[str]:
+    """A line's "controlnet" or "control_image": a file name, or a list of them."""
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f'"{key}" must be a file name or a list of file names, got {_shown(value)}')
+    return names
+
+
+def _per_net(key: str, value, n: int) -> list[float]:
+    """A ControlNet's number ("controlnet_scale", "control_start", "control_end"): one for all, or one each."""
+    values = value if isinstance(value, list) else [value] * n
+    if not all(_finite(v) for v in values):  # JSON numbers, not true/false, and not 1e400
+        raise ValueError(f'"{key}" must be a finite number, or a list of one per ControlNet, got {_shown(value)}')
+    if len(values) != n:
+        raise ValueError(f'"{key}" must be one number, or a list of one per ControlNet ({n}), got {len(values)}')
+    return [float(v) for v in values]
+
+
+def read_control_image(path: Path) -> tuple[str, Image.Image]:
+    """A control image file -> (the SHA-256 of its bytes, 16 hex digits; the RGB image `sd15 generate` would make
+    of it: sizes checked, EXIF rotation applied, transparency black). The picture is decoded from the bytes that
+    were hashed, so an image's id and the control image it was made with always agree."""
+    from .cli import UserError, _open_image
+    from .controlnet import control_rgb
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the control image {path}: {e.strerror}") from None
+    try:
+        image = control_rgb(_open_image(path, "control image", data=data))
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return hashlib.sha256(data).hexdigest()[:16], image
+
+
+def _line_control(given: dict, folder: Path) -> tuple[list[dict], LineControl | None]:
+    """A line's ControlNet fields -> what its PNG records of each ControlNet (sd15.controlnet.settings_record's
+    fields: the file's name and pnginfo.short_hash, weight, start, end) and its LineControl; ([], None) without.
+    Files are found (relative paths from `folder`) and control images read now, before any model loads."""
+    from .pnginfo import short_hash
+
+    if "controlnet" not in given:
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))} given without a \"controlnet\": add \"controlnet\": FILE and "
+                             "\"control_image\": IMG, or leave them out")  # fmt: skip
+        return [], None
+    nets = [folder / name for name in _paths("controlnet", given["controlnet"])]
+    images = [folder / name for name in _paths("control_image", given["control_image"])] if "control_image" in given else []
+    if len(images) != len(nets):
+        raise ValueError(f'give one "control_image" per "controlnet": {len(nets)} ControlNets, {len(images)} control images')
+    scales, starts, ends = (_per_net(key, given.get(key, default), len(nets))
+                            for key, default in (("controlnet_scale", 1.0), ("control_start", 0.0), ("control_end", 1.0)))  # fmt: skip
+    guess_mode = given.get("guess_mode", False)
+    if not isinstance(guess_mode, bool):
+        raise ValueError(f'"guess_mode" must be true or false (a JSON boolean), got {_shown(guess_mode)}')
+    for start, end in zip(starts, ends):
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f'"control_start" and "control_end" must satisfy 0 <= start < end <= 1, got {start:g} and {end:g}')
+    records = []
+    for net, scale, start, end in zip(nets, scales, starts, ends):
+        if not net.is_file():
+            hint = ' (a scale goes in "controlnet_scale", not after a colon)' if re.search(r":[\d.]+$", net.name) else ""
+            raise ValueError(f"no such ControlNet file: {net}{hint}")
+        try:
+            digest = short_hash(net)
+        except OSError as e:
+            raise ValueError(f"cannot read the ControlNet file {net}: {e.strerror}") from None
+        records.append(dict(model=net.stem, hash=digest, weight=scale, guidance_start=start, guidance_end=end))
+    hashes = tuple(read_control_image(image)[0] for image in images)
+    return records, LineControl(tuple(nets), tuple(images), hashes, guess_mode)
 
 
 def _parse_constant(name: str):
@@ -172,19 +277,24 @@ def read_jobs(path: str | os.PathLike, defaults: dict, model_hash: str) -> list[
             if "guidance_scale" in entry:
                 raise ValueError(f'{path}:{number}: give "guidance_scale" or its short name "cfg", not both')
             entry["guidance_scale"] = entry.pop("cfg")
-        unknown = set(entry) - {"prompt", "num_images", *FIELDS}
+        unknown = set(entry) - {"prompt", "num_images", *FIELDS, *CONTROL_FIELDS}
         if unknown:
-            raise ValueError(f"{path}:{number}: unknown settings {sorted(unknown)}; known: prompt, num_images, {', '.join(FIELDS)}")
+            raise ValueError(f"{path}:{number}: unknown settings {sorted(unknown)}; known: prompt, num_images, "
+                             f"{', '.join(FIELDS)}, {', '.join(CONTROL_FIELDS)}")  # fmt: skip
         num_images = entry.pop("num_images", 1)
+        control_fields = {key: entry.pop(key) for key in CONTROL_FIELDS if key in entry}
         try:
             num_images = _typed("num_images", num_images)
             values = _checked({**defaults, **entry}, num_images)
+            controlnets, control = _line_control(control_fields, Path(path).parent)
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
         if values["seed"] is None:  # from the settings the line gives, typed: not its spacing, key order or num_images
             values["seed"] = _content_seed(json.dumps({k: values[k] for k in entry if k != "seed"}, sort_keys=True))
+            # (not from its ControlNets: adding one to a line keeps its seed, so the same picture is steered)
         for i in range(num_images):
-            jobs.append(_job(model_hash, number, GenerationSettings(**{**values, "seed": values["seed"] + i}), values["prompt"]))
+            s = GenerationSettings(**{**values, "seed": values["seed"] + i}, controlnets=[dict(c) for c in controlnets])
+            jobs.append(_job(model_hash, number, s, values["prompt"], control=control))
     if not jobs:
         raise ValueError(f"{path}: no prompts (every line is blank or a # comment)")
     return _unique(jobs)
@@ -206,8 +316,45 @@ def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
         except ValueError as e:
             raise ValueError(f"line {job.line} of the prompts file: {e}") from None
         recorded = replace(s, prompt=recorded_prompt(m, s.prompt), **adapters)
-        out.append(_job(model_hash, job.line, recorded, job.prompt, checked=getattr(m, "safety_checker", None) is not None))
+        checked = getattr(m, "safety_checker", None) is not None
+        out.append(_job(model_hash, job.line, recorded, job.prompt, checked=checked, control=job.control))
     return _unique(out)
+
+
+def load_controlnets(jobs: list[Job], device=None, dtype=None) -> dict:
+    """Every distinct ControlNet file the jobs use, loaded once ({path: ControlNet}), and so checked: a file that
+    is no usable ControlNet is refused here, with the first line that names it."""
+    from .controlnet import load_controlnet
+
+    nets = {}
+    for job in jobs:
+        for path in job.control.nets if job.control is not None else ():
+            if path not in nets:
+                try:
+                    nets[path] = load_controlnet(path, device, dtype)
+                except ValueError as e:  # a CheckpointError: not a ControlNet, damaged, of another family
+                    raise ValueError(f"line {job.line} of the prompts file: {e}") from None
+    return nets
+
+
+def _control_arguments(job: Job, nets: dict) -> dict:
+    """generate's ControlNet arguments for `job` (none without). Each control image is read again, and refused if
+    its bytes are not those the job's id hashed (the file changed since the prompts file was read)."""
+    c = job.control
+    if c is None:
+        return {}
+    images = []
+    for path, expected in zip(c.images, c.image_hashes):
+        digest, image = read_control_image(path)
+        if digest != expected:
+            raise ValueError(f"the control image {path} (line {job.line}) changed during the run; run the batch again "
+                             "to make it as it is now")  # fmt: skip
+        images.append(image)
+    records = job.settings.controlnets
+    return dict(controlnet=[nets[path] for path in c.nets], control_image=images, guess_mode=c.guess_mode,
+                controlnet_conditioning_scale=[r["weight"] for r in records],
+                control_guidance_start=[r["guidance_start"] for r in records],
+                control_guidance_end=[r["guidance_end"] for r in records])  # fmt: skip
 
 
 def _done(path: Path) -> bool:
@@ -253,6 +400,8 @@ def update_manifest(folder: Path, jobs: list[Job], prune: bool = False) -> dict:
         for job in jobs:
             if job.id not in manifest and _done(folder / f"{job.id}.png"):
                 manifest[job.id] = {"file": f"{job.id}.png", "line": job.line, **asdict(job.settings)}
+                if job.control is not None:  # which files, as the PNG records only the ControlNets' names and hashes
+                    manifest[job.id].update(control_images=[str(p) for p in job.control.images], guess_mode=job.control.guess_mode)
         tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
         try:
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False), encoding="utf-8")
@@ -278,8 +427,11 @@ def _distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, progress: bool = True) -> list[Job]:
-    """Make every job's image that does not exist yet; returns the jobs this process made."""
+def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, progress: bool = True,
+              controlnets: dict | None = None) -> list[Job]:  # fmt: skip
+    """Make every job's image that does not exist yet; returns the jobs this process made. `controlnets`: the
+    jobs' ControlNets as load_controlnets gives them (the command line loads them before the model, to refuse a
+    bad file early); by default those of this process's jobs are loaded here, each once."""
     from .pnginfo import format_parameters, save_png
 
     rank, world, _ = _distributed()
@@ -298,14 +450,17 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
     by_id = {job.id: job for job in jobs}
     if not set(pending) <= set(by_id):
         raise ValueError(f"rank {rank} has other jobs than rank 0: start every rank with the same prompts file, model and flags")
+    mine = [by_id[i] for i in pending[rank::world]]
+    nets = controlnets if controlnets is not None else load_controlnets(mine, m.device, m.dtype)
     made = []
-    for job in (by_id[i] for i in pending[rank::world]):
+    for job in mine:
         if _done(out / f"{job.id}.png"):  # made meanwhile by another run on the same folder
             continue
         s = job.settings
         image = m.generate(
             job.prompt, s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler,
             seed=s.seed, width=s.width, height=s.height, karras=s.karras, progress=progress,
+            **_control_arguments(job, nets),
         )[0]  # fmt: skip
         save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem))
         update_manifest(out, [job])

@@ -110,6 +110,25 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _preprocess_spec(text: str) -> dict:
+    """--control-preprocess none | canny | canny:LOW:HIGH -> the record of what is done to the control image, as the
+    PNG keeps it: {"module": "none"} or {"module": "canny", "threshold_a": LOW, "threshold_b": HIGH}."""
+    from .control_preprocess import CANNY_HIGH, CANNY_LOW
+
+    name, *values = text.split(":")
+    if name == "none" and not values:
+        return {"module": "none"}
+    if name == "canny" and len(values) in (0, 2):
+        try:
+            low, high = (float(v) for v in values) if values else (CANNY_LOW, CANNY_HIGH)
+        except ValueError:
+            low = high = -1.0
+        if all(math.isfinite(t) and t >= 0 for t in (low, high)):
+            return {"module": "canny", "threshold_a": low, "threshold_b": high}
+    raise argparse.ArgumentTypeError(f"expected none, canny or canny:LOW:HIGH (thresholds >= 0; canny alone is "
+                                     f"{CANNY_LOW}:{CANNY_HIGH}), got {text!r}")  # fmt: skip
+
+
 def _add_controlnet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controlnet", action="append", type=_controlnet_spec, default=[], metavar="FILE[:SCALE]",
                    help="a ControlNet 1.x file for SD1.5 (repeatable, each with its --control-image; scale 1 by default)")
@@ -120,6 +139,9 @@ def _add_controlnet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-end", type=_finite_float, default=None, metavar="F",
                    help="fraction of the steps after which the ControlNets stop (default 1)")
     p.add_argument("--guess-mode", action="store_true", help="ControlNets on the conditional half only (diffusers' guess mode)")
+    p.add_argument("--control-preprocess", action="append", type=_preprocess_spec, default=[], metavar="none|canny[:LOW:HIGH]",
+                   help="make each --control-image from a photo first: canny is ControlNet's Canny annotator (100:200 by "
+                        "default), none takes the image as it is; one per --control-image, in order, or none at all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,9 +268,10 @@ def _load_adapters(m, args) -> None:
             print(f"warning: {w.message}", file=sys.stderr)
 
 
-def _control_inputs(args, recorded: list[dict] = ()) -> tuple[list, dict]:
-    """The --control-image files, read, and the ControlNets' settings: the flags, else those a --from-png PNG
-    `recorded` for as many ControlNets, else the defaults. All checked before any model loads."""
+def _control_inputs(args, recorded: list[dict] = ()) -> tuple[list, dict, list[dict]]:
+    """The --control-image files, read and preprocessed, the ControlNets' settings, and what was done to each image
+    (for the PNG): the flags, else what a --from-png PNG `recorded` for as many ControlNets, else the defaults.
+    All checked before any model loads."""
     from .checkpoint import printable
     from .controlnet import control_rgb
 
@@ -257,10 +280,14 @@ def _control_inputs(args, recorded: list[dict] = ()) -> tuple[list, dict]:
                         f"{len(args.control_image)} control images")  # fmt: skip
     if not args.controlnet:
         flags = [f for f, v in (("--control-start", args.control_start), ("--control-end", args.control_end),
-                                ("--guess-mode", args.guess_mode)) if v not in (None, False)]  # fmt: skip
+                                ("--guess-mode", args.guess_mode), ("--control-preprocess", args.control_preprocess or None))
+                 if v not in (None, False)]  # fmt: skip
         if flags:
             raise UserError(f"{' and '.join(flags)} apply to ControlNets: give --controlnet FILE --control-image IMG, or leave them out")
-        return [], {}
+        return [], {}, []
+    if args.control_preprocess and len(args.control_preprocess) != len(args.control_image):
+        raise UserError(f"give one --control-preprocess per --control-image (none for one taken as it is): "
+                        f"{len(args.control_image)} control images, {len(args.control_preprocess)} --control-preprocess")  # fmt: skip
     for path, _ in args.controlnet:
         if not path.is_file():
             raise UserError(f"no such ControlNet file: {printable(path)}")
@@ -276,21 +303,50 @@ def _control_inputs(args, recorded: list[dict] = ()) -> tuple[list, dict]:
             raise UserError(f"the ControlNet weight must be a finite number, got {scale}; give it as --controlnet FILE:SCALE")
         if not 0 <= start < end <= 1:
             raise UserError(f"--control-start and --control-end must satisfy 0 <= start < end <= 1, got {start:g} and {end:g}")
-    images = [control_rgb(_open_image(path, "control image")) for path in args.control_image]  # refuses mode F now
-    return images, dict(controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends,
-                        guess_mode=args.guess_mode)  # fmt: skip
+    preprocessing = args.control_preprocess or [_recorded_preprocessing(r, i, args) for i, r in enumerate(recorded)]
+    images = [_preprocessed(control_rgb(_open_image(path, "control image")), step)  # refuses mode F now
+              for path, step in zip(args.control_image, preprocessing)]  # fmt: skip
+    settings = dict(controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends,
+                    guess_mode=args.guess_mode)  # fmt: skip
+    return images, settings, preprocessing
+
+
+def _recorded_preprocessing(record: dict, i: int, args) -> dict:
+    """What a --from-png PNG says was done to ControlNet i's control image, if sd15 can do it again; else none."""
+    from .checkpoint import printable
+
+    module = record.get("module", "none")
+    if module in ("none", "canny"):
+        return {k: v for k, v in record.items() if k in ("module", "threshold_a", "threshold_b")} or {"module": "none"}
+    print(f"warning: {printable(args.from_png)} says ControlNet {i}'s control image was made by the preprocessor "
+          f"{printable(module)}, which sd15 does not have: the control image is used as it is", file=sys.stderr)  # fmt: skip
+    return {"module": "none"}
+
+
+def _preprocessed(image, step: dict):
+    """A control image after its --control-preprocess step (sd15.control_preprocess)."""
+    if step["module"] != "canny":
+        return image
+    from .control_preprocess import canny
+
+    return canny(image, step.get("threshold_a", 100), step.get("threshold_b", 200))
+
+
+def _model_device_and_dtype(args):
+    """Where --device and --dtype will put the model (for what loads before it: the ControlNets)."""
+    import torch
+
+    from .model import default_device_and_dtype
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return default_device_and_dtype(args.device, dtypes.get(args.dtype))
 
 
 def _load_controlnets(args) -> list:
     """The --controlnet files, loaded where the model will be (checked before the model itself loads)."""
-    import torch
-
     from .controlnet import load_controlnet
-    from .model import default_device_and_dtype
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    device, dtype = default_device_and_dtype(args.device, dtypes.get(args.dtype))
-    return [load_controlnet(path, device, dtype) for path, _ in args.controlnet]
+    return [load_controlnet(path, *_model_device_and_dtype(args)) for path, _ in args.controlnet]
 
 
 def _controlnet_kwargs(nets: list, images: list, settings: dict) -> dict:
@@ -373,11 +429,16 @@ def _settings_from_png(path: str) -> dict:
         raise UserError(f"cannot read generation parameters from {path}: {e}") from None
 
 
-def _save(m, model_path: Path, images, paths: list[Path]) -> None:
+def _save(m, model_path: Path, images, paths: list[Path], preprocessing: list[dict] = ()) -> None:
+    """Write the images with their parameters; `preprocessing`: what --control-preprocess did to each control
+    image, added to the PNG's ControlNet records (the pipeline saw only the images it made)."""
     from .pnginfo import format_parameters, save_png, short_hash
 
     model_hash = short_hash(model_path) if model_path.is_file() else None
     for image, path in zip(images, paths):
+        settings = image.info["sd15"]
+        if preprocessing and len(preprocessing) == len(settings.controlnets):
+            settings.controlnets = [{**record, **step} for record, step in zip(settings.controlnets, preprocessing)]
         save_png(image, path, format_parameters(image.info["sd15"], model_hash, model_path.stem))
         print(f"wrote {path}")
         if image.info.get("nsfw"):
@@ -398,7 +459,7 @@ def run_generate(args) -> None:
     prompt = args.prompt if args.prompt is not None else settings.get("prompt")
     if prompt is None:
         raise UserError("give a prompt (or --from-png FILE)")
-    control_images, control = _control_inputs(args, settings.get("controlnets", []))
+    control_images, control, preprocessing = _control_inputs(args, settings.get("controlnets", []))
     if settings.get("controlnets") and not args.controlnet:
         from .checkpoint import printable
 
@@ -437,19 +498,15 @@ def run_generate(args) -> None:
     if hires:
         check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
                              hires["hires_steps"], hires["upscaler"], kwargs["sampler"], kwargs["guidance_scale"], args.num_images)  # fmt: skip
-    if hires and args.controlnet:
-        raise UserError("--hires-scale does not take a ControlNet yet; generate at the size you want, or without --controlnet")
     paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
     with _inspection(m, args) as trace:
         preview = _preview_callback(m, args)
-        if hires:  # sd15.hires: native size first, then upscaled and refined
-            images = m.hires_fix(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **hires, **kwargs)
-        else:
-            images = m.generate(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **kwargs,
-                                **_controlnet_kwargs(nets, control_images, control))  # fmt: skip
-    _save(m, model_path, images, paths)
+        run = m.hires_fix if hires else m.generate  # sd15.hires: native size first, then upscaled and refined
+        images = run(prompt, num_images=args.num_images, progress=not args.no_progress, callback=preview, **(hires or {}),
+                     **kwargs, **_controlnet_kwargs(nets, control_images, control))  # fmt: skip
+    _save(m, model_path, images, paths, preprocessing)
     if trace is not None:
         _write_inspection(m, args, trace, images, prompt)
 
@@ -488,7 +545,7 @@ def _write_inspection(m, args, trace, images, prompt: str) -> None:
             f = m.vae.downscale_factor
             latent_hw = (image.height // f, image.width // f)
             heat = visualize.token_heatmaps(trace, latent_hw, (image.height, image.width), image=i)
-            labels = visualize.prompt_token_labels(m, prompt)
+            labels = visualize.prompt_token_labels(m, prompt, steps=args.steps)
             written = visualize.save_attention_maps(sub(args.attention_maps), image, heat, labels)
             print(f"wrote {len(written)} attention maps to {sub(args.attention_maps)}")
         if args.save_steps:
@@ -496,9 +553,10 @@ def _write_inspection(m, args, trace, images, prompt: str) -> None:
             print(f"wrote {sheet} and {anim}")
 
 
-def _open_image(path: str, what: str):
+def _open_image(path: str, what: str, data: bytes | None = None):
     """Read an image file as it is shown (EXIF rotation applied), refusing one larger than sd15 can use before
-    its pixels are decoded."""
+    its pixels are decoded. `data`: the file's bytes, already read (sd15.batch hashes what it decodes)."""
+    import io
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -508,7 +566,7 @@ def _open_image(path: str, what: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sd15's own, lower limit is checked below
-            with Image.open(path) as im:  # reads the header only
+            with Image.open(path if data is None else io.BytesIO(data)) as im:  # reads the header only
                 if im.width * im.height > MAX_PIXELS:
                     raise UserError(f"the {what} {path} is {im.width}×{im.height}, larger than sd15 allows ({MAX_PIXELS} pixels)")
                 if min(im.size) < 8:
@@ -537,9 +595,7 @@ def run_inpaint(args) -> None:
                         f"{image.width}×{image.height}; they must be the same size")  # fmt: skip
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     _check_image_run(args, image, seed)
-    control_images, control = _control_inputs(args)
-    if args.controlnet and args.padding is not None:
-        raise UserError("--controlnet cannot be used with --padding (its image would need the same crop); inpaint the whole image")
+    control_images, control, preprocessing = _control_inputs(args)
     paths = _output_paths(args, seed, inputs=(args.image, args.mask, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
@@ -562,7 +618,7 @@ def run_inpaint(args) -> None:
         callback=_preview_callback(m, args),
         **_controlnet_kwargs(nets, control_images, control),
     )
-    _save(m, model_path, images, paths)
+    _save(m, model_path, images, paths, preprocessing)
 
 
 def _check_image_run(args, image, seed: int) -> None:
@@ -600,7 +656,7 @@ def run_img2img(args) -> None:
     image = _open_image(args.image, "image")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     _check_image_run(args, image, seed)
-    control_images, control = _control_inputs(args)
+    control_images, control, preprocessing = _control_inputs(args)
     paths = _output_paths(args, seed, inputs=(args.image, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
@@ -614,7 +670,7 @@ def run_img2img(args) -> None:
         callback=_preview_callback(m, args),
         **_controlnet_kwargs(nets, control_images, control),
     )
-    _save(m, model_path, images, paths)
+    _save(m, model_path, images, paths, preprocessing)
 
 
 def run_download(args) -> None:
@@ -633,7 +689,7 @@ def run_download(args) -> None:
 
 
 def run_batch(args) -> None:
-    from .batch import _distributed, read_jobs, run_batch as make_images
+    from .batch import _distributed, load_controlnets, read_jobs, run_batch as make_images
     from .pnginfo import short_hash
 
     if args.output or args.num_images != 1:
@@ -661,8 +717,10 @@ def run_batch(args) -> None:
         import torch
 
         args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    nets = load_controlnets(jobs, *_model_device_and_dtype(args))  # each distinct file once, checked before the model
     m, _ = _load_model(args)
-    made = make_images(m, model_path, short_hash(model_path), jobs, Path(args.out), progress=not args.no_progress)
+    made = make_images(m, model_path, short_hash(model_path), jobs, Path(args.out), progress=not args.no_progress,
+                       controlnets=nets)  # fmt: skip
     print(f"rank {rank}/{world}: made {len(made)} images; {len(jobs)} jobs in {args.out}/manifest.json")
 
 

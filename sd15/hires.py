@@ -11,6 +11,11 @@ landscapes) because each 512-pixel window composes on its own. The web UI's "hir
 
 Both passes use image i's generator (seeded seed + i), the second continuing where the first left it, so a
 seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
+
+With a ControlNet both passes are steered, each by the control image brought to its own size: the first pass's
+hint is the control image at width × height, the second's the same control image (not the first hint
+enlarged) at the upscaled size, as the web UI's ControlNet extension prepares its `hr_hint_cond`. The scale,
+start and end are the same in both; the second pass's start and end count its own steps, as img2img's do.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import controlnet as controlnet_io
 from . import images as image_io
 from . import pipeline, tiling
 from .samplers import plan_sampling
@@ -91,12 +97,22 @@ def hires_fix(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    controlnet=None,
+    control_image=None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
+    guess_mode: bool = False,
 ):
     """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
 
     Returns what `generate` returns, at the upscaled size. PIL images carry `info["sd15"]` (the first pass's
     settings, with `strength` the second pass's) and `info["sd15_hires"]` ({"scale", "steps", "upscaler",
     "width", "height"}).
+
+    ControlNet arguments as sd15.pipeline.generate's, for both passes: each pass gets the control image resized
+    to its own size (see the module docstring). A control image given as floats (an array or a tensor) is never
+    resized, so it cannot fit both passes: give a PIL image or a uint8 array.
     """
     pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
@@ -104,6 +120,9 @@ def hires_fix(
                                                      guidance_scale, num_images)  # fmt: skip
     if output_type not in pipeline.OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {pipeline.OUTPUT_TYPES}, got {output_type!r}")
+    control = (controlnet, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
+    small_controls = controlnet_io.prepare_controls(m, *control, width, height, guess_mode)  # both checked before pass 1
+    big_controls = controlnet_io.prepare_controls(m, *control, big_w, big_h, guess_mode)
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = pipeline._generators(seed, len(prompts))
@@ -123,21 +142,22 @@ def hires_fix(
 
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
     noise = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
-    latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators,
-                            guidance_scale, batch_size, first_callback, progress, clip_skip=clip_skip)  # fmt: skip
+    latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators, guidance_scale,
+                            batch_size, first_callback, progress, clip_skip=clip_skip, controls=small_controls,
+                            guess_mode=guess_mode)  # fmt: skip
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
         plan = plan_sampling(sampler, hires_steps, strength=strength, karras=karras, eta=eta)
         noise = torch.cat([torch.randn((1, *init.shape[1:]), generator=g) for g in generators])
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
-                                progress, clip_skip=clip_skip)  # fmt: skip
+                                progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode)  # fmt: skip
     out = pipeline._finish(m, latents, output_type)
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=width, height=height, karras=karras, eta=eta,
                                  strength=strength, clip_skip=clip_skip, hires_scale=scale, hires_steps=hires_steps,
-                                 hires_upscaler=upscaler)  # fmt: skip
+                                 hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls))  # fmt: skip
         for im in out:
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}
     return out

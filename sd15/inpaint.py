@@ -24,7 +24,10 @@ Around that:
 - `padding` (pixels) switches to inpainting only around the mask, as the web UI's "only masked" and diffusers'
   `padding_mask_crop` do: the mask's bounding box, grown by `padding` on each side and then to the aspect ratio
   of width × height (default 512 × 512), is cut out, resized to width × height, inpainted, resized back and
-  pasted into the untouched full image. Small regions of large images get the model's full resolution.
+  pasted into the untouched full image. Small regions of large images get the model's full resolution. A
+  ControlNet's control image is taken as a picture of the full image: brought to its size (Lanczos, as
+  img2img does), then cut with the same box and resized like the image, so the hint lines up with the crop the
+  model sees, as the web UI's ControlNet extension does in "only masked" inpainting.
 
 Image and mask must have the same size. The mask may be a single-channel image (mode "1", "L", "I;16", "I",
 "F"), a grey RGB(A) image with opaque alpha (converted by luma, as PIL's convert("L")), an array (H, W) or
@@ -192,6 +195,33 @@ def _resize(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(t, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
 
 
+def crop_control_images(control_image, image_size: tuple[int, int], region, width: int, height: int):
+    """Padding mode's control images: each (a PIL image, array or tensor, or a list of them) brought to the full
+    image's `image_size` (W, H) by sd15.controlnet.control_image, cut to `region` and resized to width × height as
+    the image is -> (1, 3, height, width), in the same form (one, or a list). None entries stay None.
+
+    The inpaint ControlNet's -1 ("to be filled", sd15.control_preprocess.inpaint_condition) is resized as the mask
+    is, thresholded at 0.5, and the other pixels from the known ones alone (a normalised resize: Σ w·v·k / Σ w·k,
+    k = 1 where known), so that no -1 bleeds into the colours around the hole.
+    """
+    x0, y0, x1, y1 = region
+
+    def crop(image):
+        if image is None:
+            return None  # refused by prepare_controls, which counts the images
+        cut = controlnet_io.control_image(image, *image_size)[..., y0:y1, x0:x1]  # (1, 3, h, w), [0, 1] or -1
+        marked = (cut == -1).any(dim=1, keepdim=True).float()  # (1, 1, h, w)
+        if not marked.any():
+            return _resize(cut, height, width).clamp(0, 1)
+        known = 1 - marked
+        values = _resize(cut * known, height, width) / _resize(known, height, width).clamp(min=1e-6)
+        return torch.where(_resize(marked, height, width) >= MASK_THRESHOLD, -1.0, values.clamp(0, 1))
+
+    if isinstance(control_image, (list, tuple)):
+        return [crop(image) for image in control_image]
+    return crop(control_image)
+
+
 # --------------------------------------------------------------------------- denoising
 
 
@@ -306,7 +336,7 @@ def inpaint(
     Returns what `generate` returns for `output_type` ("latent": the final latents, without paste-back; not
     in padding mode). PIL images carry `info["sd15"]` (GenerationSettings, Size the working size).
     ControlNet arguments as sd15.pipeline.generate's; the control image is brought to the (fitted) image's
-    size. With `padding` (a crop around the mask) a ControlNet is refused: its image would need the same crop.
+    size. With `padding` it is a picture of the whole image, cut and resized as the image is (crop_control_images).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -345,9 +375,8 @@ def inpaint(
     H, W = pixels.shape[-2:]
     pipeline.check_settings(steps, guidance_scale, sampler, W, H, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
-    if controlnet is not None and padding is not None:
-        raise ValueError("a ControlNet cannot be used with inpainting's padding mode (its image would need the "
-                         "same crop); inpaint the whole image, without padding")  # fmt: skip
+    if controlnet is not None and region is not None:  # padding mode: the hint of the crop the model sees
+        control_image = crop_control_images(control_image, (source.shape[-1], source.shape[-2]), region, W, H)
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, W, H, guess_mode)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)

@@ -22,7 +22,7 @@ import numbers
 import secrets
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -68,9 +68,8 @@ class GenerationSettings:
     hires_upscaler: str | None = None  # "lanczos" or "latent"
     mask_blur: float | None = None  # inpainting (sd15.inpaint)
     inpaint_padding: int | None = None  # inpainting "only masked": the margin around the mask's box
-    # The ControlNets (sd15.controlnet.settings_record: model, hash, weight, start, end), set per image by
-    # record_settings. Not a dataclass field, so that asdict() (sd15.batch's image ids) is what it was.
-    controlnets: ClassVar[list[dict]] = []
+    # One {"model", "hash", "weight", "guidance_start", "guidance_end"} per ControlNet (sd15.controlnet.settings_record)
+    controlnets: list[dict] = field(default_factory=list)
 
 
 def _whole(value) -> bool:
@@ -129,8 +128,8 @@ def given_latents(latents, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def check_prompts(*prompts) -> None:
-    """Each argument a prompt or a list of prompts: text that a PNG can record (UTF-8), refused before the
-    run rather than after it."""
+    """Each argument a prompt or a list of prompts: text that a PNG can record (UTF-8), whose prompt-editing
+    brackets parse (sd15.prompt_schedule), refused before the run rather than after it."""
     for group in prompts:
         for text in [group] if isinstance(group, str) else group if isinstance(group, (list, tuple)) else [group]:
             if not isinstance(text, str):
@@ -140,6 +139,8 @@ def check_prompts(*prompts) -> None:
             except UnicodeEncodeError as error:
                 raise ValueError(f"prompt {text!r:.60} holds {text[error.start]!r}, which is not a Unicode character "
                                  f"(a lone surrogate, from bytes that are not UTF-8); give the prompt as UTF-8") from None  # fmt: skip
+            if "[" in text:  # prompt editing's syntax errors (nesting too deep) before the run, not at its first step
+                prompt_schedule.parse(text)
 
 
 def _prompt_lists(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:
@@ -211,10 +212,8 @@ def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives:
     for i, image in enumerate(images):
         image.info["sd15"] = GenerationSettings(
             prompt=lora_io.recorded_prompt(m, prompts[i]), negative_prompt=negatives[i], seed=seed + i,
-            **fields, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]),
+            **fields, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]), controlnets=list(controlnets),
         )  # fmt: skip
-        if controlnets:
-            image.info["sd15"].controlnets = list(controlnets)
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:

@@ -10,7 +10,8 @@ A ControlNet is recorded as the web UI's ControlNet extension records one, a quo
 
     ControlNet 0: "Module: none, Model: control_v11p_sd15_canny [a8f3a7d0e5], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"
 
-(Module: the preprocessor, none here, since sd15 takes the control image as it is; the hash is the file's, as
+(Module: the preprocessor that made the control image: none when it is taken as it is, or canny, followed by
+"Threshold A: 100, Threshold B: 200", when `sd15 … --control-preprocess canny` made it; the hash is the file's, as
 the model's.) The prompt may span several lines; the negative prompt line is present only when it is not empty; the last
 line is comma-separated `Key: value` pairs (a value with a comma or colon is double-quoted). The model hash
 is the first 10 hex digits of the file's SHA-256, as that UI shows it.
@@ -100,17 +101,25 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
 
 def _controlnet_text(c: dict) -> str:
     model = f"{c['model']} [{c['hash']}]" if c.get("hash") else c["model"]
-    return (f"Module: none, Model: {model}, Weight: {c['weight']:g}, Resize Mode: Just Resize, "
-            f"Guidance Start: {c['guidance_start']:g}, Guidance End: {c['guidance_end']:g}")  # fmt: skip
+    thresholds = f"Threshold A: {c['threshold_a']:g}, Threshold B: {c['threshold_b']:g}, " if "threshold_a" in c else ""
+    return (f"Module: {c.get('module', 'none')}, Model: {model}, Weight: {c['weight']:g}, Resize Mode: Just Resize, "
+            f"{thresholds}Guidance Start: {c['guidance_start']:g}, Guidance End: {c['guidance_end']:g}")  # fmt: skip
 
 
 def _parse_controlnet(value: str) -> dict:
     """One `ControlNet N` value -> {"model", "hash", "weight", "guidance_start", "guidance_end"} (the defaults
-    of the extension where a field is absent)."""
+    of the extension where a field is absent), and "module" (with "threshold_a", "threshold_b" where given) when
+    a preprocessor made the control image."""
     fields = {k.strip(): v.strip() for k, v in _FIELD.findall(value)}
     model, _, digest = re.fullmatch(r"(.*?)(?: \[(\w+)\])?", fields.get("Model", "")).group(1, 0, 2)
-    return dict(model=model, hash=digest, weight=float(fields.get("Weight", 1)),
-                guidance_start=float(fields.get("Guidance Start", 0)), guidance_end=float(fields.get("Guidance End", 1)))  # fmt: skip
+    record = dict(model=model, hash=digest, weight=float(fields.get("Weight", 1)),
+                  guidance_start=float(fields.get("Guidance Start", 0)), guidance_end=float(fields.get("Guidance End", 1)))  # fmt: skip
+    module = fields.get("Module", "none")
+    if module != "none":  # the preprocessor that made the control image (sd15: --control-preprocess)
+        record["module"] = module
+        if "Threshold A" in fields and "Threshold B" in fields:
+            record["threshold_a"], record["threshold_b"] = float(fields["Threshold A"]), float(fields["Threshold B"])
+    return record
 
 
 _FIELD = re.compile(r'\s*([\w \-+/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

@@ -357,3 +357,108 @@ def test_a_png_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkey
     path = pnginfo.save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", "a cat\nSteps: 3")
     assert events == ["fsync", "replace"]
     assert pnginfo.read_parameters(path) == "a cat\nSteps: 3"
+
+
+# --------------------------------------------------------------------------------------------------
+# ControlNet lines
+
+
+def test_ids_of_lines_without_a_controlnet_are_those_of_earlier_versions(tmp_path):
+    """Pinned: the ids these lines had before lines could carry ControlNets (GenerationSettings.controlnets, an
+    empty list here, is left out of the id), so a rerun of an old prompts file still finds its images."""
+    jobs = jobs_of(tmp_path, '"a red cube"', json.dumps({"prompt": "a blue sphere", "seed": 3, "num_images": 2, "cfg": 5}))
+    assert [job.id for job in jobs] == ["cb97af9de68c3ecb", "ebac0171d7bed368", "107e67320556fa24"]
+    assert [job.settings.controlnets for job in jobs] == [[], [], []] and jobs[0].settings.seed == 3901110779
+
+
+@pytest.fixture(scope="module")
+def controlnet_files(tmp_path_factory):
+    """Two tiny random ControlNets (other weights, one name each) in a folder of their own."""
+    from sd15.random_weights import random_controlnet, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("controlnets")
+    return [save_checkpoint(random_controlnet("tiny", seed=seed), folder / f"net{seed}.safetensors") for seed in (0, 1)]
+
+
+def control_picture(path: Path, seed: int) -> Path:
+    from PIL import Image
+    import numpy as np
+
+    blocks = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))).save(path)
+    return path
+
+
+def test_what_makes_a_controlnet_lines_id(tmp_path, controlnet_files):
+    """A ControlNet line's id hashes the ControlNet file's content (its short hash, as the PNG records it), the
+    control image's bytes, the weight, start, end and guess mode; not how the paths are written. Its derived seed
+    is that of the same line without the ControlNet, so adding one steers the same picture."""
+    import shutil
+
+    net = shutil.copy(controlnet_files[0], tmp_path / "net.safetensors")
+    control_picture(tmp_path / "edges.png", 0)
+
+    def line_id(**settings) -> str:
+        return jobs_of(tmp_path, json.dumps({"prompt": "a house", **settings}))[0].id
+
+    base = dict(controlnet="net.safetensors", control_image="edges.png")
+    first = line_id(**base)
+    assert line_id(controlnet=["./net.safetensors"], control_image=[str(tmp_path / "edges.png")], controlnet_scale=1) == first
+    others = [line_id(**base, controlnet_scale=0.5), line_id(**base, control_end=0.5), line_id(**base, guess_mode=True)]
+    assert len({first, *others}) == 4
+    job = jobs_of(tmp_path, json.dumps({"prompt": "a house", **base}))[0]
+    assert job.settings.seed == jobs_of(tmp_path, '"a house"')[0].settings.seed
+    assert job.settings.controlnets == [dict(model="net", hash=job.settings.controlnets[0]["hash"], weight=1.0,
+                                             guidance_start=0.0, guidance_end=1.0)]  # fmt: skip
+    control_picture(tmp_path / "edges.png", 1)  # the same file name, another picture
+    assert line_id(**base) not in (first, *others)
+    control_picture(tmp_path / "edges.png", 0)
+    assert line_id(**base) == first
+    shutil.copy(controlnet_files[1], net)  # the same ControlNet name, other weights
+    assert line_id(**base) not in (first, *others)
+
+
+def test_a_controlnet_line_is_the_image_sd15_generate_makes(tmp_path, tiny_checkpoint, controlnet_files, monkeypatch, capsys):
+    """A batch line with a ControlNet makes the PNG `sd15 generate` makes with the same settings (pixels and
+    parameters). Paths are read from the prompts file's folder; each distinct ControlNet file loads once; a rerun
+    skips finished work; a changed control image is new work."""
+    import numpy as np
+    from PIL import Image
+
+    import sd15.controlnet
+    from sd15.pnginfo import read_parameters
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    control_picture(jobs / "edges.png", 0)
+    net = str(controlnet_files[0])
+    lines = ['"a red cube"',
+             json.dumps({"prompt": "a house", "seed": 5, "controlnet": net, "control_image": "edges.png",
+                         "controlnet_scale": 0.5, "control_end": 0.8}),
+             json.dumps({"prompt": "a house", "seed": 6, "controlnet": [net], "control_image": ["./edges.png"]})]  # fmt: skip
+    (jobs / "p.jsonl").write_text("\n".join(lines) + "\n")
+    loads = []
+    real_load = sd15.controlnet.load_controlnet
+    monkeypatch.setattr(sd15.controlnet, "load_controlnet", lambda *args: loads.append(args[0]) or real_load(*args))
+    command = ["batch", "jobs/p.jsonl", "--out", "out", "--model", str(tiny_checkpoint), "--no-safety-checker", *ARGS]
+    assert main(command) == 0
+    assert "made 3 images" in capsys.readouterr().out and len(loads) == 1  # one file, two lines: loaded once
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    made = next(key for key, entry in manifest.items() if entry["seed"] == 5)
+    assert manifest[made]["control_images"] == [str(Path("jobs") / "edges.png")]
+
+    assert main(["generate", "a house", "--seed", "5", "--controlnet", f"{net}:0.5", "--control-image", "jobs/edges.png",
+                 "--control-end", "0.8", "--model", str(tiny_checkpoint), "--no-safety-checker", "-o", "cli.png", *ARGS]) == 0  # fmt: skip
+    batch_png, cli_png = tmp_path / "out" / f"{made}.png", tmp_path / "cli.png"
+    assert np.array_equal(np.asarray(Image.open(batch_png)), np.asarray(Image.open(cli_png)))
+    assert read_parameters(batch_png) == read_parameters(cli_png)
+
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "made 0 images" in capsys.readouterr().out  # nothing redone
+    control_picture(jobs / "edges.png", 1)  # the same name, another picture: both ControlNet lines are new work
+    assert main(command) == 0
+    assert "made 2 images; 3 jobs" in capsys.readouterr().out and len(pngs(tmp_path / "out")) == 5
+    assert batch_png.exists()  # the image of the old control image stays

@@ -226,8 +226,6 @@ def test_inpaint_takes_a_controlnet(tiny_model, controlnet):
     steered = tiny_model.inpaint(image, mask, "a door", controlnet=controlnet, control_image=picture(8), **run)
     assert np.array_equal(plain, zero)  # scale 0: residuals of zero change nothing
     assert np.abs(steered - plain).max() > 1e-2
-    with pytest.raises(ValueError, match="padding mode"):
-        tiny_model.inpaint(image, mask, "a door", padding=8, controlnet=controlnet, control_image=picture(8))
 
 
 # ------------------------------------------------------------------------------------------ PNG parameters
@@ -395,10 +393,50 @@ def test_cli_img2img_with_controlnet(workdir, tiny_checkpoint, controlnet_file):
     assert code == 0 and parse_parameters(read_parameters("out.png"))["controlnets"][0]["weight"] == 1.0
 
 
+def test_cli_control_preprocess_canny_is_recorded_and_made_again_from_png(workdir, tiny_checkpoint, controlnet_file):
+    """--control-preprocess canny:LOW:HIGH runs sd15.canny on the control image: the same pixels as giving its edge map
+    directly. The PNG records it as the web UI's extension does (Module: canny, Threshold A/B), and --from-png with
+    the same photo runs it again, so the same image is made."""
+    photo = picture(15, 48, 64)
+    photo.save("photo.png")
+    sd15.canny(photo, 50, 120).save("edges.png")
+    run = ["--model", str(tiny_checkpoint), "--steps", "2", "--seed", "4", "--no-progress", "--no-safety-checker",
+           "--controlnet", str(controlnet_file)]  # fmt: skip
+    assert main(["generate", "a cat", *run, "--control-image", "photo.png", "--control-preprocess", "canny:50:120", "-o", "a.png"]) == 0
+    assert main(["generate", "a cat", *run, "--control-image", "edges.png", "-o", "b.png"]) == 0
+    assert main(["generate", "a cat", *run, "--control-image", "photo.png", "-o", "c.png"]) == 0  # the photo itself
+    assert main(["generate", "--from-png", "a.png", *run, "--control-image", "photo.png", "-o", "d.png"]) == 0
+    pixels = {name: np.asarray(Image.open(f"{name}.png")) for name in "abcd"}
+    assert np.array_equal(pixels["a"], pixels["b"]) and np.array_equal(pixels["a"], pixels["d"])
+    assert not np.array_equal(pixels["a"], pixels["c"])
+    text = read_parameters("a.png")
+    assert "Module: canny, Model: canny-tiny" in text and "Threshold A: 50, Threshold B: 120" in text
+    assert "Module: none" in read_parameters("b.png") and read_parameters("d.png") == text
+    record = parse_parameters(text)["controlnets"][0]
+    assert (record["module"], record["threshold_a"], record["threshold_b"]) == ("canny", 50.0, 120.0)
+
+
+def test_from_png_of_a_preprocessor_sd15_lacks_warns_and_uses_the_image(workdir, tiny_checkpoint, controlnet_file, capsys):
+    picture(16).save("depth.png")
+    text = ('a cat\nSteps: 2, Sampler: PLMS, CFG scale: 7, Seed: 4, Size: 64x64, ControlNet 0: "Module: depth_midas, '
+            'Model: canny-tiny, Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"')  # fmt: skip
+    from sd15.pnginfo import save_png
+
+    save_png(picture(17), Path("made.png"), text)
+    code = main(["generate", "--from-png", "made.png", "--model", str(tiny_checkpoint), "--no-progress", "--no-safety-checker",
+                 "--controlnet", str(controlnet_file), "--control-image", "depth.png", "-o", "out.png"])  # fmt: skip
+    assert code == 0 and "preprocessor depth_midas, which sd15 does not have" in capsys.readouterr().err
+    assert "Module: none" in read_parameters("out.png")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--controlnet", "CN"], "one --control-image per --controlnet"),
+        (["--controlnet", "CN", "--control-image", "edges.png", "--control-preprocess", "canny", "--control-preprocess", "none"],
+         "one --control-preprocess per --control-image"),
+        (["--control-preprocess", "canny"], "--control-preprocess apply to ControlNets"),
+
         (["--control-image", "edges.png"], "one --control-image per --controlnet"),
         (["--controlnet", "missing.safetensors", "--control-image", "edges.png"], "no such ControlNet file"),
         (["--controlnet", "CN", "--control-image", "missing.png"], "cannot read the control image"),
@@ -415,6 +453,17 @@ def test_cli_refusals(workdir, tiny_checkpoint, controlnet_file, capsys, extra, 
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
     assert not Path("out.png").exists()
+
+
+@pytest.mark.parametrize("spec", ["sobel", "canny:100", "canny:-1:5", "canny:nan:5", "canny:a:b", "none:1"])
+def test_cli_refuses_a_bad_control_preprocess(workdir, tiny_checkpoint, controlnet_file, capsys, spec):
+    picture(14).save("edges.png")
+    with pytest.raises(SystemExit) as refusal:  # argparse's refusal: its usage, then one error line
+        main(["generate", "a cat", "--model", str(tiny_checkpoint), "--controlnet", str(controlnet_file),
+              "--control-image", "edges.png", "--control-preprocess", spec, "-o", "out.png"])  # fmt: skip
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert refusal.value.code == 2 and len(errors) == 1
+    assert "expected none, canny or canny:LOW:HIGH (thresholds >= 0" in errors[0] and not Path("out.png").exists()
 
 
 def test_script_writes_a_controlnet(tmp_path):

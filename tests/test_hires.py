@@ -7,8 +7,10 @@ from PIL import Image
 
 from sd15.cli import main
 from sd15.hires import upscaled_size
+from sd15.random_weights import random_controlnet, save_checkpoint
 
 KW = dict(steps=3, sampler="euler", seed=4, width=64, height=48)
+TOL = 1e-4  # images in [0, 1] against diffusers, as tests/test_controlnet.py argues
 
 
 def test_first_pass_is_generate_and_output_is_upscaled(tiny_model):
@@ -96,3 +98,110 @@ def test_a_png_asking_for_an_upscaler_sd15_lacks_is_refused(workdir, tiny_checkp
     save_png(Image.new("RGB", (8, 8)), workdir / "a1111.png", text)
     assert main(["generate", "--from-png", "a1111.png", "--model", str(tiny_checkpoint), "-o", "x.png"]) == 2
     assert "R-ESRGAN 4x+" in capsys.readouterr().err and not (workdir / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ with a ControlNet
+
+
+@pytest.fixture(scope="module")
+def controlnet_state_dict():
+    return random_controlnet("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def controlnet_file(controlnet_state_dict, tmp_path_factory):
+    return save_checkpoint(controlnet_state_dict, tmp_path_factory.mktemp("cn") / "canny-tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def controlnet(tiny_model, controlnet_file):
+    return tiny_model.load_controlnet(controlnet_file)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_state_dict, tiny_model, controlnet_state_dict, tmp_path_factory):
+    """diffusers' ControlNet img2img pipeline over the same random weights (DDIM), the second pass's oracle."""
+    from reference_models import diffusers_controlnet, diffusers_pipeline
+
+    return diffusers_pipeline(tiny_state_dict, tiny_model, tmp_path_factory.mktemp("tok"), "StableDiffusionControlNetImg2ImgPipeline",
+                              "ddim", controlnet=diffusers_controlnet(controlnet_state_dict, tiny_model.unet.config))  # fmt: skip
+
+
+def edges(seed: int, height: int, width: int) -> Image.Image:
+    """A control image with detail at the 8-pixel scale (random blocks), which a smaller copy loses."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_hires_with_a_controlnet_is_two_controlled_passes(tiny_model, controlnet, reference, monkeypatch, upscaler):
+    """Pass 1 is text-to-image with the control image at the first size; pass 2 is diffusers' ControlNet img2img
+    pipeline from the upscaled latents, the generator going on from pass 1, with the same control image brought
+    to the final size, as the web UI's extension prepares it: not the first pass's hint enlarged."""
+    import sd15.controlnet as controlnet_io
+    import sd15.hires as hires
+
+    hints = []  # the hint of every ControlNet call, to see which image each pass was given
+    real_residuals = controlnet_io.residuals
+    monkeypatch.setattr(controlnet_io, "residuals", lambda controls, *args: hints.append(controls[0].hint) or real_residuals(controls, *args))
+    control = edges(0, 96, 128)  # at the final size: detail that the first pass's 64×48 cannot hold
+    run = dict(steps=5, sampler="ddim", seed=4, width=64, height=48, controlnet=controlnet, control_image=control,
+               controlnet_conditioning_scale=0.8, control_guidance_end=0.8)  # fmt: skip
+    first = []
+    out = tiny_model.hires_fix("a castle", scale=2.0, strength=0.6, upscaler=upscaler, output_type="np",
+                               callback=lambda info: first.append(info["x"].clone()) if info["pass"] == 1 else None, **run)  # fmt: skip
+    small, big = controlnet_io.control_image(control, 64, 48), controlnet_io.control_image(control, 128, 96)
+    assert torch.equal(hints[0], small) and torch.equal(hints[-1], big)
+    assert [h.shape[-1] for h in hints] == [64] * 5 + [128] * 3  # one UNet call per step: 5, then int(5 · 0.6)
+    enlarged = controlnet_io.control_image(control.resize((64, 48), Image.LANCZOS), 128, 96)
+    assert (big - enlarged).abs().max() > 0.2  # so the second pass's hint was made from the control image itself
+
+    by_hand = tiny_model.generate("a castle", output_type="latent", **run)
+    assert torch.equal(first[-1], by_hand)  # pass 1: text-to-image, the control image resized to 64×48
+    g = torch.Generator().manual_seed(4)
+    torch.randn(4, 6, 8, generator=g)  # pass 1's noise (DDIM draws nothing more)
+    init = hires.upscale_latents(tiny_model, by_hand, 128, 96, upscaler, [g])  # "lanczos" draws its VAE sample from g
+    theirs = reference("a castle", image=init, control_image=control, height=96, width=128, strength=0.6, num_inference_steps=5,
+                       generator=g, output_type="np", controlnet_conditioning_scale=0.8, control_guidance_end=0.8).images  # fmt: skip
+    assert out.shape == theirs.shape == (1, 96, 128, 3)  # diffusers takes a 4-channel `image` as latents
+    assert np.abs(out - theirs).max() < TOL
+
+
+def test_hires_refuses_a_control_image_that_cannot_fit_both_passes_before_the_first(tiny_model, controlnet):
+    """A float control image is never resized (its range would be a guess), so it fits one pass at most: refused
+    before the first pass runs, saying what to give instead."""
+    steps = []
+    with pytest.raises(ValueError, match="is 64×48 but the output is 128×96; resize it, or pass it as a PIL image"):
+        tiny_model.hires_fix("a", controlnet=controlnet, control_image=torch.rand(1, 3, 48, 64), scale=2.0,
+                             callback=steps.append, **KW)  # fmt: skip
+    assert steps == []
+
+
+def test_cli_hires_with_a_controlnet_records_both_and_from_png_makes_it_again(workdir, tiny_checkpoint, tiny_model, controlnet_file):
+    """The PNG records the hires fix and the ControlNet; it is the Python API's image; --from-png with the same
+    ControlNet and control image makes it again, bit for bit."""
+    from sd15.pnginfo import parse_parameters, read_parameters
+
+    edges(1, 64, 64).save("edges.png")
+    run = ["--steps", "3", "--sampler", "ddim", "--seed", "5", "--model", str(tiny_checkpoint), "--no-progress", "--no-safety-checker"]
+    assert main(["generate", "a castle", "--hires-scale", "1.5", "--hires-steps", "2", "--hires-strength", "0.6",
+                 "--controlnet", f"{controlnet_file}:0.7", "--control-image", "edges.png", "--control-end", "0.9",
+                 "-o", "big.png", *run]) == 0  # fmt: skip
+    text = read_parameters("big.png")
+    assert "Size: 64x64" in text and "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in text
+    assert 'ControlNet 0: "Module: none, Model: canny-tiny [' in text and "Weight: 0.7" in text and "Guidance End: 0.9" in text
+    parsed = parse_parameters(text)
+    assert parsed["hires_scale"] == 1.5 and parsed["controlnets"][0]["weight"] == 0.7
+    big = np.asarray(Image.open("big.png"))
+    assert big.shape == (96, 96, 3)
+
+    api = tiny_model.hires_fix("a castle", steps=3, sampler="ddim", seed=5, width=64, height=64, scale=1.5, hires_steps=2,
+                               strength=0.6, controlnet=tiny_model.load_controlnet(controlnet_file),
+                               control_image=Image.open("edges.png"), controlnet_conditioning_scale=0.7,
+                               control_guidance_end=0.9)[0]  # fmt: skip
+    assert np.array_equal(np.asarray(api), big)
+
+    assert main(["generate", "--from-png", "big.png", "--controlnet", str(controlnet_file), "--control-image", "edges.png",
+                 "-o", "again.png", *run[6:]]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open("again.png")), big)
+    assert read_parameters("again.png") == text

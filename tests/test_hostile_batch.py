@@ -113,3 +113,51 @@ def test_an_output_folder_that_cannot_hold_the_run_is_refused_before_the_model_l
         args = ["batch", "prompts.jsonl", "--out", out, "--model", str(tiny_checkpoint), *ARGS]
         err = refused_before_loading(args, workdir, capsys, monkeypatch)
         assert message in err, err
+
+
+CONTROL = dict(controlnet="cn.safetensors", control_image="edges.png")
+BAD_CONTROLNET_LINES = [
+    (line(**{**CONTROL, "control_image": "missing.png"}), "missing.png: No such file or directory"),
+    (line(control_image="edges.png"), ':4: control_image given without a "controlnet"'),
+    (line(controlnet_scale=0.5, guess_mode=True), ':4: controlnet_scale, guess_mode given without a "controlnet"'),
+    (line(**CONTROL, controlnet_scale="0.5"), ':4: "controlnet_scale" must be a finite number, or a list of one per ControlNet, got the string "0.5"'),
+    (line(**CONTROL, controlnet_scale=True), '"controlnet_scale" must be a finite number'),
+    (line(**CONTROL, controlnet_scale=[1, 0.5]), ':4: "controlnet_scale" must be one number, or a list of one per ControlNet (1), got 2'),
+    ('{"prompt": "a", "controlnet": "cn.safetensors", "control_image": "edges.png", "controlnet_scale": 1e400}', ":4: not valid JSON"),
+    (line(**CONTROL, control_start=0.9, control_end=0.2), "0 <= start < end <= 1, got 0.9 and 0.2"),
+    (line(**CONTROL, guess_mode="yes"), '"guess_mode" must be true or false (a JSON boolean), got the string "yes"'),
+    (line(controlnet="cn.safetensors"), ':4: give one "control_image" per "controlnet": 1 ControlNets, 0 control images'),
+    (line(controlnet=5, control_image="edges.png"), '"controlnet" must be a file name or a list of file names, got 5'),
+    (line(controlnet=[], control_image=[]), '"controlnet" must be a file name or a list of file names, got a JSON array'),
+    (line(**{**CONTROL, "controlnet": "missing.safetensors"}), ":4: no such ControlNet file: "),
+    (line(**{**CONTROL, "controlnet": "cn.safetensors:0.5"}), 'a scale goes in "controlnet_scale", not after a colon'),
+    (line(**{**CONTROL, "control_image": "folder"}), "cannot read the control image"),
+    (line(**{**CONTROL, "control_image": "notes.txt"}), "cannot identify image file"),
+    (line(**{**CONTROL, "control_image": "depth.tiff"}), "floating-point image (PIL mode F)"),
+    (line(**{**CONTROL, "control_image": "dot.png"}), "too small"),
+    (line(**{**CONTROL, "controlnet": "lora.safetensors"}), "lora.safetensors is a LoRA adapter"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad, message", BAD_CONTROLNET_LINES, ids=range(len(BAD_CONTROLNET_LINES)))
+def test_bad_controlnet_lines_are_refused_before_the_model_loads(batch, workdir, bad, message):
+    """A line's ControlNet fields are typed and checked, its files found and read (paths from the prompts file's
+    folder), and each ControlNet loaded (so checked) before the model: one line, the line number, nothing made."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from sd15.random_weights import random_controlnet, save_checkpoint
+
+    save_checkpoint(random_controlnet("tiny", seed=0), workdir / "cn.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(workdir / "lora.safetensors"))  # fmt: skip
+    Image.new("RGB", (64, 64), "white").save(workdir / "edges.png")
+    Image.new("RGB", (1, 1)).save(workdir / "dot.png")
+    Image.fromarray(np.full((64, 64), 0.5, np.float32)).save(workdir / "depth.tiff")  # mode F
+    (workdir / "notes.txt").write_text("not an image")
+    (workdir / "folder").mkdir()
+    good = json.dumps({"prompt": "a good line with a ControlNet", **CONTROL})
+    err = batch(f'{good}\n# a comment\n\n{bad}\n"a good line after"\n'.encode())
+    assert message in err and (f"{workdir / 'prompts.jsonl'}:4: " in err or "line 4 of the prompts file: " in err), err

@@ -141,6 +141,63 @@ def test_padding_mode_inpaints_a_crop_and_keeps_the_rest(tiny_model):
     assert crop_region(torch.from_numpy(mask > 0), 200, 64, 64) == (0, 0, 150, 100)  # clamped to the image
 
 
+@pytest.fixture(scope="module")
+def controlnet(tiny_model, tmp_path_factory):
+    from sd15.random_weights import random_controlnet
+
+    return tiny_model.load_controlnet(save_checkpoint(random_controlnet("tiny", seed=0), tmp_path_factory.mktemp("cn") / "cn.safetensors"))
+
+
+def test_padding_mode_cuts_the_control_image_with_the_image(tiny_model, controlnet):
+    """With padding, the control image is a picture of the whole image: the ControlNet sees its part in the crop
+    box, resized as the image's is. What lies outside the box changes nothing, what lies inside does; a box that
+    is the whole image at its own size is inpainting without padding, ControlNet and all."""
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    mask = np.zeros((96, 128), np.uint8)
+    mask[40:52, 70:90] = 255
+    x0, y0, x1, y1 = crop_region(torch.from_numpy(mask > 0), 6, 64, 64)
+    assert (x1 - x0, y1 - y0) == (32, 32)  # enlarged twice to the working 64×64
+    control = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    outside, inside = 255 - control, control.copy()  # changed outside the box only, inside it only
+    outside[y0:y1, x0:x1] = control[y0:y1, x0:x1]
+    inside[y0:y1, x0:x1] = 255 - control[y0:y1, x0:x1]
+    run = dict(steps=3, seed=1, sampler="ddim", padding=6, width=64, height=64, output_type="np", controlnet=controlnet)
+    steered = tiny_model.inpaint(image, Image.fromarray(mask), PROMPT, control_image=control, **run)
+    assert np.array_equal(tiny_model.inpaint(image, Image.fromarray(mask), PROMPT, control_image=outside, **run), steered)
+    changed = tiny_model.inpaint(image, Image.fromarray(mask), PROMPT, control_image=inside, **run)
+    assert np.abs(changed - steered).max() > 1e-3  # (a random ControlNet's hint encoder is weak: 5e-3 here)
+
+    whole = dict(steps=3, seed=1, sampler="ddim", output_type="np", controlnet=controlnet, control_image=control[:64, :64])
+    small, small_mask = image.crop((0, 0, 64, 64)), Image.fromarray(mask[:64, :64] | mask[32:96, 64:128])
+    padded = tiny_model.inpaint(small, small_mask, PROMPT, padding=64, width=64, height=64, **whole)  # the box: all of it
+    assert np.array_equal(padded, tiny_model.inpaint(small, small_mask, PROMPT, **whole))
+
+
+def test_padding_mode_puts_the_inpaint_controlnets_marks_where_the_mask_goes(tiny_model, controlnet):
+    """The inpaint ControlNet's control image marks the hole with -1 (sd15.control_preprocess.inpaint_condition): cut
+    and resized in padding mode, the marks land where the mask does (resized and thresholded as it is), the pixels
+    around them stay colours in [0, 1], and away from the hole they are the image's, resized as it is."""
+    from sd15.inpaint import _resize, crop_control_images
+
+    mask = torch.zeros(1, 1, 96, 128)
+    mask[..., 40:52, 70:90] = 1
+    image = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    condition = torch.where(mask > 0, -1.0, image)
+    x0, y0, x1, y1 = region = crop_region(mask[0, 0] > 0, 6, 64, 64)
+    cut = crop_control_images(condition, (128, 96), region, 64, 64)
+    hole = _resize(mask[..., y0:y1, x0:x1], 64, 64) >= 0.5  # the working-size mask, as inpaint makes it
+    assert torch.equal((cut == -1).all(dim=1, keepdim=True), hole) and torch.equal((cut == -1).any(dim=1, keepdim=True), hole)
+    around = cut[(~hole).expand_as(cut)]
+    assert 0 <= around.min() and around.max() <= 1
+    plain = _resize(image[..., y0:y1, x0:x1], 64, 64).clamp(0, 1)
+    assert torch.allclose(cut[..., :6, :6], plain[..., :6, :6], atol=1e-6)  # the corner: no hole within reach
+    pixels, mask_image = image * 2 - 1, Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8))
+    out = tiny_model.inpaint(pixels, mask_image, PROMPT, steps=1, padding=6, width=64, height=64, controlnet=controlnet,
+                             control_image=condition, output_type="np")  # fmt: skip
+    assert out.shape == (1, 96, 128, 3)  # the cut condition, -1 and all, is a control image the ControlNet takes
+
+
 def test_mask_forms_and_conversions():
     grey = np.zeros((16, 24), np.uint8)
     grey[4:8, 4:12] = 255
@@ -223,6 +280,21 @@ def test_cli_inpaint_inpainting_checkpoint_with_padding(workdir, inpainting_mode
     from sd15.pnginfo import read_parameters
 
     assert "Inpaint area: Only masked, Masked area padding: 4" in read_parameters(workdir / "crop.png")
+
+
+def test_cli_inpaint_with_padding_and_a_controlnet(workdir, tiny_checkpoint, controlnet):
+    """--padding with --controlnet: the PNG records the masked-only inpainting and the ControlNet."""
+    from sd15.cli import main
+    from sd15.pnginfo import parse_parameters, read_parameters
+
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(workdir / "edges.png")
+    assert main(["inpaint", "photo.png", "mask.png", "a red door", "--steps", "2", "--padding", "4", "--width", "64",
+                 "--height", "64", "--controlnet", f"{controlnet.path}:0.5", "--control-image", "edges.png",
+                 "--model", str(tiny_checkpoint), "-o", "crop.png", "--no-progress"]) == 0  # fmt: skip
+    assert Image.open(workdir / "crop.png").size == (80, 64)
+    text = read_parameters(workdir / "crop.png")
+    assert "Inpaint area: Only masked, Masked area padding: 4" in text
+    assert parse_parameters(text)["controlnets"][0]["weight"] == 0.5
 
 
 @pytest.mark.parametrize(
