@@ -33,6 +33,24 @@ def tiny_model(tiny_checkpoint):
     return sd15.load(tiny_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def controlnet_state_dict() -> dict[str, torch.Tensor]:
+    """A tiny random ControlNet in ControlNet 1.1's layout, to go with tiny_model (sd15.random_weights)."""
+    from sd15.random_weights import random_controlnet
+
+    return random_controlnet("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def controlnet_file(controlnet_state_dict, tmp_path_factory) -> Path:
+    return save_checkpoint(controlnet_state_dict, tmp_path_factory.mktemp("cn") / "canny-tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def controlnet(tiny_model, controlnet_file):
+    return tiny_model.load_controlnet(controlnet_file)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh current folder for CLI tests: no model or safety checker from the environment, and a HOME

@@ -17,7 +17,7 @@ import scipy.ndimage
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from reference_models import diffusers_scheduler
-from test_controlnet import PROMPT, TOL, controlnet, controlnet_file, controlnet_state_dict, reference, reference_controlnet  # noqa: F401 (fixtures)
+from test_controlnet import PROMPT, TOL, reference, reference_controlnet  # noqa: F401 (fixtures)
 
 from sd15.control_preprocess import TG22, _hysteresis, canny, canny_edges, inpaint_condition
 from sd15.controlnet import control_image, control_rgb

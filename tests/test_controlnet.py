@@ -48,21 +48,6 @@ def picture(seed: int, height: int = 64, width: int = 64) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def controlnet_state_dict():
-    return random_controlnet("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def controlnet_file(controlnet_state_dict, tmp_path_factory):
-    return save_checkpoint(controlnet_state_dict, tmp_path_factory.mktemp("cn") / "canny-tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def controlnet(tiny_model, controlnet_file):
-    return tiny_model.load_controlnet(controlnet_file)
-
-
-@pytest.fixture(scope="module")
 def reference_controlnet(controlnet_state_dict, tiny_model):
     return diffusers_controlnet(controlnet_state_dict, tiny_model.unet.config)
 

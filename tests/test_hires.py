@@ -7,7 +7,6 @@ from PIL import Image
 
 from sd15.cli import main
 from sd15.hires import upscaled_size
-from sd15.random_weights import random_controlnet, save_checkpoint
 
 KW = dict(steps=3, sampler="euler", seed=4, width=64, height=48)
 TOL = 1e-4  # images in [0, 1] against diffusers, as tests/test_controlnet.py argues
@@ -101,21 +100,6 @@ def test_a_png_asking_for_an_upscaler_sd15_lacks_is_refused(workdir, tiny_checkp
 
 
 # ------------------------------------------------------------------------------------------ with a ControlNet
-
-
-@pytest.fixture(scope="module")
-def controlnet_state_dict():
-    return random_controlnet("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def controlnet_file(controlnet_state_dict, tmp_path_factory):
-    return save_checkpoint(controlnet_state_dict, tmp_path_factory.mktemp("cn") / "canny-tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def controlnet(tiny_model, controlnet_file):
-    return tiny_model.load_controlnet(controlnet_file)
 
 
 @pytest.fixture(scope="module")

@@ -323,13 +323,6 @@ def test_damaged_lora_and_embedding_numbers_are_refused(tiny_model, tmp_path):
 # ------------------------------------------------------------------------------------------ ControlNet inputs
 
 
-@pytest.fixture(scope="module")
-def controlnet_state_dict():
-    from sd15.random_weights import random_controlnet
-
-    return random_controlnet("tiny", seed=0)
-
-
 def _png_header(path, width, height):
     """A PNG that claims width × height pixels and holds almost none (a decompression bomb's header)."""
     import zlib

@@ -141,13 +141,6 @@ def test_padding_mode_inpaints_a_crop_and_keeps_the_rest(tiny_model):
     assert crop_region(torch.from_numpy(mask > 0), 200, 64, 64) == (0, 0, 150, 100)  # clamped to the image
 
 
-@pytest.fixture(scope="module")
-def controlnet(tiny_model, tmp_path_factory):
-    from sd15.random_weights import random_controlnet
-
-    return tiny_model.load_controlnet(save_checkpoint(random_controlnet("tiny", seed=0), tmp_path_factory.mktemp("cn") / "cn.safetensors"))
-
-
 def test_padding_mode_cuts_the_control_image_with_the_image(tiny_model, controlnet):
     """With padding, the control image is a picture of the whole image: the ControlNet sees its part in the crop
     box, resized as the image's is. What lies outside the box changes nothing, what lies inside does; a box that
