@@ -213,7 +213,8 @@ def _line_control(given: dict, folder: Path) -> tuple[list[dict], LineControl | 
             digest = short_hash(net)
         except OSError as e:
             raise ValueError(f"cannot read the ControlNet file {net}: {e.strerror}") from None
-        records.append(dict(model=net.stem, hash=digest, weight=scale, guidance_start=start, guidance_end=end))
+        records.append(dict(model=net.stem, hash=digest, weight=scale, guidance_start=start, guidance_end=end,
+                            **({"guess_mode": True} if guess_mode else {})))  # as settings_record: only when on
     hashes = tuple(read_control_image(image)[0] for image in images)
     return records, LineControl(tuple(nets), tuple(images), hashes, guess_mode)
 

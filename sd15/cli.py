@@ -307,7 +307,7 @@ def _control_inputs(args, recorded: list[dict] = ()) -> tuple[list, dict, list[d
     images = [_preprocessed(control_rgb(_open_image(path, "control image")), step)  # refuses mode F now
               for path, step in zip(args.control_image, preprocessing)]  # fmt: skip
     settings = dict(controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends,
-                    guess_mode=args.guess_mode)  # fmt: skip
+                    guess_mode=args.guess_mode or any(r.get("guess_mode", False) for r in recorded))  # fmt: skip
     return images, settings, preprocessing
 
 

@@ -314,7 +314,10 @@ def residuals(controls: list[Control], x: torch.Tensor, t: torch.Tensor, context
     return total
 
 
-def settings_record(controls: list[Control]) -> list[dict]:
-    """What the PNG's parameters record of each ControlNet (sd15.pnginfo writes it as the web UI's extension does)."""
-    return [dict(model=c.net.name, hash=c.net.hash, weight=c.scale, guidance_start=c.start, guidance_end=c.end) for c in controls]
+def settings_record(controls: list[Control], guess_mode: bool = False) -> list[dict]:
+    """What the PNG's parameters record of each ControlNet (sd15.pnginfo writes it as the web UI's extension does);
+    "guess_mode" only when it is on, so that records (and sd15 batch's ids made from them) are otherwise unchanged."""
+    guess = {"guess_mode": True} if guess_mode else {}
+    return [dict(model=c.net.name, hash=c.net.hash, weight=c.scale, guidance_start=c.start, guidance_end=c.end, **guess)
+            for c in controls]  # fmt: skip
 

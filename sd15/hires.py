@@ -157,7 +157,7 @@ def hires_fix(
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=width, height=height, karras=karras, eta=eta,
                                  strength=strength, clip_skip=clip_skip, hires_scale=scale, hires_steps=hires_steps,
-                                 hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls))  # fmt: skip
+                                 hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip
         for im in out:
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}
     return out

@@ -402,5 +402,5 @@ def inpaint(
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, karras=karras, eta=eta, strength=strength,
                                  clip_skip=clip_skip, mask_blur=mask_blur, inpaint_padding=padding,
-                                 controlnets=controlnet_io.settings_record(controls))  # fmt: skip
+                                 controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

@@ -408,7 +408,7 @@ def generate(
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip,
-                        controlnets=controlnet_io.settings_record(controls))  # fmt: skip
+                        controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out
 
 
@@ -475,5 +475,5 @@ def img2img(
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip,
-                        controlnets=controlnet_io.settings_record(controls))  # fmt: skip
+                        controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

@@ -102,18 +102,21 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
 def _controlnet_text(c: dict) -> str:
     model = f"{c['model']} [{c['hash']}]" if c.get("hash") else c["model"]
     thresholds = f"Threshold A: {c['threshold_a']:g}, Threshold B: {c['threshold_b']:g}, " if "threshold_a" in c else ""
+    guess = ", Guess Mode: True" if c.get("guess_mode") else ""  # sd15's (diffusers'): the extension has no such field
     return (f"Module: {c.get('module', 'none')}, Model: {model}, Weight: {c['weight']:g}, Resize Mode: Just Resize, "
-            f"{thresholds}Guidance Start: {c['guidance_start']:g}, Guidance End: {c['guidance_end']:g}")  # fmt: skip
+            f"{thresholds}Guidance Start: {c['guidance_start']:g}, Guidance End: {c['guidance_end']:g}{guess}")  # fmt: skip
 
 
 def _parse_controlnet(value: str) -> dict:
     """One `ControlNet N` value -> {"model", "hash", "weight", "guidance_start", "guidance_end"} (the defaults
-    of the extension where a field is absent), and "module" (with "threshold_a", "threshold_b" where given) when
-    a preprocessor made the control image."""
+    of the extension where a field is absent), "guess_mode" when it was on, and "module" (with "threshold_a",
+    "threshold_b" where given) when a preprocessor made the control image."""
     fields = {k.strip(): v.strip() for k, v in _FIELD.findall(value)}
     model, _, digest = re.fullmatch(r"(.*?)(?: \[(\w+)\])?", fields.get("Model", "")).group(1, 0, 2)
     record = dict(model=model, hash=digest, weight=float(fields.get("Weight", 1)),
                   guidance_start=float(fields.get("Guidance Start", 0)), guidance_end=float(fields.get("Guidance End", 1)))  # fmt: skip
+    if fields.get("Guess Mode") == "True":
+        record["guess_mode"] = True
     module = fields.get("Module", "none")
     if module != "none":  # the preprocessor that made the control image (sd15: --control-preprocess)
         record["module"] = module

@@ -437,7 +437,7 @@ def test_a_controlnet_line_is_the_image_sd15_generate_makes(tmp_path, tiny_check
     lines = ['"a red cube"',
              json.dumps({"prompt": "a house", "seed": 5, "controlnet": net, "control_image": "edges.png",
                          "controlnet_scale": 0.5, "control_end": 0.8}),
-             json.dumps({"prompt": "a house", "seed": 6, "controlnet": [net], "control_image": ["./edges.png"]})]  # fmt: skip
+             json.dumps({"prompt": "a house", "seed": 6, "controlnet": [net], "control_image": ["./edges.png"], "guess_mode": True})]  # fmt: skip
     (jobs / "p.jsonl").write_text("\n".join(lines) + "\n")
     loads = []
     real_load = sd15.controlnet.load_controlnet
@@ -454,6 +454,12 @@ def test_a_controlnet_line_is_the_image_sd15_generate_makes(tmp_path, tiny_check
     batch_png, cli_png = tmp_path / "out" / f"{made}.png", tmp_path / "cli.png"
     assert np.array_equal(np.asarray(Image.open(batch_png)), np.asarray(Image.open(cli_png)))
     assert read_parameters(batch_png) == read_parameters(cli_png)
+    guessed = next(key for key, entry in manifest.items() if entry["seed"] == 6)  # guess mode: recorded alike too
+    assert main(["generate", "a house", "--seed", "6", "--controlnet", net, "--control-image", "jobs/edges.png", "--guess-mode",
+                 "--model", str(tiny_checkpoint), "--no-safety-checker", "-o", "cli6.png", *ARGS]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"{guessed}.png")), np.asarray(Image.open("cli6.png")))
+    assert read_parameters(tmp_path / "out" / f"{guessed}.png") == read_parameters("cli6.png")
+    assert "Guess Mode: True" in read_parameters("cli6.png")
 
     capsys.readouterr()
     assert main(command) == 0

@@ -401,6 +401,20 @@ def test_cli_control_preprocess_canny_is_recorded_and_made_again_from_png(workdi
     assert (record["module"], record["threshold_a"], record["threshold_b"]) == ("canny", 50.0, 120.0)
 
 
+def test_cli_guess_mode_is_recorded_and_from_png_keeps_it(workdir, tiny_checkpoint, controlnet_file):
+    picture(18).save("edges.png")
+    run = ["--model", str(tiny_checkpoint), "--steps", "2", "--seed", "4", "--no-progress", "--no-safety-checker",
+           "--controlnet", str(controlnet_file), "--control-image", "edges.png"]  # fmt: skip
+    assert main(["generate", "a cat", *run, "--guess-mode", "-o", "guess.png"]) == 0
+    assert main(["generate", "a cat", *run, "-o", "plain.png"]) == 0
+    assert main(["generate", "--from-png", "guess.png", *run, "-o", "again.png"]) == 0
+    pixels = {name: np.asarray(Image.open(f"{name}.png")) for name in ("guess", "plain", "again")}
+    assert np.array_equal(pixels["guess"], pixels["again"]) and not np.array_equal(pixels["guess"], pixels["plain"])
+    assert "Guess Mode: True" in read_parameters("guess.png") and "Guess Mode" not in read_parameters("plain.png")
+    assert parse_parameters(read_parameters("again.png"))["controlnets"][0]["guess_mode"] is True
+    assert "guess_mode" not in parse_parameters(read_parameters("plain.png"))["controlnets"][0]
+
+
 def test_from_png_of_a_preprocessor_sd15_lacks_warns_and_uses_the_image(workdir, tiny_checkpoint, controlnet_file, capsys):
     picture(16).save("depth.png")
     text = ('a cat\nSteps: 2, Sampler: PLMS, CFG scale: 7, Seed: 4, Size: 64x64, ControlNet 0: "Module: depth_midas, '
