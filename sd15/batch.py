@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 from contextlib import contextmanager
@@ -59,6 +60,7 @@ KINDS = {**dict.fromkeys(TEXT, "a string"), **dict.fromkeys(FLAG, "true or false
 
 
 IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the chunk every whole PNG ends with
+MAX_CONTROL_BYTES = 256 << 20  # a control image file's limit: 4096² pixels of 16-bit RGBA, uncompressed, are 128 MiB
 
 
 @dataclass(frozen=True)
@@ -166,18 +168,27 @@ def _per_net(key: str, value, n: int) -> list[float]:
 def read_control_image(path: Path) -> tuple[str, Image.Image]:
     """A control image file -> (the SHA-256 of its bytes, 16 hex digits; the RGB image `sd15 generate` would make
     of it: sizes checked, EXIF rotation applied, transparency black). The picture is decoded from the bytes that
-    were hashed, so an image's id and the control image it was made with always agree."""
-    from .cli import UserError, _open_image
+    were hashed, so an image's id and the control image it was made with always agree. Only a regular file of at
+    most MAX_CONTROL_BYTES is read: a line naming a device, a FIFO or a huge file is refused before its bytes."""
+    from .checkpoint import printable
     from .controlnet import control_rgb
+    from .images import open_image
 
+    shown = printable(path)
     try:
-        data = path.read_bytes()
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # O_NONBLOCK: opening a FIFO cannot hang
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"cannot read the control image {shown}: not a regular file (a folder, device or FIFO); give an image file")
+            if info.st_size > MAX_CONTROL_BYTES:
+                raise ValueError(f"the control image {shown} is {info.st_size} bytes, more than sd15 reads of a control "
+                                 f"image ({MAX_CONTROL_BYTES}); give a smaller file")  # fmt: skip
+            data = f.read(MAX_CONTROL_BYTES + 1)  # bounded, should it grow meanwhile
     except OSError as e:
-        raise ValueError(f"cannot read the control image {path}: {e.strerror}") from None
-    try:
-        image = control_rgb(_open_image(path, "control image", data=data))
-    except UserError as e:
-        raise ValueError(str(e)) from None
+        raise ValueError(f"cannot read the control image {shown}: {e.strerror}") from None
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ValueError(f"the control image {shown} grew past {MAX_CONTROL_BYTES} bytes while it was read; give a smaller file")
+    image = control_rgb(open_image(shown, "control image", data=data))
     return hashlib.sha256(data).hexdigest()[:16], image
 
 
@@ -185,6 +196,7 @@ def _line_control(given: dict, folder: Path) -> tuple[list[dict], LineControl | 
     """A line's ControlNet fields -> what its PNG records of each ControlNet (sd15.controlnet.settings_record's
     fields: the file's name and pnginfo.short_hash, weight, start, end) and its LineControl; ([], None) without.
     Files are found (relative paths from `folder`) and control images read now, before any model loads."""
+    from .checkpoint import printable
     from .pnginfo import short_hash
 
     if "controlnet" not in given:
@@ -208,11 +220,11 @@ def _line_control(given: dict, folder: Path) -> tuple[list[dict], LineControl | 
     for net, scale, start, end in zip(nets, scales, starts, ends):
         if not net.is_file():
             hint = ' (a scale goes in "controlnet_scale", not after a colon)' if re.search(r":[\d.]+$", net.name) else ""
-            raise ValueError(f"no such ControlNet file: {net}{hint}")
+            raise ValueError(f"no such ControlNet file: {printable(net)}{hint}")
         try:
             digest = short_hash(net)
         except OSError as e:
-            raise ValueError(f"cannot read the ControlNet file {net}: {e.strerror}") from None
+            raise ValueError(f"cannot read the ControlNet file {printable(net)}: {e.strerror}") from None
         records.append(dict(model=net.stem, hash=digest, weight=scale, guidance_start=start, guidance_end=end,
                             **({"guess_mode": True} if guess_mode else {})))  # as settings_record: only when on
     hashes = tuple(read_control_image(image)[0] for image in images)
@@ -324,23 +336,30 @@ def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
 
 def load_controlnets(jobs: list[Job], device=None, dtype=None) -> dict:
     """Every distinct ControlNet file the jobs use, loaded once ({path: ControlNet}), and so checked: a file that
-    is no usable ControlNet is refused here, with the first line that names it."""
+    is no usable ControlNet is refused here, with the first line that names it, as is one whose hash is no longer
+    the one the jobs' ids were made with (the file changed since the prompts file was read)."""
+    from .checkpoint import printable
     from .controlnet import load_controlnet
 
     nets = {}
     for job in jobs:
-        for path in job.control.nets if job.control is not None else ():
+        for path, record in zip(job.control.nets, job.settings.controlnets) if job.control is not None else ():
             if path not in nets:
                 try:
                     nets[path] = load_controlnet(path, device, dtype)
                 except ValueError as e:  # a CheckpointError: not a ControlNet, damaged, of another family
                     raise ValueError(f"line {job.line} of the prompts file: {e}") from None
+            if nets[path].hash != record["hash"]:
+                raise ValueError(f"the ControlNet file {printable(path)} (line {job.line}) changed since the prompts file "
+                                 "was read; run the batch again to use it as it is now")  # fmt: skip
     return nets
 
 
 def _control_arguments(job: Job, nets: dict) -> dict:
     """generate's ControlNet arguments for `job` (none without). Each control image is read again, and refused if
     its bytes are not those the job's id hashed (the file changed since the prompts file was read)."""
+    from .checkpoint import printable
+
     c = job.control
     if c is None:
         return {}
@@ -348,7 +367,7 @@ def _control_arguments(job: Job, nets: dict) -> dict:
     for path, expected in zip(c.images, c.image_hashes):
         digest, image = read_control_image(path)
         if digest != expected:
-            raise ValueError(f"the control image {path} (line {job.line}) changed during the run; run the batch again "
+            raise ValueError(f"the control image {printable(path)} (line {job.line}) changed during the run; run the batch again "
                              "to make it as it is now")  # fmt: skip
         images.append(image)
     records = job.settings.controlnets

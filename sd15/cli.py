@@ -553,29 +553,14 @@ def _write_inspection(m, args, trace, images, prompt: str) -> None:
             print(f"wrote {sheet} and {anim}")
 
 
-def _open_image(path: str, what: str, data: bytes | None = None):
-    """Read an image file as it is shown (EXIF rotation applied), refusing one larger than sd15 can use before
-    its pixels are decoded. `data`: the file's bytes, already read (sd15.batch hashes what it decodes)."""
-    import io
-    import warnings
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from .pipeline import MAX_PIXELS
+def _open_image(path: str, what: str):
+    """sd15.images.open_image, its refusal a UserError."""
+    from .images import open_image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sd15's own, lower limit is checked below
-            with Image.open(path if data is None else io.BytesIO(data)) as im:  # reads the header only
-                if im.width * im.height > MAX_PIXELS:
-                    raise UserError(f"the {what} {path} is {im.width}×{im.height}, larger than sd15 allows ({MAX_PIXELS} pixels)")
-                if min(im.size) < 8:
-                    raise UserError(f"the {what} {path} is {im.width}×{im.height} pixels, too small: each side must be at least 8")
-                return ImageOps.exif_transpose(im)  # decoded here; a photo stored sideways: as it is shown
-    except Image.DecompressionBombError:  # PIL's own limit, checked as it reads the header
-        raise UserError(f"the {what} {path} is larger than sd15 allows ({MAX_PIXELS} pixels)") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"cannot read the {what} {path}: {e}") from None
+        return open_image(path, what)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def run_inpaint(args) -> None:

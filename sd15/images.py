@@ -49,6 +49,33 @@ def _to_pil_rgb(image, background: tuple[int, int, int] = (255, 255, 255)) -> Im
     raise TypeError(f"expected a PIL image, got {type(image).__name__}")
 
 
+def open_image(path, what: str, data: bytes | None = None) -> Image.Image:
+    """Read an image file as it is shown (EXIF rotation applied), refusing one larger than sd15 can use before
+    its pixels are decoded; `what` names it in the one-line ValueError ("control image"). `data`: the file's
+    bytes, already read (sd15.batch decodes the bytes it hashed)."""
+    import io
+    import warnings
+
+    from PIL import UnidentifiedImageError
+
+    from .pipeline import MAX_PIXELS  # here: sd15.pipeline imports this module
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sd15's own, lower limit is checked below
+            with Image.open(path if data is None else io.BytesIO(data)) as im:  # reads the header only
+                W, H = im.size
+                if W * H <= MAX_PIXELS and min(W, H) >= 8:
+                    return ImageOps.exif_transpose(im)  # decoded here; a photo stored sideways: as it is shown
+    except Image.DecompressionBombError:  # PIL's own limit, checked as it reads the header
+        raise ValueError(f"the {what} {path} is larger than sd15 allows ({MAX_PIXELS} pixels)") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:  # PIL's ValueError: a damaged file
+        raise ValueError(f"cannot read the {what} {path}: {e}") from None
+    if W * H > MAX_PIXELS:
+        raise ValueError(f"the {what} {path} is {W}×{H}, larger than sd15 allows ({MAX_PIXELS} pixels)")
+    raise ValueError(f"the {what} {path} is {W}×{H} pixels, too small: each side must be at least 8")
+
+
 def to_tensor(images, fit: str = "resize") -> torch.Tensor:
     """PIL image(s), a uint8 or float array (H, W, 3) / (B, H, W, 3) in [0, 255] / [0, 1], or a float tensor
     (B, 3, H, W) in [-1, 1] -> float32 tensor (B, 3, H, W) in [-1, 1] with H and W multiples of 8."""

@@ -222,6 +222,30 @@ def crop_control_images(control_image, image_size: tuple[int, int], region, widt
     return crop(control_image)
 
 
+def _centre_cut_control_images(control_image, image_size: tuple[int, int], width: int, height: int):
+    """fit="crop"'s control images: one of the image's own `image_size` (W, H) is cut to the same centre
+    width × height as the image, so its hint lines up with the pixels kept (a resize would squeeze it against
+    them); others are left to sd15.controlnet.control_image, which resizes them to width × height as before."""
+    W, H = image_size
+    left, top = (W - width) // 2, (H - height) // 2  # as sd15.images' fit="crop"
+
+    def size(image):  # (W, H) as the control image will be read, or None
+        if isinstance(image, Image.Image):
+            return controlnet_io.control_rgb(image).size  # EXIF rotation applied
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim >= 2:
+            return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else (image.shape[-1], image.shape[-2])
+        return None
+
+    def cut(image):
+        if image is None or size(image) != image_size:
+            return image
+        return crop_control_images(image, image_size, (left, top, left + width, top + height), width, height)
+
+    if isinstance(control_image, (list, tuple)):
+        return [cut(image) for image in control_image]
+    return cut(control_image)
+
+
 # --------------------------------------------------------------------------- denoising
 
 
@@ -377,6 +401,8 @@ def inpaint(
     pipeline.check_prompts(prompt, negative_prompt)
     if controlnet is not None and region is not None:  # padding mode: the hint of the crop the model sees
         control_image = crop_control_images(control_image, (source.shape[-1], source.shape[-2]), region, W, H)
+    elif controlnet is not None and fit == "crop" and (W, H) != (source.shape[-1], source.shape[-2]):
+        control_image = _centre_cut_control_images(control_image, (source.shape[-1], source.shape[-2]), W, H)
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, W, H, guess_mode)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)

@@ -468,3 +468,20 @@ def test_a_controlnet_line_is_the_image_sd15_generate_makes(tmp_path, tiny_check
     assert main(command) == 0
     assert "made 2 images; 3 jobs" in capsys.readouterr().out and len(pngs(tmp_path / "out")) == 5
     assert batch_png.exists()  # the image of the old control image stays
+
+
+def test_a_controlnet_file_that_changes_after_the_jobs_are_read_is_refused(tmp_path, controlnet_files, monkeypatch):
+    """The id hashes the ControlNet file as it was when the prompts file was read; loading it later (sd15 batch
+    loads every ControlNet after reading every line) must not make that id's image with other weights."""
+    import shutil
+
+    from sd15.batch import load_controlnets
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the hash cache
+    net = shutil.copy(controlnet_files[0], tmp_path / "net.safetensors")
+    control_picture(tmp_path / "edges.png", 0)
+    jobs = jobs_of(tmp_path, json.dumps({"prompt": "a house", "controlnet": "net.safetensors", "control_image": "edges.png"}))
+    assert load_controlnets(jobs)[Path(net)].hash == jobs[0].settings.controlnets[0]["hash"]
+    shutil.copy(controlnet_files[1], net)  # replaced meanwhile: the same name, other weights
+    with pytest.raises(ValueError, match=r"net.safetensors \(line 1\) changed since the prompts file was read; run the batch again"):
+        load_controlnets(jobs)

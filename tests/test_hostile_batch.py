@@ -3,6 +3,7 @@ the line number and what is wrong (exit status 2, one line, no traceback), and n
 exactly the checks the API applies (sd15.pipeline.check_settings, check_prompts)."""
 
 import json
+import os
 
 import pytest
 
@@ -136,6 +137,10 @@ BAD_CONTROLNET_LINES = [
     (line(**{**CONTROL, "control_image": "depth.tiff"}), "floating-point image (PIL mode F)"),
     (line(**{**CONTROL, "control_image": "dot.png"}), "too small"),
     (line(**{**CONTROL, "controlnet": "lora.safetensors"}), "lora.safetensors is a LoRA adapter"),
+    (line(**{**CONTROL, "control_image": "fifo.png"}), "fifo.png: not a regular file"),  # read_bytes would wait forever
+    (line(**{**CONTROL, "control_image": "zero.png"}), "zero.png: not a regular file"),  # a link to /dev/zero: no end
+    (line(**{**CONTROL, "control_image": "huge.png"}), "more than sd15 reads of a control image"),  # not read into memory
+    (line(**{**CONTROL, "control_image": "e\x1b[2J.png"}), "e\\x1b[2J.png: No such file"),  # no escape reaches the terminal
 ]  # fmt: skip
 
 
@@ -158,6 +163,12 @@ def test_bad_controlnet_lines_are_refused_before_the_model_loads(batch, workdir,
     Image.fromarray(np.full((64, 64), 0.5, np.float32)).save(workdir / "depth.tiff")  # mode F
     (workdir / "notes.txt").write_text("not an image")
     (workdir / "folder").mkdir()
+    os.mkfifo(workdir / "fifo.png")
+    (workdir / "zero.png").symlink_to("/dev/zero")
+    with open(workdir / "huge.png", "wb") as f:
+        f.write((workdir / "edges.png").read_bytes())
+        f.truncate(300 << 20)  # sparse: a PNG header, then 300 MB of zeros
     good = json.dumps({"prompt": "a good line with a ControlNet", **CONTROL})
     err = batch(f'{good}\n# a comment\n\n{bad}\n"a good line after"\n'.encode())
     assert message in err and (f"{workdir / 'prompts.jsonl'}:4: " in err or "line 4 of the prompts file: " in err), err
+    assert "\x1b" not in err

@@ -167,6 +167,20 @@ def test_padding_mode_cuts_the_control_image_with_the_image(tiny_model, controln
     assert np.array_equal(padded, tiny_model.inpaint(small, small_mask, PROMPT, **whole))
 
 
+def test_fit_crop_cuts_a_control_image_of_the_images_size_as_it_cuts_the_image(tiny_model, controlnet):
+    """fit="crop" keeps the centre 72×64 of a 76×64 image; a control image of the image's size (an edge map made
+    from it) is cut the same way, not squeezed to 72 wide, so its hint stays on the pixels it was made from."""
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (64, 76, 3), dtype=np.uint8))
+    mask = np.zeros((64, 76), np.uint8)
+    mask[20:40, 20:50] = 255
+    control = rng.integers(0, 256, (64, 76, 3), dtype=np.uint8)
+    run = dict(steps=2, seed=1, sampler="ddim", fit="crop", output_type="np", controlnet=controlnet)
+    whole = tiny_model.inpaint(image, Image.fromarray(mask), PROMPT, control_image=Image.fromarray(control), **run)
+    cut = tiny_model.inpaint(image, Image.fromarray(mask), PROMPT, control_image=control[:, 2:74], **run)
+    assert whole.shape == (1, 64, 72, 3) and np.array_equal(whole, cut)
+
+
 def test_padding_mode_puts_the_inpaint_controlnets_marks_where_the_mask_goes(tiny_model, controlnet):
     """The inpaint ControlNet's control image marks the hole with -1 (sd15.control_preprocess.inpaint_condition): cut
     and resized in padding mode, the marks land where the mask does (resized and thresholded as it is), the pixels
