@@ -76,6 +76,18 @@ def open_image(path, what: str, data: bytes | None = None) -> Image.Image:
     raise ValueError(f"the {what} {path} is {W}×{H} pixels, too small: each side must be at least 8")
 
 
+def source_size(image) -> tuple[int, int] | None:
+    """(W, H) of an image as `to_tensor` reads it before `fit` (a PIL image as shown, EXIF rotation applied; an
+    array (H, W, C) or (1, H, W, C); a tensor (…, H, W)), or None for anything else."""
+    if isinstance(image, Image.Image):
+        return ImageOps.exif_transpose(image).size
+    if isinstance(image, np.ndarray) and image.ndim in (3, 4):
+        return image.shape[-2], image.shape[-3]
+    if isinstance(image, torch.Tensor) and image.ndim >= 2:
+        return image.shape[-1], image.shape[-2]
+    return None
+
+
 def to_tensor(images, fit: str = "resize") -> torch.Tensor:
     """PIL image(s), a uint8 or float array (H, W, 3) / (B, H, W, 3) in [0, 255] / [0, 1], or a float tensor
     (B, 3, H, W) in [-1, 1] -> float32 tensor (B, 3, H, W) in [-1, 1] with H and W multiples of 8."""

@@ -222,7 +222,7 @@ def crop_control_images(control_image, image_size: tuple[int, int], region, widt
     return crop(control_image)
 
 
-def _centre_cut_control_images(control_image, image_size: tuple[int, int], width: int, height: int):
+def centre_cut_control_images(control_image, image_size: tuple[int, int], width: int, height: int):
     """fit="crop"'s control images: one of the image's own `image_size` (W, H) is cut to the same centre
     width × height as the image, so its hint lines up with the pixels kept (a resize would squeeze it against
     them); others are left to sd15.controlnet.control_image, which resizes them to width × height as before."""
@@ -402,7 +402,7 @@ def inpaint(
     if controlnet is not None and region is not None:  # padding mode: the hint of the crop the model sees
         control_image = crop_control_images(control_image, (source.shape[-1], source.shape[-2]), region, W, H)
     elif controlnet is not None and fit == "crop" and (W, H) != (source.shape[-1], source.shape[-2]):
-        control_image = _centre_cut_control_images(control_image, (source.shape[-1], source.shape[-2]), W, H)
+        control_image = centre_cut_control_images(control_image, (source.shape[-1], source.shape[-2]), W, H)
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, W, H, guess_mode)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)

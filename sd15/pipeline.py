@@ -442,8 +442,9 @@ def img2img(
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
     steps. `image`: a PIL image, an array, or a (1, 3, H, W) tensor in [-1, 1]; sides that are not
     multiples of 8 are brought to one by `fit` ("resize" or "crop", see sd15.images).
-    ControlNet arguments as `generate`'s; the control image is brought to the (fitted) input image's size, and
-    the start and end fractions count the int(steps · strength) steps that run.
+    ControlNet arguments as `generate`'s; the control image is brought to the (fitted) input image's size (with
+    fit="crop", one of the input's own size is cut as the input is), and the start and end fractions count the
+    int(steps · strength) steps that run.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -458,6 +459,11 @@ def img2img(
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = _generators(seed, len(prompts))
+    source = image_io.source_size(image)
+    if controlnet is not None and fit == "crop" and source not in (None, (width, height)):
+        from .inpaint import centre_cut_control_images  # here: sd15.inpaint imports this module
+
+        control_image = centre_cut_control_images(control_image, source, width, height)  # cut as the image was
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)

@@ -216,6 +216,19 @@ def test_inpaint_takes_a_controlnet(tiny_model, controlnet):
 # ------------------------------------------------------------------------------------------ PNG parameters
 
 
+def test_img2img_fit_crop_cuts_a_control_image_of_the_images_size_as_it_cuts_the_image(tiny_model, controlnet):
+    """As inpainting's (tests/test_inpaint.py): fit="crop" keeps the centre 72×64 of a 76×64 image, and a control image
+    of the image's size is cut the same way, not squeezed, so its hint stays on the pixels it was made from."""
+    rng = np.random.default_rng(8)
+    image = Image.fromarray(rng.integers(0, 256, (64, 76, 3), dtype=np.uint8))
+    control = rng.integers(0, 256, (64, 76, 3), dtype=np.uint8)
+    run = dict(strength=0.8, steps=3, seed=1, sampler="ddim", fit="crop", output_type="np", controlnet=controlnet)
+    whole = tiny_model.img2img(image, PROMPT, control_image=Image.fromarray(control), **run)
+    cut = tiny_model.img2img(image, PROMPT, control_image=control[:, 2:74], **run)
+    squeezed = tiny_model.img2img(image, PROMPT, control_image=Image.fromarray(control).resize((72, 64), Image.LANCZOS), **run)
+    assert whole.shape == (1, 64, 72, 3) and np.array_equal(whole, cut) and not np.array_equal(whole, squeezed)
+
+
 def test_png_records_the_controlnet_and_parses_back(tiny_model, controlnet):
     image = tiny_model.generate("a cat", steps=2, seed=1, width=64, height=64, controlnet=controlnet, control_image=picture(0),
                                 controlnet_conditioning_scale=0.75, control_guidance_end=0.5)[0]  # fmt: skip
@@ -451,6 +464,24 @@ def test_cli_refusals(workdir, tiny_checkpoint, controlnet_file, capsys, extra, 
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
+    assert not Path("out.png").exists()
+
+
+def test_from_png_with_bad_canny_thresholds_is_refused_before_the_model_loads(workdir, tiny_checkpoint, controlnet_file, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    import sd15.cli
+    from sd15.pnginfo import save_png
+
+    picture(19).save("photo.png")
+    text = ('a cat\nSteps: 2, Sampler: PLMS, CFG scale: 7, Seed: 4, Size: 64x64, ControlNet 0: "Module: canny, '
+            'Model: canny-tiny, Weight: 1, Resize Mode: Just Resize, Threshold A: nan, Threshold B: 200, Guidance Start: 0, '
+            'Guidance End: 1"')  # fmt: skip
+    save_png(picture(20), Path("made.png"), text)
+    monkeypatch.setattr(sd15.cli, "_load_model", lambda args: pytest.fail("the model was loaded before the PNG was checked"))
+    code = main(["generate", "--from-png", "made.png", "--model", str(tiny_checkpoint), "--no-progress", "--no-safety-checker",
+                 "--controlnet", str(controlnet_file), "--control-image", "photo.png", "-o", "out.png"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Canny low threshold must be a number >= 0" in err and len(err.splitlines()) == 1, err
     assert not Path("out.png").exists()
 
 
