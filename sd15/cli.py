@@ -327,9 +327,9 @@ def _preprocessed(image, step: dict):
     """A control image after its --control-preprocess step (sd15.control_preprocess)."""
     if step["module"] != "canny":
         return image
-    from .control_preprocess import canny
+    from .control_preprocess import CANNY_HIGH, CANNY_LOW, canny
 
-    return canny(image, step.get("threshold_a", 100), step.get("threshold_b", 200))
+    return canny(image, step.get("threshold_a", CANNY_LOW), step.get("threshold_b", CANNY_HIGH))
 
 
 def _model_device_and_dtype(args):
