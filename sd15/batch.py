@@ -176,7 +176,8 @@ def read_control_image(path: Path) -> tuple[str, Image.Image]:
 
     shown = printable(path)
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # O_NONBLOCK: opening a FIFO cannot hang
+        # O_NONBLOCK: opening a FIFO cannot hang (POSIX; Windows has neither the flag nor FIFOs in its file system)
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
             info = os.fstat(f.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise ValueError(f"cannot read the control image {shown}: not a regular file (a folder, device or FIFO); give an image file")
