@@ -1,6 +1,7 @@
 """Loading checkpoints: the forms real files take, and every way a file can be wrong."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,8 +258,15 @@ print(params, peak_rss() - before)
 @pytest.mark.full_size
 def test_full_size_load_keeps_one_copy_in_memory(tmp_path):
     """A 4.3 GB fp32 checkpoint loads with peak resident memory well under two copies of the model."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < 5.3e9:
+        pytest.skip(f"the full-size load needs 5.3 GB free in {tmp_path}; this machine has {free / 1e9:.1f} GB")
     path = save_checkpoint(random_checkpoint("full", seed=0), tmp_path / "full.safetensors")
-    out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True)
+    finally:
+        path.unlink()  # 4.3 GB: not left for the rest of the run (the full-size round trip needs the disk)
+    assert out.returncode == 0, out.stderr[-3000:]
     model_bytes, load_peak = map(int, out.stdout.split())
     assert model_bytes > 4.2e9  # 1.066 B fp32 parameters
     assert load_peak < 1.25 * model_bytes, (
