@@ -87,12 +87,13 @@ def _content_seed(text: str) -> int:
 
 
 def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked: bool = False,
-         control: LineControl | None = None) -> Job:  # fmt: skip
-    """The job making image `s`. Its id hashes the model, every setting the PNG records, and what changes the
-    image but is not in the PNG: the control images' bytes and guess mode (`control`), and `checked`, by the
-    safety checker, which may black an image out (so that a rerun with it off makes such images anew).
+         control: LineControl | None = None, vae_hash: str | None = None) -> Job:  # fmt: skip
+    """The job making image `s`. Its id hashes the model (and the VAE used instead of its own), every setting
+    the PNG records, and what changes the image but is not in the PNG: the control images' bytes and guess mode
+    (`control`), and `checked`, by the safety checker, which may black an image out (so that a rerun with it off
+    makes such images anew).
 
-    What earlier versions had no field for is left out while it is absent (no ControlNet, no safety checker),
+    What earlier versions had no field for is left out while it is absent (no ControlNet, VAE or safety checker),
     so the ids of such images stay those of earlier versions, and a rerun still finds their files."""
     key = {"model": model_hash, **asdict(s)}
     if not s.controlnets:
@@ -101,6 +102,8 @@ def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked
         key.update(control_images=list(control.image_hashes), guess_mode=control.guess_mode)
     if checked:
         key["safety_checker"] = True
+    if vae_hash is not None:
+        key["vae"] = vae_hash
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Job(digest, line, s, prompt, control)
 
@@ -320,8 +323,10 @@ def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
     use, which change the image and so its id, as does a safety checker (it blacks out what it flags). With none,
     the jobs are unchanged. A missing LoRA is refused here, before any image is made."""
     from .lora import recorded_prompt
+    from .pnginfo import vae_record
     from .prompts import adapter_hashes
 
+    vae_hash, _ = vae_record(m.vae_path)
     out = []
     for job in jobs:
         s = job.settings
@@ -331,7 +336,7 @@ def with_adapters(m, model_hash: str, jobs: list[Job]) -> list[Job]:
             raise ValueError(f"line {job.line} of the prompts file: {e}") from None
         recorded = replace(s, prompt=recorded_prompt(m, s.prompt), **adapters)
         checked = getattr(m, "safety_checker", None) is not None
-        out.append(_job(model_hash, job.line, recorded, job.prompt, checked=checked, control=job.control))
+        out.append(_job(model_hash, job.line, recorded, job.prompt, checked=checked, control=job.control, vae_hash=vae_hash))
     return _unique(out)
 
 
@@ -453,7 +458,7 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
     """Make every job's image that does not exist yet; returns the jobs this process made. `controlnets`: the
     jobs' ControlNets as load_controlnets gives them (the command line loads them before the model, to refuse a
     bad file early); by default those of this process's jobs are loaded here, each once."""
-    from .pnginfo import format_parameters, save_png
+    from .pnginfo import format_parameters, save_png, vae_record
 
     rank, world, _ = _distributed()
     jobs = with_adapters(m, model_hash, jobs)
@@ -483,7 +488,7 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
             seed=s.seed, width=s.width, height=s.height, karras=s.karras, progress=progress,
             **_control_arguments(job, nets),
         )[0]  # fmt: skip
-        save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem))
+        save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem, *vae_record(m.vae_path)))
         update_manifest(out, [job])
         made.append(job)
     update_manifest(out, jobs)  # the last rank to finish lists everything, without waiting for the others

@@ -88,6 +88,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
     p.add_argument("-n", "--num-images", type=_positive_int, default=1)
     p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
+    p.add_argument("--vae", default=None, metavar="FILE",
+                   help="a VAE to use instead of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers vae/ folder)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on CUDA, else fp32")
     p.add_argument("-o", "--output", default=None, help="output PNG (several images: NAME-0.png, NAME-1.png, …)")
@@ -214,7 +216,10 @@ def _load_model(args):
         from . import determinism
 
         determinism.enable()
-    m = sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype), fast=False if getattr(args, "reference_path", False) else None)
+    if args.vae and not Path(args.vae).exists():
+        raise UserError(f"no such VAE file: {args.vae}")
+    m = sd15.load(path, device=args.device, dtype=dtypes.get(args.dtype), fast=False if getattr(args, "reference_path", False) else None,
+                  vae=args.vae)  # fmt: skip
     _load_adapters(m, args)
     _load_safety_checker(m, args)
     return m, path
@@ -432,14 +437,15 @@ def _settings_from_png(path: str) -> dict:
 def _save(m, model_path: Path, images, paths: list[Path], preprocessing: list[dict] = ()) -> None:
     """Write the images with their parameters; `preprocessing`: what --control-preprocess did to each control
     image, added to the PNG's ControlNet records (the pipeline saw only the images it made)."""
-    from .pnginfo import format_parameters, save_png, short_hash
+    from .pnginfo import format_parameters, save_png, short_hash, vae_record
 
     model_hash = short_hash(model_path) if model_path.is_file() else None
+    vae = vae_record(m.vae_path)
     for image, path in zip(images, paths):
         settings = image.info["sd15"]
         if preprocessing and len(preprocessing) == len(settings.controlnets):
             settings.controlnets = [{**record, **step} for record, step in zip(settings.controlnets, preprocessing)]
-        save_png(image, path, format_parameters(image.info["sd15"], model_hash, model_path.stem))
+        save_png(image, path, format_parameters(image.info["sd15"], model_hash, model_path.stem, *vae))
         print(f"wrote {path}")
         if image.info.get("nsfw"):
             print(f"warning: {path} was flagged by the safety checker and replaced by a black image", file=sys.stderr)
@@ -466,6 +472,7 @@ def run_generate(args) -> None:
         names = ", ".join(printable(c["model"]) for c in settings["controlnets"])
         print(f"warning: {printable(args.from_png)} was made with ControlNet ({names}), whose control image a PNG does "
               "not hold: generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
+    _compare_recorded_vae(args, settings.get("fields", {}))
     # without -W/-H (or a PNG's size) the output takes the first control image's size, rounded down to a multiple of 8
     control_w, control_h = (max(8, control_images[0].width // 8 * 8), max(8, control_images[0].height // 8 * 8)) if control_images else (512, 512)
 
@@ -509,6 +516,23 @@ def run_generate(args) -> None:
     _save(m, model_path, images, paths, preprocessing)
     if trace is not None:
         _write_inspection(m, args, trace, images, prompt)
+
+
+def _compare_recorded_vae(args, fields: dict) -> None:
+    """Warn when a --from-png PNG was decoded by a VAE other than this run's (its `VAE` and `VAE hash` fields)."""
+    from .checkpoint import printable
+    from .pnginfo import content_hash
+
+    name, digest = fields.get("VAE"), fields.get("VAE hash")
+    if not (name or digest):
+        return
+    recorded = " ".join(printable(v) for v in (name, digest and f"[{digest}]") if v)
+    if args.vae is None:
+        print(f"warning: {printable(args.from_png)} was decoded with the VAE {recorded}; this run uses the checkpoint's "
+              "own (give --vae FILE to use that one)", file=sys.stderr)  # fmt: skip
+    elif digest and Path(args.vae).exists() and content_hash(args.vae) != digest:
+        print(f"warning: {printable(args.from_png)} was decoded with the VAE {recorded}; --vae {printable(args.vae)} is "
+              f"another file (hash {content_hash(args.vae)})", file=sys.stderr)  # fmt: skip
 
 
 def _hires_settings(args, settings: dict) -> dict | None:

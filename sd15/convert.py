@@ -59,6 +59,7 @@ from .streaming import (
     item,
     open_source,
     reshape,
+    vae_items,
     verify,
     write_verified,
 )
@@ -150,24 +151,10 @@ def _vae_replacement(path: Path, current: dict[str, Item], notes: list[str]) -> 
     prefixed), a diffusers VAE folder, or a full SD1.x checkpoint; checked against the model's VAE."""
     from .vae import AutoencoderKL, VAEConfig
 
-    view = open_source(path)
-    info = identify(view)
-    keys = [k for k in view.keys()]
-    if info.kind in SD1_KINDS:
-        keys = [k for k in keys if k.startswith(VAE_PREFIX)]
-    elif info.kind != "vae":
-        raise CheckpointError(f"--vae {path} is {info.description}, not a VAE")
-    dropped = [k for k in keys if k.startswith(("loss.", EMA_PREFIX))]  # training-only parts of VAE checkpoints
-    if dropped:
-        notes.append(f"the VAE file's {len(dropped)} training-only tensors (loss.*, model_ema.*) are not used")
-    names = {k.removeprefix(VAE_PREFIX): k for k in keys if k not in dropped}
-    items = {}
-    if any(".down_blocks." in k or ".mid_block." in k for k in names):  # diffusers layout
-        for dkey, key in keymap.from_diffusers("vae", names).items():
-            it = item(view, names[dkey])
-            items[key] = reshape(it, it.shape + (1, 1)) if keymap.is_vae_attention_weight(dkey) and len(it.shape) == 2 else it
-    else:
-        items = {k: item(view, fk) for k, fk in names.items()}
+    try:
+        items = vae_items(path, notes)
+    except CheckpointError as e:
+        raise CheckpointError(f"--vae: {e}") from None
     if current:
         expected = {k: it.shape for k, it in current.items()}
     else:  # a model without a VAE: the file must hold a whole VAE of some size

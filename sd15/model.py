@@ -37,6 +37,7 @@ from .checkpoint import (
 from .clip import CLIPTextConfig, CLIPTextModel
 from .controlnet import ControlNet, load_controlnet
 from .embeddings import EmbeddingSet
+from .streaming import ItemView, vae_items
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .safety_checker import SafetyChecker
@@ -53,6 +54,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     info: CheckpointInfo
     path: str | None = None
+    vae_path: str | None = None  # the VAE file used instead of the checkpoint's (load's `vae`), if any
     embeddings: EmbeddingSet = field(default_factory=EmbeddingSet)  # textual inversions, by trigger word
     loras: list[lora.AppliedLoRA] = field(default_factory=list)  # LoRAs kept applied by load_lora
     lora_dirs: list[Path] = field(default_factory=lambda: [lora.DEFAULT_LORA_DIR])  # where <lora:name:…> is found
@@ -126,12 +128,25 @@ def _build(name: str, module_cls, config, ckpt, keymap: dict[str, str], device, 
     return module.eval().requires_grad_(False)
 
 
+def _vae_config(name: str, shapes: dict[str, torch.Tensor]) -> VAEConfig:
+    """The VAE's configuration from its shapes; one SD1.x's UNet cannot work with is refused."""
+    try:
+        config = VAEConfig.from_state_dict(shapes)
+    except (KeyError, ValueError):  # no encoder.conv_in.weight, no levels, …: `_build` names what is missing
+        return VAEConfig()
+    if (config.embed_dim, len(config.ch_mult)) != (4, 4):
+        raise CheckpointError(f"The {name} has {config.embed_dim} latent channels and {len(config.ch_mult)} levels; SD1.x's "
+                              "UNet works on 4-channel latents at 1/8 of the image size (a VAE of 4 levels)")  # fmt: skip
+    return config
+
+
 def load(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     ema: bool = False,
     fast: bool | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> StableDiffusion:
     """Load an SD1.x single-file checkpoint (.safetensors, or .ckpt read with weights_only=True), or a
     diffusers folder (model_index.json, unet/, vae/, text_encoder/), read through sd15.keymap's key rules.
@@ -140,15 +155,20 @@ def load(
     `ema=True` takes the UNet from the file's EMA copy (`model_ema.*`), as training checkpoints hold it.
     `fast`: the fast path of sd15.fast (fused kernels, CUDA graphs); by default on for CUDA in fp16/bf16,
     off otherwise. `fast=False` keeps the plain reference modules.
+    `vae`: a VAE to decode (and encode) with instead of the checkpoint's own, as the web UI's "SD VAE"
+    setting: a VAE file such as vae-ft-mse-840000-ema-pruned.safetensors (.safetensors or .ckpt, original or
+    diffusers layout), a diffusers vae/ folder, or another SD1.x checkpoint (its VAE). A checkpoint
+    published without a VAE loads only with one.
     Files of other families (SD2, SDXL, LoRA, a VAE alone, …) are refused with a message naming them.
     """
     ckpt = open_checkpoint(path)
     info = identify(ckpt)
     if info.kind not in ("sd1", "sd1-inpainting"):
         raise CheckpointError(f"{path} is {info.description}. sd15 loads Stable Diffusion 1.x checkpoints.")
-    for needed in ("vae", "text_encoder"):
+    for needed in ("vae", "text_encoder") if vae is None else ("text_encoder",):
         if needed not in info.components:
-            raise CheckpointError(f"{path} has a UNet but no {needed} weights; use a full SD1.x checkpoint.")
+            also = " or pass a VAE file (vae=, --vae)" if needed == "vae" else ""
+            raise CheckpointError(f"{path} has a UNet but no {needed} weights; use a full SD1.x checkpoint{also}.")
     extra = unexplained_keys(ckpt, info)
     if extra:
         check_state_dict("checkpoint", {}, {k: ckpt.shape(k) for k in extra})
@@ -161,19 +181,24 @@ def load(
         if missing:
             raise CheckpointError(f"{path}'s EMA weights are incomplete: {len(missing)} missing, e.g. {printable(missing[0])}")
         unet_keys = {k: ema_key(k) for k in unet_keys}
-    vae_keys = component_keys(ckpt, VAE_PREFIX)
+    vae_view, vae_keys, vae_name = ckpt, component_keys(ckpt, VAE_PREFIX), "VAE"
+    if vae is not None:
+        vae_view = ItemView(vae_items(vae, notes=[]))  # notes: only about left-out training tensors
+        vae_keys, vae_name = {k: k for k in vae_view.keys()}, f"VAE ({vae})"
+    vae_config = _vae_config(vae_name, _meta_shapes(vae_view, vae_keys))
     clip_keys = component_keys(ckpt, info.clip_prefix)
     if info.clip_prefix == CLIP_PREFIX_OLD:  # older files: cond_stage_model.transformer.{embeddings,encoder,…}
         clip_keys = {k.removeprefix("text_model."): fk for k, fk in clip_keys.items()}
 
     device, dtype = default_device_and_dtype(device, dtype)
     unet = _build("UNet", UNet, UNetConfig.from_state_dict(_meta_shapes(ckpt, unet_keys)), ckpt, unet_keys, device, dtype)
-    vae = _build("VAE", AutoencoderKL, VAEConfig.from_state_dict(_meta_shapes(ckpt, vae_keys)), ckpt, vae_keys, device, dtype)
+    vae_path = vae
+    vae = _build(vae_name, AutoencoderKL, vae_config, vae_view, vae_keys, device, dtype)
     clip_config = CLIPTextConfig.from_state_dict(_meta_shapes(ckpt, clip_keys))
     text_encoder = _build("text encoder", CLIPTextModel, clip_config, ckpt, clip_keys, device, dtype)
     if device.type == "cpu":  # oneDNN's convolutions run ~15% faster on the VAE's large maps in NHWC (performance.md)
         vae.to(memory_format=torch.channels_last)
-    m = StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path))
+    m = StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path), None if vae_path is None else str(vae_path))
     if fast_path.wanted(device, dtype, fast):
         fast_path.enable(m)
     return m

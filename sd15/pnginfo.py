@@ -68,7 +68,10 @@ def _parse_hash_list(value: str) -> dict[str, str]:
     return {name.strip(): h.strip() for name, _, h in pairs if name.strip() and h.strip()}
 
 
-def format_parameters(s: GenerationSettings, model_hash: str | None = None, model_name: str | None = None) -> str:
+def format_parameters(s: GenerationSettings, model_hash: str | None = None, model_name: str | None = None,
+                      vae_hash: str | None = None, vae_name: str | None = None) -> str:
+    """The `parameters` text of image `s`; `vae_hash`/`vae_name` for a VAE used instead of the checkpoint's
+    (the web UI's "VAE hash" and "VAE": the file's short_hash and its name with the extension)."""
     lines = [s.prompt]
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
@@ -81,6 +84,8 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Size": f"{s.width}x{s.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": vae_hash,
+        "VAE": vae_name,
         "Denoising strength": f"{s.strength:g}" if s.strength is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
         "Hires upscale": f"{s.hires_scale:g}" if s.hires_scale else None,
@@ -234,3 +239,20 @@ def short_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None = No
     except OSError:
         pass  # a read-only home only costs rehashing next time
     return cache[key]
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """short_hash of a file; of a folder (a diffusers model or VAE), the first 10 hex digits of a SHA-256 over
+    its files' relative paths and short hashes, so that changing any file changes it."""
+    path = Path(path)
+    if not path.is_dir():
+        return short_hash(path)
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}:{short_hash(file)}\n".encode())
+    return digest.hexdigest()[:10]
+
+
+def vae_record(vae_path: str | os.PathLike | None) -> tuple[str | None, str | None]:
+    """(VAE hash, VAE) as the PNG records a VAE used instead of the checkpoint's, or (None, None)."""
+    return (content_hash(vae_path), Path(vae_path).name) if vae_path else (None, None)

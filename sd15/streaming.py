@@ -38,9 +38,12 @@ import torch
 from . import keymap
 from .checkpoint import (
     CLIP_PREFIX,
+    EMA_PREFIX,
+    VAE_PREFIX,
     CheckpointError,
     SafetensorsFile,
     TensorDict,
+    identify,
     load_pickle,
     open_checkpoint,
     printable,
@@ -360,6 +363,56 @@ def cast(it: Item, dtype: torch.dtype | None) -> Item:
 
 def reshape(it: Item, shape: tuple[int, ...]) -> Item:
     return Item(tuple(shape), it.dtype, lambda: it.read().reshape(shape))
+
+
+class ItemView:
+    """{key: Item} as a lazy view (keys, shape, dtype_name, get), as sd15.model.load reads checkpoints."""
+
+    def __init__(self, items: dict[str, Item]):
+        self.items = items
+
+    def keys(self):
+        return self.items.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.items[key].shape
+
+    def dtype_name(self, key: str) -> str:
+        return ST_NAMES[self.items[key].dtype]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.items[key].read()
+
+
+def vae_items(path: str | os.PathLike, notes: list[str]) -> dict[str, Item]:
+    """A VAE on its own, {key without `first_stage_model.`: Item} in the original layout, from a VAE file
+    (original or diffusers layout, keys bare or prefixed, .safetensors or .ckpt, as
+    vae-ft-mse-840000-ema-pruned is published), a diffusers VAE folder, or a full SD1.x checkpoint's VAE.
+    A VAE training checkpoint's loss.* and model_ema.* tensors are left out, with a note. Shapes are not
+    checked here: the caller knows which VAE it expects."""
+    if not Path(path).exists():
+        raise CheckpointError(f"No such VAE file or folder: {path}")
+    view = open_source(path)
+    info = identify(view)
+    keys = list(view.keys())
+    if info.kind in ("sd1", "sd1-inpainting") and "vae" not in info.components:
+        raise CheckpointError(f"{path} is {info.description} without VAE weights, not a VAE")
+    if info.kind in ("sd1", "sd1-inpainting"):
+        keys = [k for k in keys if k.startswith(VAE_PREFIX)]
+    elif info.kind != "vae":
+        raise CheckpointError(f"{path} is {info.description}, not a VAE; pass a VAE file (such as "
+                              "vae-ft-mse-840000-ema-pruned.safetensors), a diffusers vae/ folder or an SD1.x checkpoint")  # fmt: skip
+    dropped = [k for k in keys if k.startswith(("loss.", EMA_PREFIX))]
+    if dropped:
+        notes.append(f"the VAE file's {len(dropped)} training-only tensors (loss.*, model_ema.*) are not used")
+    names = {k.removeprefix(VAE_PREFIX): k for k in keys if k not in dropped}
+    if not any(".down_blocks." in k or ".mid_block." in k for k in names):  # the original layout
+        return {k: item(view, fk) for k, fk in names.items()}
+    items = {}
+    for dkey, key in keymap.from_diffusers("vae", names).items():
+        it = item(view, names[dkey])
+        items[key] = reshape(it, it.shape + (1, 1)) if keymap.is_vae_attention_weight(dkey) and len(it.shape) == 2 else it
+    return items
 
 
 @dataclass
