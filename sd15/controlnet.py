@@ -292,7 +292,8 @@ def _check_fits(net: ControlNet, m) -> None:
 
 def residuals(controls: list[Control], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guided: bool,
               step: int, steps: int, guess_mode: bool = False) -> tuple[list[torch.Tensor], torch.Tensor] | None:  # fmt: skip
-    """The summed residuals of the ControlNets active at `step`, for one UNet call on x (B', 4, h, w), or None.
+    """The summed residuals of the ControlNets active at sampler evaluation `step` of `steps` (PLMS: its steps
+    and one more), for one UNet call on x (B', 4, h, w), or None.
 
     With classifier-free guidance (`guided`: x is [uncond; cond]) each ControlNet runs on both halves, with
     each half's text, as diffusers' StableDiffusionControlNetPipeline does; in `guess_mode` on the conditional
@@ -300,7 +301,7 @@ def residuals(controls: list[Control], x: torch.Tensor, t: torch.Tensor, context
     """
     total = None
     for c in controls:
-        if not c.active(min(step, steps - 1), steps):  # PLMS's extra final evaluation counts as the last step
+        if not c.active(step, steps):
             continue
         dtype = next(c.net.parameters()).dtype
         xs, ts, ctx = x.to(dtype), t, context.to(dtype)

@@ -285,12 +285,18 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
     """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
     for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
     each encoded once; and the residuals of the ControlNets (`controls`) active at that step. Returns it and
-    a one-item list the step callback keeps at the number of steps done."""
+    a one-item list the step callback keeps at the number of sampler evaluations done.
+
+    PLMS (pndm) evaluates its first step twice (the warm-up's correction), so it makes one evaluation more than
+    it has steps: evaluations 0 and 1 are step 1, evaluation k > 1 is step k. Prompt editing counts steps, as
+    its syntax says; the ControlNets' start and end count evaluations, as diffusers' `controlnet_keep` does."""
     steps = plan.steps - plan.start
-    steps_done = [0]
+    evaluations = len(plan.timesteps) - plan.start  # = steps, + 1 for PLMS
+    extra = evaluations - steps
+    evaluations_done = [0]
 
     def control(x, t, context, guided):
-        return controlnet_io.residuals(controls, x, t, context, guided, steps_done[0], steps, guess_mode)
+        return controlnet_io.residuals(controls, x, t, context, guided, evaluations_done[0], evaluations, guess_mode)
 
     stretches = []
     for last, texts, negs in prompt_schedule.batch_schedule(prompts, negatives if guidance_scale > 1.0 else None, steps):
@@ -299,11 +305,11 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
         stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat, control if controls else None)))
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # the stretch holding step steps_done + 1 (PLMS's extra final evaluation stays in the last one)
-        model = next((model for last, model in stretches if steps_done[0] < last), stretches[-1][1])
+        steps_done = max(evaluations_done[0] - extra, 0)  # the stretch holding step steps_done + 1
+        model = next((model for last, model in stretches if steps_done < last), stretches[-1][1])
         return model(x, t)
 
-    return eps_model, steps_done
+    return eps_model, evaluations_done
 
 
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
@@ -317,11 +323,11 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
         trace = getattr(m, "_trace", None)
         if trace is not None:
             trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
-        eps_model, steps_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
+        eps_model, evaluations_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
                                                      None if concat is None else concat[lo:hi], controls, guess_mode)  # fmt: skip
 
         def step_callback(info: dict, first: int = lo) -> bool:
-            steps_done[0] = info["i"] + 1
+            evaluations_done[0] = info["i"] + 1
             if bar is not None:
                 bar.update(hi - first)
             if trace is not None:

@@ -134,16 +134,17 @@ def test_txt2img_matches_diffusers(tiny_model, controlnet, reference, sampler):
     assert np.abs(ours - plain).max() > 1e-2
 
 
-@pytest.mark.parametrize("start, end", [(0.0, 0.5), (0.4, 1.0), (0.2, 0.6)])
-def test_start_and_end_fractions_match_diffusers(tiny_model, controlnet, reference, start, end):
+@pytest.mark.parametrize("sampler, start, end", [("ddim", 0.0, 0.5), ("ddim", 0.4, 1.0), ("ddim", 0.2, 0.6), ("pndm", 0.2, 0.6)])
+def test_start_and_end_fractions_match_diffusers(tiny_model, controlnet, reference, sampler, start, end):
+    """PLMS's fractions count its evaluations (one more than its steps), as diffusers' controlnet_keep does."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    reference.scheduler = diffusers_scheduler("ddim")
+    reference.scheduler = diffusers_scheduler(sampler)
     kwargs = dict(width=64, height=64, output_type="np", latents=latents)
-    ours = tiny_model.generate(PROMPT, steps=5, sampler="ddim", controlnet=controlnet, control_image=picture(1),
+    ours = tiny_model.generate(PROMPT, steps=5, sampler=sampler, controlnet=controlnet, control_image=picture(1),
                                control_guidance_start=start, control_guidance_end=end, **kwargs)  # fmt: skip
     theirs = reference(PROMPT, image=picture(1), num_inference_steps=5, control_guidance_start=start,
                        control_guidance_end=end, **kwargs).images  # fmt: skip
-    always = tiny_model.generate(PROMPT, steps=5, sampler="ddim", controlnet=controlnet, control_image=picture(1), **kwargs)
+    always = tiny_model.generate(PROMPT, steps=5, sampler=sampler, controlnet=controlnet, control_image=picture(1), **kwargs)
     assert np.abs(ours - theirs).max() < TOL
     assert np.abs(ours - always).max() > 1e-2  # the fraction did switch it off for some steps
 

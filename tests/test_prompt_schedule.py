@@ -97,6 +97,42 @@ def test_batch_schedules_merge_at_every_change():
     assert batch_schedule(["x"], None, 5) == [(5, ["x"], None)]
 
 
+def conditioning_per_unet_call(m, monkeypatch, prompt: str, **kwargs) -> tuple[list, list[str]]:
+    """The texts encoded for `prompt` (in order) and, per UNet call, which of them conditioned it."""
+    encoded = []
+    real = prompt_io.encode_pair
+
+    def spy(model, texts, negs, clip_skip=1):
+        cond, uncond = real(model, texts, negs, clip_skip)
+        encoded.append((texts[0], cond))
+        return cond, uncond
+
+    seen = []
+    monkeypatch.setattr(prompt_io, "encode_pair", spy)
+    real_forward = type(m.unet).forward
+    monkeypatch.setattr(m.unet, "forward", lambda x, t, ctx: (seen.append(ctx[1:]), real_forward(m.unet, x, t, ctx))[1])
+    m.generate(prompt, **kwargs)
+    monkeypatch.undo()
+    return [text for text, _ in encoded], [next(text for text, c in encoded if c.equal(ctx)) for ctx in seen]
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ddim", "heun"])
+def test_steps_are_counted_as_steps_whatever_the_sampler_evaluates(tiny_checkpoint, monkeypatch, sampler):
+    """PLMS evaluates its first step twice, Heun every step but the last twice: prompt editing counts steps."""
+    m = sd15.load(tiny_checkpoint)
+    run = dict(steps=5, width=64, height=64, seed=0, output_type="np", sampler=sampler)
+    calls_per_step = {"pndm": [2, 1, 1, 1, 1], "ddim": [1] * 5, "heun": [2, 2, 2, 2, 1]}[sampler]
+
+    def per_call(per_step: list[str]) -> list[str]:
+        return [text for text, n in zip(per_step, calls_per_step) for _ in range(n)]
+
+    texts, used = conditioning_per_unet_call(m, monkeypatch, "a [cat:dog:2]", **run)
+    assert texts == ["a cat", "a dog"]
+    assert used == per_call(["a cat", "a cat", "a dog", "a dog", "a dog"])
+    texts, used = conditioning_per_unet_call(m, monkeypatch, "a [cat|dog]", **run)
+    assert used == per_call(["a cat", "a dog", "a cat", "a dog", "a cat"])
+
+
 def test_pipeline_switches_conditioning_at_the_scheduled_step(tiny_checkpoint, monkeypatch):
     m = sd15.load(tiny_checkpoint)
     encoded = []
