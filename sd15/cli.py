@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hires-scale", type=_finite_float, default=None, metavar="X",
                    help="high-resolution fix: generate at --width×--height, upscale by X (1-4), refine by img2img")
     g.add_argument("--hires-strength", type=_finite_float, default=None, help="the refining pass's strength (default 0.5)")
-    g.add_argument("--hires-steps", type=_positive_int, default=None, help="the refining pass's steps (default: --steps)")
+    g.add_argument("--hires-steps", type=_positive_int, default=None, help="steps the refining pass runs, as the web UI (default: --steps)")
     g.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default=None, help="how to upscale (default lanczos)")
     _add_controlnet_arguments(g)
     _add_sampling_arguments(g)
@@ -455,7 +455,8 @@ def run_generate(args) -> None:
     import secrets
 
     settings = _settings_from_png(args.from_png) if args.from_png else {}
-    made_from_an_image = "hires_scale" not in settings and any(k in settings for k in ("strength", "mask_blur"))
+    hires_record = "hires_scale" in settings or "hires_resize" in settings
+    made_from_an_image = not hires_record and any(k in settings for k in ("strength", "mask_blur"))
     if made_from_an_image:  # a hires fix's strength belongs to its second pass; any other came with an input image
         from .checkpoint import printable
 
@@ -493,7 +494,7 @@ def run_generate(args) -> None:
     )
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
-    hires = _hires_settings(args, settings)
+    hires = _hires_settings(args, settings, kwargs["width"], kwargs["height"])
     from .hires import check_hires_settings
     from .pipeline import check_prompts, check_settings
     from .samplers import plan_sampling
@@ -518,6 +519,21 @@ def run_generate(args) -> None:
         _write_inspection(m, args, trace, images, prompt)
 
 
+def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
+    """The hires scale that makes width × height the PNG's "Hires resize" W × H (0: keep the aspect); a size of
+    another aspect (the web UI crops to it) is refused, as sd15's hires fix only scales."""
+    from .hires import upscaled_size
+
+    target_w, target_h = size
+    scale = target_w / width if target_w else target_h / height
+    scale = math.nextafter(scale, math.inf)  # so that int(width · scale) is not one short of target_w
+    expected = upscaled_size(width, height, scale)
+    if any(want and want != got for want, got in zip(size, expected)):
+        raise UserError(f"the PNG's hires fix resizes {width}x{height} to {target_w}x{target_h}, another aspect ratio "
+                        "(the web UI crops to it); sd15 scales both sides alike: give --hires-scale")  # fmt: skip
+    return scale
+
+
 def _compare_recorded_vae(args, fields: dict) -> None:
     """Warn when a --from-png PNG was decoded by a VAE other than this run's (its `VAE` and `VAE hash` fields)."""
     from .checkpoint import printable
@@ -535,12 +551,17 @@ def _compare_recorded_vae(args, fields: dict) -> None:
               f"another file (hash {content_hash(args.vae)})", file=sys.stderr)  # fmt: skip
 
 
-def _hires_settings(args, settings: dict) -> dict | None:
-    """The hires-fix arguments of sd15.hires_fix from the flags, else from the PNG (--from-png), or None."""
+def _hires_settings(args, settings: dict, width: int, height: int) -> dict | None:
+    """The hires-fix arguments of sd15.hires_fix from the flags, else from the PNG (--from-png), or None. A web UI
+    PNG may give the second pass's size instead of a scale ("Hires resize: WxH", one side 0 to keep the aspect)."""
     scale = args.hires_scale if args.hires_scale is not None else settings.get("hires_scale")
+    if scale is None and settings.get("hires_resize") and args.hires_scale is None:
+        scale = _scale_for_resize(settings["hires_resize"], width, height)
     if not scale:
         return None
-    upscaler = args.hires_upscaler or settings.get("hires_upscaler", "lanczos")
+    from_png = args.hires_scale is None
+    # a web UI PNG names no upscaler when it used its default, "Latent"
+    upscaler = args.hires_upscaler or settings.get("hires_upscaler", "latent" if from_png else "lanczos")
     if upscaler not in HIRES_UPSCALERS:
         raise UserError(f"the PNG's hires upscaler {upscaler!r} is not one sd15 has ({', '.join(HIRES_UPSCALERS)}); "
                         "choose one with --hires-upscaler")  # fmt: skip

@@ -7,7 +7,12 @@ landscapes) because each 512-pixel window composes on its own. The web UI's "hir
     upscale ×scale (sides rounded to multiples of 8):
         "lanczos": decode, Lanczos-resize the pixels, encode (the VAE tiles itself when the image is large)
         "latent":  resize the latents bilinearly (faster, softer; needs strength >= 0.5 or it stays blurry)
-    pass 2: image-to-image from those latents at `strength`, `hires_steps` steps (default: `steps`)
+    pass 2: image-to-image from those latents at `strength`: exactly `hires_steps` steps (default: `steps`), the
+            last hires_steps of a schedule of int(hires_steps / strength) steps, as the web UI runs its second pass
+            (where plain img2img runs int(steps · strength) of `steps`)
+
+Prompt editing's timeline goes on into the second pass, as in the web UI since 1.6: `[a:b:1.5]` or, with 20
+steps, `[a:b:25]` switch halfway through a 10-step second pass (sd15.prompt_schedule).
 
 Both passes use image i's generator (seeded seed + i), the second continuing where the first left it, so a
 seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
@@ -20,6 +25,7 @@ start and end are the same in both; the second pass's start and end count its ow
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import TYPE_CHECKING, Callable
 
@@ -40,8 +46,25 @@ UPSCALERS = ("lanczos", "latent")
 
 
 def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """The second pass's size: width · scale and height · scale, each rounded to a multiple of 8."""
-    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+    """The second pass's size: width · scale and height · scale, each rounded down to a multiple of 8 (as the web
+    UI: 512 × 1.15 is 584)."""
+    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
+
+
+def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bool = False, eta: float = 0.0):
+    """The second pass's SamplingPlan: the last `hires_steps` steps of an int(hires_steps / strength)-step
+    schedule (strength capped at 0.999, as the web UI's setup_img2img_steps does), so that it runs exactly
+    `hires_steps` steps from about `strength`'s noise level."""
+    total = int(hires_steps / min(strength, 0.999))
+    why = "more than the model's 1000 timesteps" if total > 1000 else None
+    try:
+        plan = None if why else plan_sampling(sampler, total, karras=karras, eta=eta)
+    except ValueError as e:  # e.g. PLMS's grid at 1000 steps
+        why = f"which {sampler} cannot run ({e})"
+    if why:
+        raise ValueError(f"{hires_steps} hires steps at strength {strength:g} need a {total}-step schedule, {why}; "
+                         "raise the strength or lower the hires steps")  # fmt: skip
+    return dataclasses.replace(plan, start=total - hires_steps)
 
 
 def upscale_latents(m: "StableDiffusion", latents: torch.Tensor, width: int, height: int, upscaler: str, generators) -> torch.Tensor:
@@ -68,10 +91,10 @@ def check_hires_settings(width, height, scale, strength, steps, hires_steps, ups
         raise ValueError(f"the hires scale must be between 1 and 4, got {scale!r}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"the hires strength must be in (0, 1], got {strength!r}")
-    hires_steps = steps if hires_steps is None else hires_steps
+    hires_steps = hires_steps or steps  # 0, the web UI's "same as steps", too
     big_w, big_h = upscaled_size(width, height, scale)
     pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images)
-    plan_sampling(sampler, hires_steps, strength=strength)  # refuses a strength that leaves the pass no step
+    second_pass_plan(sampler, hires_steps, strength)  # refuses a schedule the sampler cannot run
     return big_w, big_h, hires_steps
 
 
@@ -147,11 +170,12 @@ def hires_fix(
                             guess_mode=guess_mode)  # fmt: skip
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
-        plan = plan_sampling(sampler, hires_steps, strength=strength, karras=karras, eta=eta)
+        plan = second_pass_plan(sampler, hires_steps, strength, karras=karras, eta=eta)
         noise = torch.cat([torch.randn((1, *init.shape[1:]), generator=g) for g in generators])
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
-                                progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode)  # fmt: skip
+                                progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode,
+                                base_steps=steps)  # fmt: skip
     out = pipeline._finish(m, latents, output_type)
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,

@@ -274,14 +274,17 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", leave=False)
 
 
-def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None, controls=(), guess_mode=False):
-    """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration."""
+def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None, controls=(), guess_mode=False,
+         base_steps=None):  # fmt: skip
+    """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration. `base_steps`:
+    in a hires fix's second pass, the first pass's steps, after which prompt editing's timeline goes on."""
     with lora_io.prompt_loras(m, prompts):
         return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor,
-                        controls=controls, guess_mode=guess_mode)  # fmt: skip
+                        controls=controls, guess_mode=guess_mode, base_steps=base_steps)  # fmt: skip
 
 
-def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat, controls=(), guess_mode=False):
+def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat, controls=(), guess_mode=False,
+                         base_steps=None):  # fmt: skip
     """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
     for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
     each encoded once; and the residuals of the ControlNets (`controls`) active at that step. Returns it and
@@ -299,7 +302,7 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
         return controlnet_io.residuals(controls, x, t, context, guided, evaluations_done[0], evaluations, guess_mode)
 
     stretches = []
-    for last, texts, negs in prompt_schedule.batch_schedule(prompts, negatives if guidance_scale > 1.0 else None, steps):
+    for last, texts, negs in prompt_schedule.batch_schedule(prompts, negatives if guidance_scale > 1.0 else None, steps, base_steps):
         with torch.no_grad():  # cond and uncond get as many 77-token chunks (the shorter padded)
             cond, uncond = prompt_io.encode_pair(m, texts, negs, clip_skip)
         stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat, control if controls else None)))
@@ -313,7 +316,7 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
 
 
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
-             concat=None, on_predictor=None, controls=(), guess_mode=False):  # fmt: skip
+             concat=None, on_predictor=None, controls=(), guess_mode=False, base_steps=None):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
     if given, sees the intermediate points of Heun and DPM2 (a), with info["images"] as the callback gets it."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
@@ -324,7 +327,8 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
         if trace is not None:
             trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
         eps_model, evaluations_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
-                                                     None if concat is None else concat[lo:hi], controls, guess_mode)  # fmt: skip
+                                                     None if concat is None else concat[lo:hi], controls, guess_mode,
+                                                     base_steps)  # fmt: skip
 
         def step_callback(info: dict, first: int = lo) -> bool:
             evaluations_done[0] = info["i"] + 1

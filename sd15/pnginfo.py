@@ -138,7 +138,7 @@ def parse_parameters(text: str) -> dict:
 
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
     name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "ti_hashes", "lora_hashes"
-    ({name: hash}), for a hires fix "hires_scale", "hires_steps", "hires_upscaler", and for inpainting
+    ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
     "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
     """
@@ -183,6 +183,11 @@ def parse_parameters(text: str) -> dict:
         result["controlnets"] = [_parse_controlnet(v) for _, v in controlnets]
     if "Size" in fields:
         result["width"], result["height"] = (int(v) for v in fields["Size"].split("x"))
+    if "Hires resize" in fields:  # the web UI's hires fix to a size, "WxH" (one side 0: by the other's scale)
+        size = tuple(int(v) for v in fields["Hires resize"].split("x"))
+        if len(size) != 2 or min(size) < 0:
+            raise ValueError(f"Hires resize must be WIDTHxHEIGHT, got {fields['Hires resize']!r}")
+        result["hires_resize"] = size
     return result
 
 

@@ -16,6 +16,10 @@ one-line ValueError (the parser recurses once per level).
 
     schedule("a [cat:dog:0.5]", 10) -> [(5, "a cat"), (10, "a dog")]
 
+In a hires fix's second pass the steps go on from the first pass's, as in the web UI since 1.6: with 20 steps and
+10 hires steps, `[a:b:25]` and `[a:b:1.5]` switch halfway through the second pass, and an edit that ended in the
+first pass (`[a:b:0.5]`, `[a:b:5]`) stays ended (`b` throughout the second pass).
+
 The pipeline encodes each distinct text once and conditions the steps up to each end step on it; a prompt
 without this syntax has a one-entry schedule holding the prompt unchanged.
 """
@@ -121,30 +125,36 @@ def _plain(nodes: list) -> str:
     return "".join(nodes) if all(isinstance(n, str) for n in nodes) else "\0"
 
 
-def _step(when: str, steps: int) -> int:
+def _step(when: str, steps: int, base_steps: int | None = None) -> int:
     """The last step of the earlier text: `when` as a fraction or a step, within [0, steps] (a number too large
-    for a float, "1e999", is infinite and capped like any other)."""
-    value = float(when) * steps if "." in when else float(when)
+    for a float, "1e999", is infinite and capped like any other). In a hires fix's second pass (`base_steps`:
+    the first pass's steps) the timeline goes on: fractions 1 … 2 and step numbers after `base_steps` fall in it,
+    as in the web UI since 1.6 (`[a:b:1.5]` switches halfway through the second pass, `[a:b:0.5]` before it)."""
+    if base_steps is None:
+        value = float(when) * steps if "." in when else float(when)
+    else:
+        value = (float(when) - 1.0) * steps if "." in when else float(when) - base_steps
     return int(min(max(value, 0.0), steps))
 
 
-def render(nodes: list, step: int, steps: int) -> str:
-    """The prompt's text at `step` (1 … steps)."""
+def render(nodes: list, step: int, steps: int, base_steps: int | None = None) -> str:
+    """The prompt's text at `step` (1 … steps); `base_steps` for a hires fix's second pass (see _step)."""
     out = []
     for node in nodes:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Scheduled):
-            out.append(render(node.before if step <= _step(node.when, steps) else node.after, step, steps))
+            out.append(render(node.before if step <= _step(node.when, steps, base_steps) else node.after, step, steps, base_steps))
         elif isinstance(node, _Alternate):
-            out.append(render(node.options[(step - 1) % len(node.options)], step, steps))
+            out.append(render(node.options[(step - 1) % len(node.options)], step, steps, base_steps))
         else:
-            out.append(node.open + render(node.nodes, step, steps) + node.close)
+            out.append(node.open + render(node.nodes, step, steps, base_steps) + node.close)
     return "".join(out)
 
 
-def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(last step, text), …]: the prompt's text for steps up to each last step, in order (steps count from 1)."""
+def schedule(prompt: str, steps: int, base_steps: int | None = None) -> list[tuple[int, str]]:
+    """[(last step, text), …]: the prompt's text for steps up to each last step, in order (steps count from 1);
+    `base_steps` for a hires fix's second pass, whose steps follow the first pass's (see _step)."""
     if "[" not in prompt:  # no editing or alternation possible (and deep emphasis is sd15.prompts' to read)
         return [(steps, prompt)]
     nodes = parse(prompt)
@@ -152,7 +162,7 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
         return [(steps, prompt)]
     result: list[tuple[int, str]] = []
     for step in range(1, steps + 1):
-        text = render(nodes, step, steps)
+        text = render(nodes, step, steps, base_steps)
         if result and result[-1][1] == text:
             result[-1] = (step, text)
         else:
@@ -160,11 +170,12 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return result
 
 
-def batch_schedule(prompts: list[str], negatives: list[str] | None, steps: int) -> list[tuple[int, list[str], list[str] | None]]:
+def batch_schedule(prompts: list[str], negatives: list[str] | None, steps: int,
+                   base_steps: int | None = None) -> list[tuple[int, list[str], list[str] | None]]:  # fmt: skip
     """The schedules of a batch of prompts (and negative prompts) merged: [(last step, prompts, negatives), …],
     a new entry wherever any of them changes."""
     texts = prompts + (negatives or [])
-    schedules = [schedule(p, steps) for p in texts]
+    schedules = [schedule(p, steps, base_steps) for p in texts]
     ends = sorted({end for s in schedules for end, _ in s})
     merged = []
     for end in ends:

@@ -26,7 +26,7 @@ def test_first_pass_is_generate_and_output_is_upscaled(tiny_model):
 
 @pytest.mark.parametrize("upscaler", ["lanczos", "latent"])
 def test_second_pass_refines_the_upscaled_first(tiny_model, upscaler, monkeypatch):
-    """Pass 2 is image-to-image from the first pass's latents upscaled: int(steps · strength) steps at the new size."""
+    """Pass 2 is image-to-image from the first pass's latents upscaled: `hires_steps` steps at the new size."""
     import sd15.hires as hires
 
     recorded = {}
@@ -49,18 +49,62 @@ def test_second_pass_refines_the_upscaled_first(tiny_model, upscaler, monkeypatc
         assert torch.allclose(recorded["out"], expected)
     else:  # decoded, Lanczos-enlarged, encoded (random weights: the VAE round trip keeps little)
         assert not torch.allclose(recorded["out"], torch.nn.functional.interpolate(recorded["in"], size=(12, 16), mode="bilinear"))
-    assert second == [(1, 4, 12, 16)] * 2  # int(4 · 0.5) steps
+    assert second == [(1, 4, 12, 16)] * 4  # exactly hires_steps, as the web UI runs it
 
 
 def test_sizes_and_refusals(tiny_model):
     assert upscaled_size(512, 512, 1.5) == (768, 768)
-    assert upscaled_size(512, 768, 1.3) == (664, 1000)
+    assert upscaled_size(512, 768, 1.3) == (664, 992)  # rounded down, as the web UI: int(768 · 1.3) // 8 · 8
+    assert upscaled_size(512, 512, 1.15) == (584, 584)
     with pytest.raises(ValueError, match="between 1 and 4"):
         tiny_model.hires_fix("a", scale=5, **KW)
     with pytest.raises(ValueError, match="upscaler"):
         tiny_model.hires_fix("a", upscaler="esrgan", **KW)
     with pytest.raises(ValueError, match="strength"):
         tiny_model.hires_fix("a", strength=0, **KW)
+    with pytest.raises(ValueError, match="600 hires steps at strength 0.5 need a 1200-step schedule, more than the model's 1000"):
+        tiny_model.hires_fix("a", hires_steps=600, strength=0.5, **KW)
+
+
+@pytest.mark.parametrize("hires_steps, strength", [(5, 0.15), (1, 0.5), (3, 0.3), (4, 1.0), (0, 0.5)])
+def test_second_pass_runs_exactly_its_steps_from_the_strengths_noise_level(tiny_model, hires_steps, strength):
+    """As the web UI's second pass: the last `hires_steps` of an int(hires_steps / strength)-step schedule (0:
+    as many as the first pass), settings a plain img2img count (int(steps · strength) of steps) would refuse."""
+    from sd15.samplers import plan_sampling
+
+    sigmas = []
+    out = tiny_model.hires_fix("a castle", scale=1.5, strength=strength, hires_steps=hires_steps, upscaler="latent",
+                               callback=lambda info: sigmas.append(info["sigma"]) if info["pass"] == 2 else None, **KW)  # fmt: skip
+    run = hires_steps or KW["steps"]
+    total = int(run / min(strength, 0.999))
+    assert sigmas == plan_sampling("euler", total).sigmas[total - run : total].tolist()
+    assert out[0].info["sd15_hires"]["steps"] == run
+
+
+def test_prompt_editing_goes_on_into_the_second_pass(tiny_model, monkeypatch):
+    """The web UI's timeline since 1.6: fractions 1 … 2 and step numbers after the first pass's fall in the second."""
+    import sd15.prompts as prompt_io
+
+    def conditioning(prompt):
+        encoded, seen = [], []
+        real, real_forward = prompt_io.encode_pair, type(tiny_model.unet).forward
+
+        def spy(m, texts, negs, clip_skip=1):
+            cond, uncond = real(m, texts, negs, clip_skip)
+            encoded.append((texts[0], cond))
+            return cond, uncond
+
+        with monkeypatch.context() as patch:
+            patch.setattr(prompt_io, "encode_pair", spy)
+            patch.setattr(tiny_model.unet, "forward", lambda x, t, ctx: (seen.append(ctx[1:]), real_forward(tiny_model.unet, x, t, ctx))[1])
+            tiny_model.hires_fix(prompt, scale=1.5, strength=0.5, hires_steps=4, upscaler="latent", output_type="np",
+                                 **{**KW, "steps": 2})  # fmt: skip
+        return [next(text[2:] for text, c in encoded if c.equal(ctx)) for ctx in seen]  # euler: one call per step
+
+    assert conditioning("a [cat:dog:1.5]") == ["cat", "cat"] + ["cat", "cat", "dog", "dog"]  # (1.5 - 1) · 4
+    assert conditioning("a [cat:dog:3]") == ["cat", "cat"] + ["cat", "dog", "dog", "dog"]  # step 3 - 2 of pass 2
+    assert conditioning("a [cat:dog:0.5]") == ["cat", "dog"] + ["dog"] * 4  # ended in pass 1: stays ended
+    assert conditioning("a [cat|dog]") == ["cat", "dog"] + ["cat", "dog", "cat", "dog"]
 
 
 def test_cli_hires(tmp_path, monkeypatch, tiny_checkpoint):
@@ -97,6 +141,25 @@ def test_a_png_asking_for_an_upscaler_sd15_lacks_is_refused(workdir, tiny_checkp
     save_png(Image.new("RGB", (8, 8)), workdir / "a1111.png", text)
     assert main(["generate", "--from-png", "a1111.png", "--model", str(tiny_checkpoint), "-o", "x.png"]) == 2
     assert "R-ESRGAN 4x+" in capsys.readouterr().err and not (workdir / "x.png").exists()
+
+
+def test_a_web_ui_png_with_a_hires_size_or_no_upscaler_is_made_as_the_web_ui_made_it(workdir, tiny_model, tiny_checkpoint, capsys):
+    """"Hires resize: WxH" (one side 0: by the other's scale) instead of a scale, and no "Hires upscaler" when the web
+    UI used its default, Latent; a size of another aspect ratio, which the web UI crops to, is refused."""
+    from sd15.pnginfo import save_png
+
+    expected = tiny_model.hires_fix("a castle", steps=2, sampler="euler", seed=1, width=64, height=48, scale=2.0,
+                                    strength=0.5, upscaler="latent", output_type="np")[0]  # fmt: skip
+    base = "a castle\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 64x48, Denoising strength: 0.5"
+    for i, hires in enumerate(("Hires resize: 128x96", "Hires resize: 128x0", "Hires resize: 0x96", "Hires upscale: 2")):
+        save_png(Image.new("RGB", (8, 8)), workdir / f"webui{i}.png", f"{base}, {hires}")
+        assert main(["generate", "--from-png", f"webui{i}.png", "--model", str(tiny_checkpoint), "-o", f"out{i}.png", "--no-progress"]) == 0
+        assert "input image" not in capsys.readouterr().err  # read as a hires fix, not as an img2img
+        out = np.asarray(Image.open(workdir / f"out{i}.png"))
+        assert np.array_equal(out, (expected * 255).round().astype(np.uint8)), hires
+    save_png(Image.new("RGB", (8, 8)), workdir / "crop.png", f"{base}, Hires resize: 128x128")
+    assert main(["generate", "--from-png", "crop.png", "--model", str(tiny_checkpoint), "-o", "x.png"]) == 2
+    assert "resizes 64x48 to 128x128, another aspect ratio" in capsys.readouterr().err and not (workdir / "x.png").exists()
 
 
 # ------------------------------------------------------------------------------------------ with a ControlNet
@@ -136,7 +199,7 @@ def test_hires_with_a_controlnet_is_two_controlled_passes(tiny_model, controlnet
                                callback=lambda info: first.append(info["x"].clone()) if info["pass"] == 1 else None, **run)  # fmt: skip
     small, big = controlnet_io.control_image(control, 64, 48), controlnet_io.control_image(control, 128, 96)
     assert torch.equal(hints[0], small) and torch.equal(hints[-1], big)
-    assert [h.shape[-1] for h in hints] == [64] * 5 + [128] * 3  # one UNet call per step: 5, then int(5 · 0.6)
+    assert [h.shape[-1] for h in hints] == [64] * 5 + [128] * 5  # one UNet call per step: 5, then hires_steps = 5
     enlarged = controlnet_io.control_image(control.resize((64, 48), Image.LANCZOS), 128, 96)
     assert (big - enlarged).abs().max() > 0.2  # so the second pass's hint was made from the control image itself
 
@@ -145,7 +208,8 @@ def test_hires_with_a_controlnet_is_two_controlled_passes(tiny_model, controlnet
     g = torch.Generator().manual_seed(4)
     torch.randn(4, 6, 8, generator=g)  # pass 1's noise (DDIM draws nothing more)
     init = hires.upscale_latents(tiny_model, by_hand, 128, 96, upscaler, [g])  # "lanczos" draws its VAE sample from g
-    theirs = reference("a castle", image=init, control_image=control, height=96, width=128, strength=0.6, num_inference_steps=5,
+    # the second pass: the last 5 steps of an int(5 / 0.6) = 8-step schedule, i.e. diffusers at strength 5/8 of 8 steps
+    theirs = reference("a castle", image=init, control_image=control, height=96, width=128, strength=5 / 8, num_inference_steps=8,
                        generator=g, output_type="np", controlnet_conditioning_scale=0.8, control_guidance_end=0.8).images  # fmt: skip
     assert out.shape == theirs.shape == (1, 96, 128, 3)  # diffusers takes a 4-channel `image` as latents
     assert np.abs(out - theirs).max() < TOL

@@ -251,10 +251,10 @@ def test_attention_maps_and_trajectory_of_a_hires_fix(tiny_model, tmp_path):
     heat = visualize.token_heatmaps(tr, (12, 12), (96, 96))
     torch.testing.assert_close(heat.sum(0), torch.ones(96, 96), atol=1e-4, rtol=0)
     frames = visualize.decode_trajectory(tiny_model, tr)
-    assert [f.size for f in frames] == [(64, 64)] * 3 + [(96, 96)] * 2  # PLMS: 2 steps, 3 evaluations; then 2
+    assert [f.size for f in frames] == [(64, 64)] * 3 + [(96, 96)] * 3  # PLMS: 2 steps, 3 evaluations; twice
     sheet, anim = visualize.save_trajectory(frames, tmp_path)
     assert Image.open(sheet).size == (3 * 96, 2 * 96)
-    assert np.array_equal(np.asarray(Image.open(sheet).crop((96, 96, 192, 192))), np.asarray(frames[-1]))  # whole
+    assert np.array_equal(np.asarray(Image.open(sheet).crop((192, 96, 288, 192))), np.asarray(frames[-1]))  # whole
     with sd15.trace(tiny_model, capture=[visualize.CROSS_ATTENTION]) as tr:
         tiny_model.generate("a cat", **RUN)
     with pytest.raises(ValueError, match="capture 'step.denoised'"):  # not an IndexError from the empty grid

@@ -211,7 +211,7 @@ def test_a_write_error_after_the_run_is_one_line_not_a_traceback(workdir, tiny_c
         (["--lora", "x.safetensors:nan"], "finite"),
         (["--lora", "x.safetensors:inf"], "finite"),
         (["--hires-scale", "4", "-W", "2048", "-H", "2048"], "larger than"),
-        (["--hires-scale", "2", "--hires-strength", "0.01", "--hires-steps", "10"], "leaves no step"),
+        (["--hires-scale", "2", "--hires-strength", "0.01", "--hires-steps", "10"], "10 hires steps at strength 0.01 need a 1000-step schedule"),
         (["--negative", "a \udcff cat"], "not a Unicode character"),
         (["--steps", "1000"], "pndm cannot take 1000 steps"),
         (["--steps", "1000", "--sampler", "dpmpp_2m"], "dpmpp_2m cannot take 1000 steps"),
