@@ -15,7 +15,10 @@ shapes and addresses, so the runner here keeps:
   generation, not once per step;
 - a stamp of the model's state (parameter addresses, hooks and what they compute with): when it changes,
   e.g. after `.to()` or a LoRA applied on the fly, every graph is dropped and captured again, since a graph
-  would otherwise read the old weights or skip the new hook;
+  would otherwise read the old weights or skip the new hook. Taking the stamp walks every module, so it is
+  taken for a new context (once per generation), and after `state_changed()`, which sd15.lora calls when
+  it puts a LoRA on a layer or takes one off: then the k/v buffers are recomputed too, since a merged
+  LoRA changes the k/v weights in place;
 - eager calls while a submodule has a hook that may only watch (any hook but an on-the-fly LoRA's): a
   replay runs no Python, so such a hook would see the capture and then nothing.
 
@@ -49,10 +52,19 @@ class _Graph:
     output: torch.Tensor
     static_context: torch.Tensor | None = None  # UNet: the context buffer, and the k/v buffers computed from it
     kv_buffers: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
-    context_seen: tuple = (None, -1)  # (context tensor, its _version) the k/v buffers were computed from
+    context_seen: tuple = (None, -1, -1)  # (context tensor, its _version, _changes) the k/v buffers were computed at
 
 
 OBSERVER = "observer"  # the state of a hook that gives none: Python a graph replay would not run
+_changes = 0  # how many times state_changed() was called
+
+
+def state_changed() -> None:
+    """Tell every graph runner that weights or hooks changed in place (sd15.lora calls it for each layer it
+    adapts or restores): at its next call it takes the stamp again and recomputes its k/v buffers, even for
+    the same context tensor. Without it that happens only when a new context arrives."""
+    global _changes
+    _changes += 1
 
 
 def _hook_state(hook) -> object:
@@ -101,6 +113,7 @@ class GraphedForward:
         self.stamp = None
         self.observed = False  # a submodule has a hook a replay would skip (see _hook_state)
         self.last_context = None  # the caller's context tensor of the previous call
+        self.changes_seen = _changes  # state_changed() calls when the stamp was last taken
         self.captures = 0  # how many graphs were captured (for tests and the benchmark)
 
     def eager(self, **named):
@@ -118,12 +131,12 @@ class GraphedForward:
         ):
             return self.eager(**named)
         context = named.get(self.context_name) if self.context_name else None
-        if context is None or context is not self.last_context:
-            stamp = _state_stamp(self.module)  # once per new context: per generation, not per step
+        if context is None or context is not self.last_context or self.changes_seen != _changes:
+            stamp = _state_stamp(self.module)  # once per new context (per generation, not per step) or change
             if stamp != self.stamp:
                 self.graphs.clear()
                 self.stamp, self.observed = stamp, _observed(stamp)
-            self.last_context = context
+            self.last_context, self.changes_seen = context, _changes
         if self.observed:  # a hook that watches must see every call: no graph
             return self.eager(**named)
         if torch.is_grad_enabled() and _autograd_wants(tensors, self.module):
@@ -134,10 +147,10 @@ class GraphedForward:
             entry = self.graphs[key] = self._capture(named, names)
         for static, value in zip(entry.inputs, tensors):
             static.copy_(value)
-        seen, version = entry.context_seen
-        if context is not None and (seen is not context or version != context._version):
+        seen, version, changes = entry.context_seen
+        if context is not None and (seen is not context or version != context._version or changes != _changes):
             self._refresh_context(entry)
-            entry.context_seen = (context, context._version)
+            entry.context_seen = (context, context._version, _changes)
         entry.graph.replay()
         return entry.output.clone()
 
@@ -171,7 +184,7 @@ class GraphedForward:
                 if cached is not None and cached[0] is static_context:
                     entry.kv_buffers.append((module, cached[2]))  # held here, so it outlives the module's cache
             context = named[self.context_name]
-            entry.context_seen = (context, context._version)
+            entry.context_seen = (context, context._version, _changes)
         return entry
 
     def _refresh_context(self, entry: _Graph) -> None:

@@ -42,9 +42,11 @@ Conv2d of the model is given its kohya name (its original path -> diffusers path
 `sd15.keymap`, dots -> `_`), a diffusers entry is given the same by writing its path's dots as `_`, and the
 entries are looked up by name. Entries that name no layer are reported (`AppliedLoRA.unmatched`, and a
 warning); entries whose shapes do not fit their layer are an error. Conv layers (LoCon: ResBlock convs,
-down/upsamplers, 3×3 kernels) are adapted like linear ones. Files sd15 cannot apply as they are meant are
-refused, naming what they hold: DoRA, LoRA with bias terms, SDXL LoRAs, files of LyCORIS LoHa/LoKr
-layers alone, full checkpoints.
+down/upsamplers, 3×3 kernels) are adapted like linear ones. On an inpainting model, whose conv_in takes 9
+channels (latent, mask, masked image), a LoRA's 4-channel conv_in adapts the latent channels only, as the
+web UI does it. Files sd15 cannot apply as they are meant are refused, naming what they hold: DoRA
+(`lora_magnitude_vector`, `dora_scale`), LoRA with bias terms, LyCORIS LoCon with Tucker decomposition
+(`lora_mid`), SDXL LoRAs, files of LyCORIS LoHa/LoKr layers alone, full checkpoints.
 
 Two ways to apply, for any number of LoRAs at once:
 - merged (default): the layer's weight becomes W', computed in float32. The original weight is kept, so
@@ -70,7 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import keymap
+from . import cuda_graphs, keymap
 from .checkpoint import CheckpointError, open_checkpoint, printable
 from .embeddings import file_hash
 from .prompts import LoraTag, lora_tags
@@ -135,7 +137,7 @@ def lora_file_hash(path: str | os.PathLike) -> str:
     "addnet" hash), or of the whole file for other formats; first 12 hex digits."""
     path = Path(path)
     skip = 0
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":  # as the web UI compares it: Style.SAFETENSORS too
         with open(path, "rb") as f:
             skip = 8 + struct.unpack("<Q", f.read(8))[0]
     return file_hash(path, skip)[:12]
@@ -171,6 +173,10 @@ def _refusal(keys: list[str], configs: dict[str, dict]) -> str | None:
         return "an SDXL LoRA (two text encoders: lora_te1_/lora_te2_ or text_encoder_2.), not one for SD1.x"
     if any("lora_magnitude_vector" in k for k in keys) or any(c.get("use_dora") for c in configs.values()):
         return "a DoRA (lora_magnitude_vector), which sd15 does not apply"
+    if any(k.endswith(".dora_scale") for k in keys):  # kohya's and LyCORIS' name for DoRA's magnitudes
+        return "a DoRA (dora_scale), which sd15 does not apply"
+    if any(".lora_mid." in k for k in keys):  # down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1)
+        return "a LyCORIS LoCon with Tucker decomposition (lora_mid), which sd15 does not apply"
     if any(k.endswith(".lora_B.bias") for k in keys):
         return "LoRA bias terms (lora_B.bias), which sd15 does not apply"
     return None
@@ -333,6 +339,16 @@ def _shape_problem(module: nn.Module, layer: LoRALayer) -> str | None:
     return f"down {list(down.shape)}, up {list(up.shape)} do not fit a layer of weight {list(module.weight.shape)}"
 
 
+def _inpainting_conv_in(target: str, module: nn.Module, layer: LoRALayer) -> LoRALayer:
+    """A LoRA's conv_in made for the 4 latent channels, on an inpainting model's conv_in, which takes 9
+    (latent, mask, masked image): its down matrix padded with zeros for the other 5, so that it adapts the
+    latent channels and leaves the rest as they are, as the web UI does. Any other layer as it is."""
+    down = layer.down
+    if target == PREFIXES["unet"] + "conv_in" and module.weight.shape[1] == 9 and down.dim() == 4 and down.shape[1] == 4:
+        return LoRALayer(F.pad(down, (0, 0, 0, 0, 0, 5)), layer.up, layer.alpha)  # (r, 4, kh, kw) -> (r, 9, kh, kw)
+    return layer
+
+
 def match_lora(m: "StableDiffusion", lora: LoRA) -> tuple[list[tuple[str, nn.Module, LoRALayer]], list[str]]:
     """([(component, module, layer)], names of the file's entries that match no layer of the model)."""
     targets = lora_targets(m.unet, m.text_encoder)
@@ -343,6 +359,7 @@ def match_lora(m: "StableDiffusion", lora: LoRA) -> tuple[list[tuple[str, nn.Mod
             unmatched.append(name)
             continue
         component, path, module = targets[target]
+        layer = _inpainting_conv_in(target, module, layer)
         problem = _shape_problem(module, layer)
         if problem:
             misfits.append(f"{name}: {problem}")
@@ -387,44 +404,53 @@ class _LayerPatch:
         return module._sd15_lora
 
     def add(self, key: int, name: str, layer: LoRALayer, scale: float, merge: bool) -> None:
+        """Put a LoRA's layer on; the entry is kept only once it is in effect, so that an error part-way
+        (out of memory, Ctrl-C) leaves nothing that `remove` would not find."""
         if merge:
-            self.merged[key] = (name, layer, scale)
-            self._write_weight()
-            return
-        w = self.module.weight
-        down, up = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype)
-        if isinstance(self.module, nn.Conv2d):
-            down = down.reshape(down.shape[0], down.shape[1], *self.module.kernel_size)  # (r, in, kh, kw)
-            up = up.reshape(up.shape[0], up.shape[1], 1, 1)  # (out, r, 1, 1)
+            merged = {**self.merged, key: (name, layer, scale)}
+            self._write_weight(merged)
+            self.merged = merged
         else:
-            down, up = down.flatten(1), up.flatten(1)  # (r, in), (out, r)
-        self.live[key] = (down, up, scale * layer.multiplier)
-        if self.handle is None:
-            self.handle = self.module.register_forward_hook(self._hook)
+            w = self.module.weight
+            down, up = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype)
+            if isinstance(self.module, nn.Conv2d):
+                down = down.reshape(down.shape[0], down.shape[1], *self.module.kernel_size)  # (r, in, kh, kw)
+                up = up.reshape(up.shape[0], up.shape[1], 1, 1)  # (out, r, 1, 1)
+            else:
+                down, up = down.flatten(1), up.flatten(1)  # (r, in), (out, r)
+            if self.handle is None:
+                self.handle = self.module.register_forward_hook(self._hook)
+            self.live[key] = (down, up, scale * layer.multiplier)
+        cuda_graphs.state_changed()
 
     def remove(self, key: int) -> None:
-        if self.merged.pop(key, None) is not None:
-            self._write_weight()
+        if key in self.merged:
+            merged = {k: v for k, v in self.merged.items() if k != key}
+            self._write_weight(merged)
+            self.merged = merged
         if self.live.pop(key, None) is not None and not self.live:
             self.handle.remove()
             self.handle = None
-        if not self.merged and not self.live:
+        if not self.merged and not self.live and getattr(self.module, "_sd15_lora", None) is self:
             self.module._sd15_lora = None
+        cuda_graphs.state_changed()
 
     @torch.no_grad()
-    def _write_weight(self) -> None:
+    def _write_weight(self, merged: dict[int, tuple[str, LoRALayer, float]]) -> None:
+        """Make the weight its original plus the `merged` LoRAs. The weight is written last, in one copy:
+        if anything before it fails, the weight and the kept original are as they were."""
         w = self.module.weight
-        if not self.merged:  # the last merged LoRA is gone: the original weight, bit for bit
+        if not merged:  # the last merged LoRA is gone: the original weight, bit for bit
             w.copy_(self.original)
             self.original = None
             return
-        if self.original is None:
-            self.original = w.detach().clone()
-        total = self.original.float()
+        original = w.detach().clone() if self.original is None else self.original
+        total = original.float()
         # summed in a fixed order (by name), so that the weight does not depend on the order of loading
-        for _, layer, scale in sorted(self.merged.values(), key=lambda item: (item[0], item[2])):
+        for _, layer, scale in sorted(merged.values(), key=lambda item: (item[0], item[2])):
             total = total + scale * layer.delta(w.shape, w.device)
         w.copy_(total.to(w.dtype))
+        self.original = original
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -494,10 +520,14 @@ def apply_lora(
         shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
         warnings.warn(f"LoRA {lora.name!r}: {len(unmatched)} entries match no layer of the model and were not applied: {shown}", stacklevel=2)
     applied = AppliedLoRA(lora, float(scale), float(te_scale), merge, unmatched)
-    for component, module, layer in matched:
-        patch = _LayerPatch.of(module)
-        patch.add(id(applied), lora.name, layer, applied.te_scale if component == "text_encoder" else applied.unet_scale, merge)
-        applied._patches.append(patch)
+    try:
+        for component, module, layer in matched:
+            patch = _LayerPatch.of(module)
+            applied._patches.append(patch)
+            patch.add(id(applied), lora.name, layer, applied.te_scale if component == "text_encoder" else applied.unet_scale, merge)
+    except BaseException:  # out of memory, Ctrl-C…: the layers done so far are restored, as if never applied
+        applied.remove()
+        raise
     return applied
 
 
@@ -510,10 +540,20 @@ def load_lora(
     name: str | None = None,
 ) -> AppliedLoRA:
     """Read a LoRA file and keep it applied to the model (listed in `m.loras`, recorded in the PNG as a
-    `<lora:name:scale>` tag) until its `remove()` or `unload_loras(m)`."""
+    `<lora:name:scale>` tag) until its `remove()` or `unload_loras(m)`. `name` (default: the file's stem)
+    must be one that such a tag can hold, and neither it nor the file may be loaded already."""
+    name = name or Path(path).stem
+    if name != name.strip() or any(c in name for c in ":<>"):
+        # the web UI reads <lora:v2:final:0.5> as the LoRA "v2" at scale "final": no tag can name this one
+        usable = re.sub(r"[:<>]", "_", name).strip()
+        raise ValueError(f"the LoRA name {name!r} has ':', '<', '>' or spaces at its ends, which the <lora:name:scale> tag "
+                         f"recorded in the image's prompt cannot hold; rename the file, say to {usable}{Path(path).suffix}")  # fmt: skip
+    for a in m.loras:
+        if a.name == name:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; remove it first")
+        if a.lora.path is not None and _same_file(a.lora.path, path):
+            raise ValueError(f"{path} is already loaded, as the LoRA {a.name!r}; remove it first")
     lora = read_lora(path, name)
-    if any(a.name == lora.name for a in m.loras):
-        raise ValueError(f"a LoRA named {lora.name!r} is already loaded; remove it first")
     applied = apply_lora(m, lora, scale, text_encoder_scale, merge)
     applied._model = m
     m.loras.append(applied)
@@ -543,6 +583,27 @@ def find_lora(name: str, folders) -> Path:
     raise ValueError(f"LoRA {name!r} named in the prompt is not in {where}; put {name}.safetensors there or pass --lora-dir")
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone
+        return False
+
+
+def _loaded_lora(m: "StableDiffusion", name: str) -> AppliedLoRA | None:
+    """The LoRA loaded on the model that `<lora:name:…>` refers to, if any: the one of that name, else the
+    one whose file `find_lora` finds for the name (so `Ink.safetensors` is one LoRA for `<lora:ink:…>`
+    too), else, when no file is found, the one whose name differs only in case, as find_lora matches."""
+    exact = next((a for a in m.loras if a.name == name), None)
+    if exact is not None or not m.loras:
+        return exact
+    try:
+        path = find_lora(name, m.lora_dirs)
+    except ValueError:
+        return next((a for a in m.loras if a.name.lower() == name.lower()), None)
+    return next((a for a in m.loras if a.lora.path is not None and _same_file(a.lora.path, path)), None)
+
+
 def _tags_of(prompts: list[str]) -> list[LoraTag]:
     per_prompt = [lora_tags(p) for p in prompts]
     if any({t.name for t in tags} != {t.name for t in per_prompt[0]} for tags in per_prompt):
@@ -559,18 +620,24 @@ def prompt_loras(m: "StableDiffusion", prompts: list[str]):
     """Apply the LoRAs that the prompts name with `<lora:name:scale>` (found in `m.lora_dirs`), merged,
     for the duration of the block; on leaving it the weights are restored exactly.
 
-    A LoRA already loaded on the model under the same name (`load_lora`) is not applied twice.
+    No file is applied twice: not a LoRA already loaded on the model (`load_lora`) under that name or from
+    that file, nor one the prompt names twice (`<lora:Ink:0.5> <lora:ink:0.5>` find one file).
     """
     applied = []
     try:
         for tag in _tags_of(prompts):
-            loaded = next((a for a in m.loras if a.name == tag.name), None)
+            loaded = _loaded_lora(m, tag.name)
             if loaded is not None:
                 if (loaded.te_scale, loaded.unet_scale) != (tag.te_scale, tag.unet_scale):
                     raise ValueError(f"LoRA {tag.name!r} is loaded at {loaded.tag} but the prompt asks for it at a different scale")
                 continue
-            lora = read_lora(find_lora(tag.name, m.lora_dirs), tag.name)
-            applied.append(apply_lora(m, lora, tag.unet_scale, tag.te_scale, merge=True))
+            path = find_lora(tag.name, m.lora_dirs)
+            twin = next((a for a in applied if _same_file(a.lora.path, path)), None)
+            if twin is not None:
+                if (twin.te_scale, twin.unet_scale) != (tag.te_scale, tag.unet_scale):
+                    raise ValueError(f"LoRA {tag.name!r} is named twice with different scales (also as {twin.name!r}: both are {path})")
+                continue
+            applied.append(apply_lora(m, read_lora(path, tag.name), tag.unet_scale, tag.te_scale, merge=True))
         yield applied
     finally:
         for a in reversed(applied):
@@ -580,8 +647,8 @@ def prompt_loras(m: "StableDiffusion", prompts: list[str]):
 def recorded_prompt(m: "StableDiffusion", prompt: str) -> str:
     """The prompt as the PNG records it: with a `<lora:name:scale>` tag for each LoRA loaded on the model
     that the prompt does not already name (so that the web UI, or `sd15 generate --from-png`, applies it)."""
-    named = {t.name for t in lora_tags(prompt)}
-    tags = [a.tag for a in m.loras if a.name not in named]
+    named = [_loaded_lora(m, t.name) for t in lora_tags(prompt)]
+    tags = [a.tag for a in m.loras if all(a is not b for b in named)]
     return " ".join([prompt.rstrip(), *tags]) if tags else prompt
 
 
@@ -589,12 +656,17 @@ _hash_cache: dict[tuple, str] = {}
 
 
 def lora_hashes(m: "StableDiffusion", prompt: str) -> dict[str, str]:
-    """{name: hash} of the LoRAs in effect for `prompt`: those loaded on the model and those it names."""
-    hashes = {a.name: a.lora.hash for a in m.loras if a.lora.hash}
-    for tag in lora_tags(prompt):
-        if tag.name not in hashes:
-            path = find_lora(tag.name, m.lora_dirs)
-            stat = path.stat()
-            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-            hashes[tag.name] = _hash_cache.get(key) or _hash_cache.setdefault(key, lora_file_hash(path))
+    """{name: hash} of the LoRAs in effect for `prompt`: those loaded on the model and those it names (a
+    loaded LoRA that the prompt names, under the prompt's name, as the recorded prompt has it)."""
+    named = {tag.name: _loaded_lora(m, tag.name) for tag in lora_tags(prompt)}  # {name: the loaded LoRA it means, or None}
+    hashes = {a.name: a.lora.hash for a in m.loras if a.lora.hash and all(a is not b for b in named.values())}
+    for name, loaded in named.items():
+        if loaded is not None:
+            if loaded.lora.hash:
+                hashes[name] = loaded.lora.hash
+            continue
+        path = find_lora(name, m.lora_dirs)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        hashes[name] = _hash_cache.get(key) or _hash_cache.setdefault(key, lora_file_hash(path))
     return hashes

@@ -4,11 +4,14 @@ A real CUDA graph replays the kernels it recorded, on the addresses it recorded:
 inputs and the cross-attention k/v buffers as they are at replay time, and runs no Python. The stand-in
 below keeps exactly that contract: "replay" reruns the captured call with every attention layer's k/v
 pinned to the buffer the capture read (so a k/v buffer that was not refreshed stays stale, as it would on
-a GPU) and copies the result into the captured output tensor. What is checked: one capture per input
-signature, inputs copied in and outputs cloned out, k/v refreshed for a new prompt and only then, a new
-capture when the weights move or LoRA hooks change, eager calls while a hook watches, and the eager
-fallbacks. tests/gpu runs the real thing.
+a GPU) and with the forward hooks the modules had at capture (so a hook added since does not run, and one
+removed since still does), and copies the result into the captured output tensor. What is checked: one
+capture per input signature, inputs copied in and outputs cloned out, k/v refreshed for a new prompt and
+only then, a new capture when the weights move or LoRA hooks change (also between calls with one context),
+eager calls while a hook watches, and the eager fallbacks. tests/gpu runs the real thing.
 """
+
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ import torch
 
 import sd15
 from sd15 import cuda_graphs
+from sd15 import lora as L
 from sd15.fast import FastCrossAttention, fused_weight
 from lora_files import random_attention_lora
 
@@ -23,14 +27,22 @@ RUN = dict(steps=4, seed=3, width=64, height=64, output_type="np")
 
 
 class FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph: `replay` reruns what was captured, with k/v buffers pinned."""
+    """Stands in for torch.cuda.CUDAGraph: `replay` reruns what was captured, with k/v buffers pinned and
+    the hooks of the capture."""
 
     def replay(self):
         for module, kv in self.pinned:  # make each layer's k/v cache hit with the captured buffer, as it is now
             weight, _ = fused_weight(module, ("to_k", "to_v"))
             key = (weight.data_ptr(), weight._version, self.static_context._version)
             module.__dict__["_context_kv"] = (self.static_context, key, kv)
-        self.output.copy_(self.call())
+        now = [(module, module._forward_hooks, module._forward_pre_hooks) for module, _, _ in self.hooks]
+        try:
+            for module, forward, pre in self.hooks:
+                module._forward_hooks, module._forward_pre_hooks = OrderedDict(forward), OrderedDict(pre)
+            self.output.copy_(self.call())
+        finally:
+            for module, forward, pre in now:
+                module._forward_hooks, module._forward_pre_hooks = forward, pre
 
 
 class FakeCapture:
@@ -51,6 +63,7 @@ class FakeCapture:
         self.graph.output = FakeCapture.output
         self.graph.call = lambda: runner.module_forward(**named)
         self.graph.static_context = named.get("context")
+        self.graph.hooks = [(mod, dict(mod._forward_hooks), dict(mod._forward_pre_hooks)) for mod in runner.module.modules()]
         self.graph.pinned = [
             (mod, mod.__dict__["_context_kv"][2]) for mod in runner.module.modules()
             if isinstance(mod, FastCrossAttention) and "_context_kv" in mod.__dict__
@@ -162,6 +175,24 @@ def test_moved_weights_or_new_loras_mean_a_new_capture(models, tmp_path):
     a, b = graphed.generate("a dog", **RUN), eager.generate("a dog", **RUN)
     assert graphed.unet.forward.captures == 4
     assert np.abs(a - b).max() < 1e-6
+
+
+def test_a_lora_applied_between_calls_with_one_context_tensor_is_used(models, tmp_path):
+    """The UNet called directly with the same context tensor before and after a LoRA is applied (generate()
+    encodes a new context each call; a caller of the UNet need not): merged, the cross-attention k/v buffers
+    must be recomputed from the changed k/v weights; on the fly, the graph captured again with the hook."""
+    graphed, eager = models
+    path = random_attention_lora(eager, tmp_path / "lora.safetensors")  # attn2's to_k and to_v among them
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        base = graphed.unet(x, t, ctx)
+        for merge in (True, False):
+            with L.apply_lora(graphed, path, merge=merge), L.apply_lora(eager, path, merge=merge):
+                ours, theirs = graphed.unet(x, t, ctx), eager.unet(x, t, ctx)
+            assert (theirs - base).abs().max() > 1e-2  # the LoRA does something
+            assert (ours - theirs).abs().max() < 1e-6, merge
+            assert (graphed.unet(x, t, ctx) - base).abs().max() < 1e-6, merge  # and is gone again
+    assert graphed.unet.forward.captures == 3  # no LoRA (also merged: same addresses, no hook), on the fly, none
 
 
 def test_a_hook_that_watches_sees_every_call(models):

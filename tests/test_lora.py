@@ -3,13 +3,16 @@ against diffusers' own module names), the merged and on-the-fly arithmetic, exac
 does not match, `<lora:name:scale>` in prompts, the PNG record, the CLI, and parity with diffusers'
 `load_lora_weights` on the same random kohya file."""
 
+import hashlib
 import math
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -167,6 +170,38 @@ def test_merge_then_unmerge_restores_the_weights_bit_exactly(m, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in weights(m).items())
 
 
+@pytest.mark.parametrize("merge, fault", [(True, "delta"), (True, "add"), (False, "add")],
+                         ids=["out-of-memory-in-a-merge", "ctrl-c-between-layers", "ctrl-c-on-the-fly"])  # fmt: skip
+def test_an_interrupted_apply_leaves_the_model_as_it_was(m, tmp_path, monkeypatch, merge, fault):
+    """An error part-way through applying a LoRA (out of memory while a large LoCon is merged, Ctrl-C in a
+    notebook) takes off the layers done so far and keeps no entry of it on any layer: the model is as it
+    was, and the LoRA already on those layers comes off exactly."""
+    before = weights(m)
+    other = L.apply_lora(m, write(kohya_lora(m, seed=14), tmp_path / "other.safetensors"), 0.5)  # on some of the same layers
+    with_other, out_with_other = weights(m), unet_out(m)
+    calls = []
+
+    def fails_the_20th_time(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 20:
+                raise torch.cuda.OutOfMemoryError("injected") if fault == "delta" else KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return call
+
+    owner = L.LoRALayer if fault == "delta" else L._LayerPatch
+    monkeypatch.setattr(owner, fault, fails_the_20th_time(getattr(owner, fault)))
+    with pytest.raises((torch.cuda.OutOfMemoryError, KeyboardInterrupt)):
+        m.load_lora(write(kohya_lora(m, kinds=None, seed=13), tmp_path / "big.safetensors"), 0.8, merge=merge)
+    monkeypatch.undo()
+    assert not m.loras
+    assert all(torch.equal(with_other[k], v) for k, v in weights(m).items())
+    assert torch.equal(unet_out(m), out_with_other)  # no forward hook left behind either
+    other.remove()
+    assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+
+
 def test_merged_weight_is_w_plus_scale_alpha_over_rank_up_down(m, tmp_path):
     tensors = kohya_lora(m, kinds=None, rank=4, alpha=2.0, seed=3)
     path = write(tensors, tmp_path / "c.safetensors")
@@ -231,6 +266,31 @@ def test_unmatched_entries_are_reported_and_misfits_refused(m, tmp_path):
                                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "xl.safetensors"))  # fmt: skip
     with pytest.raises(CheckpointError, match="LyCORIS"):
         L.read_lora(write({"lora_unet_a.hada_w1_a": torch.zeros(4, 4)}, tmp_path / "loha.safetensors"))
+
+
+def test_a_locon_on_an_inpainting_model_adapts_the_latent_channels_of_conv_in(m, tmp_path):
+    """A LoCon made for SD1.5 adapts conv_in's 4 latent channels; an inpainting model's conv_in takes 9
+    (latent, mask, masked image). As in the web UI, the LoRA is applied there to the latent channels, and
+    the other 5 are left as they are (not refused as "made for another model family")."""
+    from sd15.random_weights import random_checkpoint, save_checkpoint
+
+    inpaint = sd15.load(save_checkpoint(random_checkpoint("tiny", seed=0, inpainting=True), tmp_path / "inpaint.safetensors"))
+    tensors = kohya_lora(m, kinds=None, seed=18, alpha=2.0)  # every layer of the 4-channel model, conv_in too
+    path = write(tensors, tmp_path / "locon.safetensors")
+    conv_in = inpaint.unet.input_blocks[0][0]
+    before = conv_in.weight.clone()  # (32, 9, 3, 3)
+    up, down = tensors["lora_unet_conv_in.lora_up.weight"], tensors["lora_unet_conv_in.lora_down.weight"]
+    delta = 0.7 * (2.0 / 4) * (up.flatten(1) @ down.flatten(1)).reshape(32, 4, 3, 3)
+    x = torch.randn(1, 9, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = conv_in(x) + F.conv2d(x[:, :4], delta, padding=conv_in.padding)  # the latent channels only
+        for merge in (True, False):
+            with L.apply_lora(inpaint, path, 0.7, merge=merge) as applied:
+                assert not applied.unmatched
+                assert (conv_in(x) - expected).abs().max() < 1e-5 * expected.abs().max(), merge
+                if merge:
+                    assert torch.equal(conv_in.weight[:, 4:], before[:, 4:])
+    assert torch.equal(conv_in.weight, before)
 
 
 def test_pickled_lora_files_are_read_safely(m, tmp_path):
@@ -351,7 +411,68 @@ def test_prompt_tag_applies_the_lora_for_the_call_and_is_recorded(m, tmp_path):
     m.lora_dirs = [L.DEFAULT_LORA_DIR]
 
 
-def test_cli_lora_and_embedding_flags_and_rerun_from_png(tiny_checkpoint, m, tmp_path, monkeypatch):
+def test_one_file_is_applied_once_whatever_the_case_of_its_name(m, tmp_path):
+    """find_lora finds Ink.safetensors for <lora:ink:…> too, so `--lora Ink.safetensors` with `<lora:ink:…>`,
+    or <lora:Ink:…> with <lora:ink:…>, is one LoRA: applied once, recorded once, refused at two scales."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    path = write(kohya_lora(m, seed=15), folder / "Ink.safetensors")
+    m.lora_dirs = [folder]
+    try:
+        with L.apply_lora(m, path, 0.5):
+            once = weights(m)
+        with L.prompt_loras(m, ["a cat <lora:Ink:0.5> <lora:ink:0.5>"]) as applied:
+            assert len(applied) == 1 and all(torch.equal(once[k], v) for k, v in weights(m).items())
+        with pytest.raises(ValueError, match="'ink' is named twice with different scales"), L.prompt_loras(m, ["<lora:Ink:0.5> <lora:ink:0.7>"]):
+            pass
+        with m.load_lora(path, 0.5):  # named Ink
+            with L.prompt_loras(m, ["a cat <lora:ink:0.5>"]) as applied:
+                assert applied == [] and all(torch.equal(once[k], v) for k, v in weights(m).items())
+            assert L.recorded_prompt(m, "a cat <lora:ink:0.5>") == "a cat <lora:ink:0.5>"  # not <lora:Ink:0.5> as well
+            assert L.lora_hashes(m, "a cat <lora:ink:0.5>") == {"ink": L.lora_file_hash(path)}
+            with pytest.raises(ValueError, match="different scale"), L.prompt_loras(m, ["a cat <lora:INK:0.7>"]):
+                pass
+            with pytest.raises(ValueError, match="already loaded, as the LoRA 'Ink'"):
+                m.load_lora(path, 0.5, name="another name")
+        elsewhere = write(kohya_lora(m, seed=16), tmp_path / "Paper.safetensors")  # loaded, and no paper.* in the folder
+        with m.load_lora(elsewhere, 0.5):
+            with L.prompt_loras(m, ["a cat <lora:paper:0.5>"]) as applied:
+                assert applied == []
+            assert L.recorded_prompt(m, "a cat <lora:paper:0.5>") == "a cat <lora:paper:0.5>"
+    finally:
+        m.lora_dirs = [L.DEFAULT_LORA_DIR]
+    assert not m.loras
+
+
+def test_a_lora_name_that_no_prompt_tag_can_hold_is_refused(m, tmp_path):
+    """<lora:v2:final:0.5> is the LoRA "v2" at scale "final" to the web UI and to --from-png: a LoRA whose
+    name has a ':' would be recorded in a PNG that cannot be rerun, so load_lora refuses it and asks for
+    another name. apply_lora records nothing, and takes the file as it is."""
+    path = write(kohya_lora(m, seed=16), tmp_path / "v2:final.safetensors")
+    for name in (None, "v2 <final>", " v2"):
+        with pytest.raises(ValueError, match=r"the LoRA name .* has ':', '<', '>' or spaces at its ends.*rename the file"):
+            m.load_lora(path, 0.5, name=name)
+    with pytest.raises(ValueError, match="rename the file, say to v2_final.safetensors"):
+        m.load_lora(path, 0.5)
+    assert not m.loras
+    with m.load_lora(path, 0.5, name="v2 final") as applied:
+        assert applied.tag == "<lora:v2 final:0.5>"
+    L.apply_lora(m, path, 0.5).remove()
+
+
+def test_lora_hash_of_a_safetensors_file_whatever_the_case_of_its_suffix(m, tmp_path):
+    """The web UI hashes Style.SAFETENSORS as a safetensors file (its suffix lower-cased): the tensor data
+    after the header, the "addnet" hash."""
+    path = write(kohya_lora(m, seed=17), tmp_path / "Style.safetensors")
+    upper = tmp_path / "upper" / "Style.SAFETENSORS"
+    upper.parent.mkdir()
+    upper.write_bytes(path.read_bytes())
+    data = path.read_bytes()
+    addnet = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0] :]).hexdigest()[:12]
+    assert L.lora_file_hash(path) == L.lora_file_hash(upper) == addnet
+
+
+def test_cli_lora_and_embedding_flags_and_rerun_from_png(tiny_checkpoint, m, tmp_path, monkeypatch, capsys):
     from sd15.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -378,6 +499,9 @@ def test_cli_lora_and_embedding_flags_and_rerun_from_png(tiny_checkpoint, m, tmp
     first, again = (np.asarray(Image.open(tmp_path / f)) for f in ("first.png", "again.png"))
     assert np.array_equal(first, again)
     assert main(["generate", "a boat", "--lora", "nothere.safetensors:0.5", *common]) == 2
+    (tmp_path / "v2:final.safetensors").write_bytes(elsewhere.read_bytes())  # a name no <lora:…> tag can hold
+    assert main(["generate", "a boat", "--lora", "v2:final.safetensors:0.5", *common, "-o", "colon.png"]) == 2
+    assert "rename the file" in capsys.readouterr().err and not (tmp_path / "colon.png").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,6 +682,10 @@ NOT_SD1_LORAS = {  # name: (the file's tensors, what the refusal says it holds)
                         "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 1280)}, "SDXL LoRA"),
     "sdxl-kohya": ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768)}, "SDXL LoRA"),
     "dora": ({**CONV_IN, "unet.conv_in.lora_magnitude_vector": torch.ones(32)}, "DoRA"),
+    "kohya-dora": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1),
+                    "lora_unet_conv_in.alpha": torch.tensor(4.0), "lora_unet_conv_in.dora_scale": torch.ones(1, 4, 1, 1)}, "a DoRA \\(dora_scale\\)"),
+    "locon-tucker": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 1, 1), "lora_unet_conv_in.lora_mid.weight": torch.zeros(4, 4, 3, 3),
+                      "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, "LoCon with Tucker decomposition \\(lora_mid\\)"),
     "bias": ({**CONV_IN, "unet.conv_in.lora_B.bias": torch.ones(32)}, "bias terms"),
     "mixed": ({**CONV_IN, "lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
                "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, "mixes kohya"),
