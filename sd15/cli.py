@@ -474,6 +474,13 @@ def run_generate(args) -> None:
         print(f"warning: {printable(args.from_png)} was made with ControlNet ({names}), whose control image a PNG does "
               "not hold: generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
     _compare_recorded_vae(args, settings.get("fields", {}))
+    schedule_type = settings.get("fields", {}).get("Schedule type")
+    if schedule_type not in (None, "Karras", "Uniform", "Automatic") and args.karras is None:
+        from .checkpoint import printable
+
+        print(f"warning: {printable(args.from_png)} was sampled with the {printable(schedule_type)} schedule of noise "
+              "levels, which sd15 lacks (it has the sampler's own and Karras): using the sampler's own, so the image "
+              "will differ", file=sys.stderr)  # fmt: skip
     # without -W/-H (or a PNG's size) the output takes the first control image's size, rounded down to a multiple of 8
     control_w, control_h = (max(8, control_images[0].width // 8 * 8), max(8, control_images[0].height // 8 * 8)) if control_images else (512, 512)
 

@@ -159,3 +159,16 @@ def test_parameters_format_round_trip():
     # A1111's own older form: the schedule in the sampler's name
     old = parse_parameters("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, Size: 512x512")
     assert old["sampler"] == "dpmpp_2m" and old["karras"] and old["prompt"] == "a cat" and old["negative_prompt"] == ""
+
+
+def test_from_png_says_when_it_cannot_use_the_recorded_schedule_type(workdir, tiny_checkpoint, capsys):
+    """The web UI's "Exponential", "SGM Uniform", … noise levels are not sd15's: the run says so, not silently."""
+    from sd15.pnginfo import save_png
+
+    base = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64"
+    for i, (schedule, warned) in enumerate((("Exponential", True), ("SGM Uniform", True), ("Karras", False), ("Uniform", False))):
+        save_png(Image.new("RGB", (8, 8)), workdir / f"in{i}.png", f"{base}, Schedule type: {schedule}")
+        assert main(["generate", "--from-png", f"in{i}.png", "--model", str(tiny_checkpoint), "-o", f"out{i}.png", "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert (f"sampled with the {schedule} schedule of noise levels, which sd15 lacks" in err) == warned, schedule
+    assert parse_parameters(read_parameters(workdir / "out2.png"))["karras"]
