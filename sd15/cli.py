@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("mask", help="black and white, the image's size: white = repaint, black = keep")
     n.add_argument("prompt")
     n.add_argument("--strength", type=_finite_float, default=1.0, help="in (0, 1]; below 1 keeps some of the masked content")
-    n.add_argument("--mask-blur", type=_finite_float, default=4.0, metavar="PX", help="feather the paste-back edge (default 4; 0 = hard)")
+    n.add_argument("--mask-blur", type=_finite_float, default=4.0, metavar="PX", help="feather the paste-back edge, as the web UI's Mask blur (default 4; 0 = hard)")
     n.add_argument("--padding", type=int, default=None, metavar="PX",
                    help="inpaint only around the mask: its box grown by PX, at --width×--height (default 512×512)")
     n.add_argument("--width", type=_size, default=None, help="working width of --padding mode")
@@ -605,14 +605,17 @@ def _write_inspection(m, args, trace, images, prompt: str) -> None:
             print(f"wrote {sheet} and {anim}")
 
 
-def _open_image(path: str, what: str):
+def _open_image(path: str, what: str, max_pixels: int | None = None):
     """sd15.images.open_image, its refusal a UserError."""
     from .images import open_image
 
     try:
-        return open_image(path, what)
+        return open_image(path, what, max_pixels=max_pixels)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+PADDING_MAX_PIXELS = 8192 * 8192  # a camera photo inpainted "only masked": the model sees only a crop of it
 
 
 def run_inpaint(args) -> None:
@@ -626,7 +629,8 @@ def run_inpaint(args) -> None:
         raise UserError(f"--padding must be >= 0 pixels, got {args.padding}")
     if args.padding is None and (args.width or args.height):
         raise UserError("--width and --height set the working size of --padding mode; without it the image keeps its size")
-    image, mask = _open_image(args.image, "image"), _open_image(args.mask, "mask")
+    limit = PADDING_MAX_PIXELS if args.padding is not None else None  # padding mode runs the model on a crop
+    image, mask = _open_image(args.image, "image", limit), _open_image(args.mask, "mask", limit)
     if image.size != mask.size:
         raise UserError(f"the mask {args.mask} is {mask.width}×{mask.height} pixels but the image is "
                         f"{image.width}×{image.height}; they must be the same size")  # fmt: skip
@@ -773,6 +777,13 @@ def main(argv: list[str] | None = None) -> int:
     run = COMMANDS.get(args.command) or tools_cli.COMMANDS[args.command]
     try:
         run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:  # the reader stopped early (`sd15 inspect … | head`): not an error
+        try:  # stdout on /dev/null, so that Python's flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        return 0
     except (UserError, CheckpointError, ValueError, OSError) as e:  # OSError: a file that cannot be read or written
         if getattr(args, "debug", False):
             raise

@@ -49,16 +49,19 @@ def _to_pil_rgb(image, background: tuple[int, int, int] = (255, 255, 255)) -> Im
     raise TypeError(f"expected a PIL image, got {type(image).__name__}")
 
 
-def open_image(path, what: str, data: bytes | None = None) -> Image.Image:
+def open_image(path, what: str, data: bytes | None = None, max_pixels: int | None = None) -> Image.Image:
     """Read an image file as it is shown (EXIF rotation applied), refusing one larger than sd15 can use before
     its pixels are decoded; `what` names it in the one-line ValueError ("control image"). `data`: the file's
-    bytes, already read (sd15.batch decodes the bytes it hashed)."""
+    bytes, already read (sd15.batch decodes the bytes it hashed). `max_pixels`: the limit, by default what the
+    model can work on (sd15.pipeline.MAX_PIXELS); inpainting's padding mode, which works on a crop, takes more."""
     import io
     import warnings
 
     from PIL import UnidentifiedImageError
 
-    from .pipeline import MAX_PIXELS  # here: sd15.pipeline imports this module
+    from .pipeline import MAX_PIXELS as MODEL_PIXELS  # here: sd15.pipeline imports this module
+
+    MAX_PIXELS = max_pixels or MODEL_PIXELS
 
     try:
         with warnings.catch_warnings():
@@ -74,6 +77,20 @@ def open_image(path, what: str, data: bytes | None = None) -> Image.Image:
     if W * H > MAX_PIXELS:
         raise ValueError(f"the {what} {path} is {W}×{H}, larger than sd15 allows ({MAX_PIXELS} pixels)")
     raise ValueError(f"the {what} {path} is {W}×{H} pixels, too small: each side must be at least 8")
+
+
+def unit_floats(array: np.ndarray, what: str) -> np.ndarray:
+    """An image array as float32 in [0, 1]: uint8 divided by 255, floats as they are. Other integer types and
+    floats outside [0, 1] (an array of 0 … 255 floats, say) are refused, not clipped into a white image."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype != np.bool_:
+        raise ValueError(f"an {what} array of {array.dtype} has no known range; give uint8 (0 … 255) or floats in [0, 1]")
+    array = array.astype(np.float32)
+    if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+        raise ValueError(f"{what} array values must lie in [0, 1] as floats (uint8 in 0 … 255); got {array.min():g} … "
+                         f"{array.max():g}: divide a 0 … 255 array by 255 or convert it to uint8")  # fmt: skip
+    return array
 
 
 def source_size(image) -> tuple[int, int] | None:
@@ -110,9 +127,8 @@ def to_tensor(images, fit: str = "resize") -> torch.Tensor:
             array = array[None]
         if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
             raise ValueError(f"image arrays must be (H, W, 3) or (B, H, W, 3); got shape {images.shape}")
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255.0
-        pil = [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8).squeeze()) for a in array]
+        array = unit_floats(array, "image")
+        pil = [Image.fromarray((array_ * 255).round().astype(np.uint8).squeeze()) for array_ in array]
         return to_tensor(pil, fit)
     if isinstance(images, Image.Image):
         images = [images]

@@ -18,9 +18,10 @@ The mask is white (>= 0.5) where the image is to be repainted and black where it
 Around that:
 - `paste_back` (default on) composites the result onto the original pixels through the mask, so pixels the mask
   keeps are returned exactly as given (the VAE does not reproduce them exactly otherwise).
-- `mask_blur` (pixels) feathers that composite: the paste-back mask ramps from 0 at the mask's edge to 1 about
-  2·mask_blur pixels inside it (a Gaussian of that standard deviation, as 2·blur − 1 clipped). It feathers inward
-  only, so kept pixels stay exact.
+- `mask_blur` (pixels) feathers that composite as the web UI's "Mask blur" does: the mask blurred by a Gaussian of
+  that standard deviation, doubled and clipped, so the whole mask is repainted and the new pixels fade out over
+  about 2·mask_blur pixels outside it (kept pixels farther away stay exact). In padding mode the blurred mask
+  itself (0.5 on the mask's edge), as the web UI's "only masked".
 - `padding` (pixels) switches to inpainting only around the mask, as the web UI's "only masked" and diffusers'
   `padding_mask_crop` do: the mask's bounding box, grown by `padding` on each side and then to the aspect ratio
   of width × height (default 512 × 512), is cut out, resized to width × height, inpainted, resized back and
@@ -79,8 +80,7 @@ def image_tensor(image) -> torch.Tensor:
         a = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
         if a.ndim != 3 or a.shape[-1] not in (3, 4):
             raise ValueError(f"an image array must be (H, W, 3) or (H, W, 4); got shape {image.shape}")
-        a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-        image = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+        image = Image.fromarray((image_io.unit_floats(a, "image") * 255).round().astype(np.uint8))
     rgb = image_io._to_pil_rgb(image)
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
 
@@ -146,25 +146,29 @@ def fit_mask(mask: torch.Tensor, fit: str) -> torch.Tensor:
     if fit == "crop":
         top, left = (H - h) // 2, (W - w) // 2
         return mask[..., top : top + h, left : left + w]
-    resized = Image.fromarray(mask[0, 0].numpy(), mode="F").resize((w, h), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(resized, dtype=np.float32)).clamp(0, 1)[None, None]
+    # in 8-bit, as diffusers' mask processor resizes an "L" image (Lanczos' overshoot clipped on the way)
+    levels = (mask[0, 0].numpy() * 255).round().astype(np.uint8)
+    resized = Image.fromarray(levels, mode="L").resize((w, h), Image.LANCZOS)
+    return torch.from_numpy(np.array(resized, dtype=np.float32) / 255.0)[None, None]
 
 
-def feather(hard: torch.Tensor, blur: float) -> torch.Tensor:
-    """The paste-back mask: `hard` (1, 1, H, W) in {0, 1}, feathered inward over about 2·blur pixels.
-
-    soft = clip(2 · (G_blur * hard) - 1, 0, 1) · hard, G_blur a Gaussian of standard deviation `blur`
-    (edges replicated, so a mask touching the image border is not faded there). It is 0 wherever hard is 0.
+def feather(hard: torch.Tensor, blur: float, whole_image: bool = True) -> torch.Tensor:
+    """The paste-back mask, as the web UI's `mask_for_overlay` for its "Mask blur": `hard` (1, 1, H, W) in {0, 1}
+    blurred by a Gaussian of standard deviation `blur` (edges replicated, so a mask touching the image border is
+    not faded there). For the whole image it is doubled and clipped, clip(2 · (G_blur * hard), 0, 1): 1 on the
+    mask (but for corners and regions narrower than about 2·blur), fading to 0 about 2·blur pixels outside it. In
+    padding ("only masked") mode it is the blurred mask itself, 0.5 on the mask's edge.
     """
     if blur <= 0:
         return hard
-    radius = min(max(1, math.ceil(3 * blur)), max(hard.shape[-2:]))  # beyond the image's side, only edge copies
+    side = max(hard.shape[-2:])
+    radius = max(1, math.ceil(min(3 * blur, side)))  # beyond the image's side, only edge copies
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-((x / blur) ** 2) / 2)
     kernel = kernel / kernel.sum()
     blurred = F.conv2d(F.pad(hard, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
     blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return (2 * blurred - 1).clamp(0, 1) * hard
+    return (2 * blurred).clamp(0, 1) if whole_image else blurred
 
 
 def _grow(lo: int, hi: int, size: int, limit: int) -> tuple[int, int]:
@@ -384,6 +388,9 @@ def inpaint(
             raise ValueError("width and height set padding mode's working size; without padding the output keeps the image's size")
         pixels = image_io.to_tensor(source, fit)  # (1, 3, H, W), multiples of 8
         hard = (fit_mask(soft_mask, fit) >= MASK_THRESHOLD).float()
+        if not hard.any():
+            raise ValueError(f"the mask's white pixels are lost when the image is brought to multiples of 8 (fit={fit!r}): "
+                             "nothing would be repainted; draw a larger mask, or use the other fit")  # fmt: skip
         region = None
     else:
         if output_type == "latent":
@@ -420,7 +427,7 @@ def inpaint(
         back = _resize(decoded, y1 - y0, x1 - x0).clamp(-1, 1)  # (N, 3, crop h, crop w)
         out = source.repeat(decoded.shape[0], 1, 1, 1)
         crop = out[..., y0:y1, x0:x1]
-        out[..., y0:y1, x0:x1] = torch.lerp(crop, back, feather(hard_source, mask_blur)[..., y0:y1, x0:x1]) if paste_back else back
+        out[..., y0:y1, x0:x1] = torch.lerp(crop, back, feather(hard_source, mask_blur, whole_image=False)[..., y0:y1, x0:x1]) if paste_back else back
         return out
 
     out = pipeline._finish(m, result, output_type, composite if (paste_back or region is not None) else None)

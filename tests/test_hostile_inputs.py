@@ -249,7 +249,7 @@ def test_a_huge_mask_blur_feathers_without_allocating_more_than_the_image():
     wide = feather(hard, 1e9)  # a kernel of 6e9 taps before the radius was bounded by the image
     assert wide.shape == hard.shape and torch.isfinite(wide).all()
     assert torch.equal(feather(hard, 1e300), wide)  # beyond the image's size, any blur is the same
-    assert (wide[hard == 0] == 0).all()
+    assert float(wide.max() - wide.min()) < 1e-6  # spread evenly over the image (the web UI's outward blur)
 
 
 def test_exif_rotated_photos_are_used_as_they_are_shown(tiny_model):

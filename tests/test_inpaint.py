@@ -104,26 +104,68 @@ def test_unet_input_layout_is_latents_mask_masked_image(inpainting_model):
 
 
 def test_paste_back_keeps_unmasked_pixels_exactly(tiny_model):
+    """Every kept pixel without blur; with it, every one beyond the blur's reach (about 3 · blur outside the mask)."""
     image, mask = image_and_mask(seed=1)
     original = np.asarray(image)
     keep = np.asarray(mask) < 128
+    hard = torch.from_numpy(~keep).float()[None, None]
     for blur in (0.0, 3.0):
         out = np.asarray(tiny_model.inpaint(image, mask, PROMPT, steps=3, seed=2, mask_blur=blur)[0])
-        assert np.array_equal(out[keep], original[keep])
+        untouched = (feather(hard, blur)[0, 0] == 0).numpy()
+        assert untouched.sum() > 0.4 * untouched.size
+        assert np.array_equal(out[untouched], original[untouched])
         assert np.abs(out[~keep].astype(int) - original[~keep]).mean() > 10  # the masked part was repainted
     without = tiny_model.inpaint(image, mask, PROMPT, steps=3, seed=2, paste_back=False, output_type="np")[0]
     assert np.abs(without[keep] - original[keep] / 255).max() > 1e-2  # the VAE alone does not keep them
 
 
-def test_mask_blur_feathers_inward_only():
+def test_mask_blur_is_the_web_uis():
+    """The web UI's mask_for_overlay: the blurred mask doubled and clipped (whole image), so the whole mask is
+    repainted and the new pixels fade out beyond it; in padding mode the blurred mask itself."""
     hard = torch.zeros(1, 1, 40, 40)
     hard[..., 10:30, 10:30] = 1
     soft = feather(hard, 2.0)
-    assert torch.equal(soft[hard == 0], torch.zeros_like(soft[hard == 0]))
-    assert soft[0, 0, 20, 20] > 0.999 and 0 < soft[0, 0, 10, 20] < 0.2
-    row = soft[0, 0, 20, 10:20]
-    assert torch.all(row[1:] >= row[:-1])  # rises from the edge inward
+    assert torch.equal(soft[0, 0, 20, 10:30], torch.ones(20))  # the mask's whole width, edges included
+    row = soft[0, 0, 20, :11]
+    assert torch.all(row[1:] >= row[:-1]) and 0.05 < soft[0, 0, 20, 8] < 0.95 and soft[0, 0, 20, 0] < 1e-4  # fades outward
+    only_masked = feather(hard, 2.0, whole_image=False)
+    assert abs(float(only_masked[0, 0, 20, 10]) - 0.5) < 0.1 and only_masked[0, 0, 20, 20] > 0.999
     assert torch.equal(feather(hard, 0.0), hard)
+    small = torch.zeros(1, 1, 40, 40)
+    small[..., 17:23, 17:23] = 1  # a 6 × 6 blemish at the default blur: repainted, not left as it was
+    assert feather(small, 4.0)[0, 0, 20, 20] > 0.5
+    huge = feather(hard, 1e308)  # no OverflowError; a blur wider than the image spreads the mask evenly
+    assert torch.isfinite(huge).all() and float(huge.max() - huge.min()) < 1e-6
+
+
+def test_masks_lost_in_fitting_and_image_arrays_of_unknown_range_are_refused(tiny_model):
+    image, _ = image_and_mask(h=67, w=85)
+    corner = np.zeros((67, 85), np.uint8)
+    corner[66, 84] = 255  # only in the edge that fit="crop" cuts away
+    with pytest.raises(ValueError, match="mask's white pixels are lost when the image is brought to multiples of 8"):
+        tiny_model.inpaint(image, corner, PROMPT, steps=1, fit="crop")
+    pixels = np.asarray(image)
+    for array, message in ((pixels.astype(np.float32), r"values must lie in \[0, 1\].*got 0 … 255"),
+                           (pixels.astype(np.int64), "array of int64 has no known range"),
+                           (pixels.astype(np.uint16), "array of uint16 has no known range")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            tiny_model.inpaint(array, corner, PROMPT, steps=1)
+        with pytest.raises(ValueError, match=message):
+            tiny_model.img2img(array, PROMPT, steps=1)
+    ok = tiny_model.img2img(pixels[:64, :80].astype(np.float32) / 255, PROMPT, steps=2, strength=0.5, seed=0, output_type="np")
+    assert ok.shape == (1, 64, 80, 3)
+
+
+def test_an_odd_sized_speckled_mask_is_resized_as_diffusers_resizes_it(inpainting_model, reference_9ch):
+    """In 8-bit, as diffusers' mask processor does: a float resize lets Lanczos' overshoot move pixels across 0.5."""
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (67, 85, 3), dtype=np.uint8))
+    mask = Image.fromarray(((rng.random((67, 85)) > 0.6) * 255).astype(np.uint8))
+    reference_9ch.scheduler = diffusers_scheduler("ddim")
+    ours = inpainting_model.inpaint(image, mask, PROMPT, steps=3, seed=1, sampler="ddim", paste_back=False, output_type="np")
+    theirs = reference_9ch(PROMPT, image=image, mask_image=mask, height=64, width=80, num_inference_steps=3,
+                           generator=torch.Generator().manual_seed(1), output_type="np").images  # fmt: skip
+    assert np.abs(ours - theirs).max() < TOL
 
 
 def test_padding_mode_inpaints_a_crop_and_keeps_the_rest(tiny_model):
@@ -259,6 +301,21 @@ def workdir(workdir):
     return workdir
 
 
+def test_cli_inpaints_a_photo_larger_than_the_model_takes_only_in_padding_mode(workdir, tiny_checkpoint, capsys):
+    """Padding mode runs the model on a crop, so a camera photo over sd15.pipeline.MAX_PIXELS is fine there."""
+    from sd15.cli import main
+
+    Image.new("RGB", (4200, 4100), (90, 120, 150)).save(workdir / "big.png")  # 17.2 M pixels, over 4096²
+    mask = Image.new("L", (4200, 4100))
+    mask.paste(255, (2000, 2000, 2040, 2030))
+    mask.save(workdir / "bigmask.png")
+    run = ["inpaint", "big.png", "bigmask.png", "a bird", "--steps", "1", "--model", str(tiny_checkpoint), "--no-progress"]
+    assert main([*run, "-o", "whole.png"]) == 2
+    assert "larger than sd15 allows" in capsys.readouterr().err and not (workdir / "whole.png").exists()
+    assert main([*run, "--padding", "8", "--width", "64", "--height", "64", "-o", "crop.png"]) == 0
+    assert Image.open(workdir / "crop.png").size == (4200, 4100)
+
+
 def test_cli_inpaint_regular_checkpoint(workdir, tiny_checkpoint, capsys):
     from sd15.cli import main
     from sd15.pnginfo import parse_parameters, read_parameters
@@ -270,7 +327,8 @@ def test_cli_inpaint_regular_checkpoint(workdir, tiny_checkpoint, capsys):
     out, original = np.asarray(Image.open(workdir / "out.png")), np.asarray(Image.open(workdir / "photo.png"))
     keep = np.asarray(Image.open(workdir / "mask.png")) < 128
     assert out.shape == original.shape
-    assert np.array_equal(out[keep], original[keep])  # paste-back, feathered inward (--mask-blur 4)
+    far = (feather(torch.from_numpy(~keep).float()[None, None], 4.0)[0, 0] == 0).numpy()
+    assert np.array_equal(out[far], original[far])  # paste-back: kept pixels beyond --mask-blur 4's reach are exact
     assert not np.array_equal(out[~keep], original[~keep])
     settings = parse_parameters(read_parameters(workdir / "out.png"))
     assert settings["prompt"] == "a red door" and settings["strength"] == 1.0 and settings["seed"] == 5
