@@ -199,6 +199,40 @@ def _resize(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(t, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
 
 
+def _fill_resize(t: torch.Tensor, height: int, width: int, black: float = 0.0) -> torch.Tensor:
+    """A crop to the working size keeping its aspect ratio, as diffusers' resize_mode="fill" (and the web UI's
+    "resize and fill") does for a crop that the image's border kept from reaching width : height: resized to fit,
+    centred, and the margins filled by stretching its first and last rows (or columns). Where the aspect ratio is
+    reached, a plain resize. `black`: the value of black (-1 for pixels in [-1, 1]), left in an odd margin's last row."""
+    h, w = t.shape[-2:]
+    fit_width = width / height < w / h  # wider than the working size: fit its width, fill above and below
+    src_w = width if fit_width else w * height // h
+    src_h = height if not fit_width else h * width // w
+    resized = _resize(t, src_h, src_w)
+    out = torch.full((*t.shape[:-2], height, width), black, dtype=t.dtype)
+    top, left = height // 2 - src_h // 2, width // 2 - src_w // 2
+    out[..., top : top + src_h, left : left + src_w] = resized
+    if fit_width and top > 0:
+        out[..., :top, :] = resized[..., :1, :]
+        out[..., top + src_h : 2 * top + src_h, :] = resized[..., -1:, :]  # an odd margin's last row stays 0, as diffusers'
+    elif not fit_width and left > 0:
+        out[..., :, :left] = resized[..., :, :1]
+        out[..., :, left + src_w : 2 * left + src_w] = resized[..., :, -1:]
+    return out
+
+
+def _crop_resize(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The way back from _fill_resize, as diffusers' resize_mode="crop": resized to cover height × width keeping its
+    aspect ratio, the centre kept."""
+    h, w = t.shape[-2:]
+    fit_width = width / height > w / h
+    src_w = width if fit_width else w * height // h
+    src_h = height if not fit_width else h * width // w
+    resized = _resize(t, src_h, src_w)
+    top, left = src_h // 2 - height // 2, src_w // 2 - width // 2
+    return resized[..., top : top + height, left : left + width]
+
+
 def crop_control_images(control_image, image_size: tuple[int, int], region, width: int, height: int):
     """Padding mode's control images: each (a PIL image, array or tensor, or a list of them) brought to the full
     image's `image_size` (W, H) by sd15.controlnet.control_image, cut to `region` and resized to width × height as
@@ -216,10 +250,10 @@ def crop_control_images(control_image, image_size: tuple[int, int], region, widt
         cut = controlnet_io.control_image(image, *image_size)[..., y0:y1, x0:x1]  # (1, 3, h, w), [0, 1] or -1
         marked = (cut == -1).any(dim=1, keepdim=True).float()  # (1, 1, h, w)
         if not marked.any():
-            return _resize(cut, height, width).clamp(0, 1)
+            return _fill_resize(cut, height, width).clamp(0, 1)
         known = 1 - marked
-        values = _resize(cut * known, height, width) / _resize(known, height, width).clamp(min=1e-6)
-        return torch.where(_resize(marked, height, width) >= MASK_THRESHOLD, -1.0, values.clamp(0, 1))
+        values = _fill_resize(cut * known, height, width) / _fill_resize(known, height, width).clamp(min=1e-6)
+        return torch.where(_fill_resize(marked, height, width) >= MASK_THRESHOLD, -1.0, values.clamp(0, 1))
 
     if isinstance(control_image, (list, tuple)):
         return [crop(image) for image in control_image]
@@ -399,8 +433,8 @@ def inpaint(
         pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images)
         region = crop_region(hard_source[0, 0], padding, width, height)
         x0, y0, x1, y1 = region
-        pixels = _resize(source[..., y0:y1, x0:x1], height, width).clamp(-1, 1)
-        hard = (_resize(hard_source[..., y0:y1, x0:x1], height, width) >= MASK_THRESHOLD).float()
+        pixels = _fill_resize(source[..., y0:y1, x0:x1], height, width, black=-1.0).clamp(-1, 1)
+        hard = (_fill_resize(hard_source[..., y0:y1, x0:x1], height, width) >= MASK_THRESHOLD).float()
         if not hard.any():  # a sliver of mask lost in the resize: keep its pixels
             hard = (F.interpolate(hard_source[..., y0:y1, x0:x1], size=(height, width), mode="nearest") > 0).float()
     H, W = pixels.shape[-2:]
@@ -424,7 +458,7 @@ def inpaint(
         if region is None:  # whole image: keep the known pixels exactly
             return torch.lerp(pixels, decoded, feather(hard, mask_blur)) if paste_back else decoded
         x0, y0, x1, y1 = region
-        back = _resize(decoded, y1 - y0, x1 - x0).clamp(-1, 1)  # (N, 3, crop h, crop w)
+        back = _crop_resize(decoded, y1 - y0, x1 - x0).clamp(-1, 1)  # (N, 3, crop h, crop w)
         out = source.repeat(decoded.shape[0], 1, 1, 1)
         crop = out[..., y0:y1, x0:x1]
         out[..., y0:y1, x0:x1] = torch.lerp(crop, back, feather(hard_source, mask_blur, whole_image=False)[..., y0:y1, x0:x1]) if paste_back else back
