@@ -183,10 +183,11 @@ def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+ [\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = next((g for g in (found.groups() if found else ()) if g), "a Python object that is not a tensor")
+        # torch names it "GLOBAL posix.system whose module posix is blocked" or "GLOBAL print was not an allowed global"
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found[1] if found else "a Python object that is not a tensor"
         raise CheckpointError(
-            f"Refused to load {path}: the pickle contains {what.replace(' ', '.')}, which could run code. "
+            f"Refused to load {path}: the pickle contains {what}, which could run code. "
             "sd15 reads pickles only with torch.load(weights_only=True). If you trust the file's source, "
             "convert it to .safetensors with a tool you trust, or ask its author for a .safetensors file."
         ) from None

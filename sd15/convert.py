@@ -48,6 +48,7 @@ from .checkpoint import (
     identify,
     printable,
 )
+from .inspect_checkpoint import lone_component
 from .streaming import (
     DATA,
     DiffusersFolder,
@@ -95,8 +96,7 @@ def diffusers_component(component: str, items: dict[str, Item]) -> tuple[dict[st
         config = keymap.vae_config(VAEConfig.from_state_dict(_meta(items)))
     else:
         relative = {k.removeprefix("text_model."): it for k, it in items.items()}
-        dtype = next(it.dtype for k, it in items.items() if k.endswith("token_embedding.weight"))
-        config = keymap.text_encoder_config(CLIPTextConfig.from_state_dict(_meta(relative)), str(dtype).removeprefix("torch."))
+        config = keymap.text_encoder_config(CLIPTextConfig.from_state_dict(_meta(relative)))  # "float32" whatever the weights
     return out, {d: k for k, d in names.items()}, config
 
 
@@ -152,17 +152,77 @@ def _vae_replacement(path: Path, current: dict[str, Item], notes: list[str]) -> 
     from .vae import AutoencoderKL, VAEConfig
 
     try:
-        items = vae_items(path, notes)
+        items = vae_items(path, notes)  # attention weights as 1×1 convs, [C, C, 1, 1]
     except CheckpointError as e:
         raise CheckpointError(f"--vae: {e}") from None
     if current:
-        expected = {k: it.shape for k, it in current.items()}
+        expected = {k: _conv_form(k, it.shape) for k, it in current.items()}
     else:  # a model without a VAE: the file must hold a whole VAE of some size
         with torch.device("meta"):
             config = VAEConfig.from_state_dict(_meta(items)) if "encoder.conv_in.weight" in items else VAEConfig()
             expected = {k: tuple(v.shape) for k, v in AutoencoderKL(config).state_dict().items()}
     check_state_dict(f"replacement VAE ({path})", expected, {k: it.shape for k, it in items.items()})
-    return {k: cast(it, current[k].dtype if k in current else None) for k, it in items.items()}
+    out = {}
+    for k, it in items.items():
+        if k in current and current[k].shape != it.shape:  # the model's attention weights are [C, C]: keep its form
+            it = reshape(it, current[k].shape)
+        out[k] = cast(it, current[k].dtype if k in current else None)
+    return out
+
+
+def _conv_form(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A VAE attention weight's shape as a 1×1 convolution's, [C, C, 1, 1], if it is stored as a linear layer's."""
+    return tuple(shape) + (1, 1) if keymap.is_vae_attention_weight(key) and len(shape) == 2 else tuple(shape)
+
+
+COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+
+
+def _check_architecture(source, model: dict[str, Item], only: str | None = None) -> None:
+    """Refuse, before anything is written, an original-layout model whose UNet, VAE or text encoder lacks
+    tensors or holds ones of the wrong shape or of no module: each component present (or `only` that one)
+    is built on the meta device from the configuration its shapes give, as sd15.load builds it, and its
+    planned tensors are checked against it by name and shape. The text encoder's position_ids may be missing:
+    it is always arange(77), and diffusers folders rebuild it. Schedule buffers and other extras are not checked."""
+    parts = {c: {k: model[fk] for k, fk in part.items()} for c, part in keymap.split_original(model).items() if part}
+    _check_components(source, {c: items for c, items in parts.items() if only in (None, c)})
+
+
+def _check_components(source, components: dict[str, dict[str, Item]]) -> None:
+    """`_check_architecture` of {component: {key relative to the component's prefix: Item}} (the text encoder's
+    keys relative to `cond_stage_model.transformer.`), every problem named in one error."""
+    from .clip import CLIPTextConfig, CLIPTextModel
+    from .unet import UNet, UNetConfig
+    from .vae import AutoencoderKL, VAEConfig
+
+    modules = {"unet": (UNet, UNetConfig), "vae": (AutoencoderKL, VAEConfig), "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+    problems = []
+    for component, items in components.items():
+        module, config_class = modules[component]
+        shapes = {_relative(component, k): _conv_form(k, it.shape) for k, it in items.items()}
+        name = f"{COMPONENT_NAMES[component]} ({source})"
+        try:
+            config = config_class.from_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        except (KeyError, ValueError, IndexError) as e:
+            why = f"it has no {printable(e.args[0])}" if isinstance(e, KeyError) else str(e)
+            problems.append(f"The {name} weights are incomplete or not SD1.x's: sd15 cannot read the layout off them ({why})")
+            continue
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in module(config).state_dict().items()}
+        if "embeddings.position_ids" not in shapes:
+            expected.pop("embeddings.position_ids", None)
+        try:
+            check_state_dict(name, expected, shapes)
+        except CheckpointError as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError("\n".join(problems) + "\nNothing was written; convert a complete SD1.x checkpoint "
+                              "(was this one cut short, or edited?)")  # fmt: skip
+
+
+def _relative(component: str, key: str) -> str:
+    """A component-relative key as sd15's module names it (the text encoder's without `text_model.`)."""
+    return key.removeprefix("text_model.") if component == "text_encoder" else key
 
 
 def _require_sd1(path, info) -> None:
@@ -188,28 +248,47 @@ def convert(
     or diffusers folder -> single file); `dtype` casts floating tensors; `ema` makes model_ema.* the UNet;
     `prune` keeps only the UNet, VAE and text encoder; `vae` replaces the VAE; `component` ("unet", "vae",
     "text_encoder") writes that part alone, keys relative to its prefix (or as a diffusers component folder).
+    An input that holds one component alone (a diffusers component folder, a VAE file, a file `component`
+    wrote) takes `component` naming that component, to be written as a component folder or file.
+
+    Every SD1.x component written, but for a plain single-file container or dtype conversion (which copies any
+    file as it is), is first checked against its architecture: a missing or mis-shaped tensor is refused.
     """
     start, source, output = time.time(), Path(source), Path(output)
     to_folder = _writes_folder(output)
     report = Report(output)
     with _terminate_as_interrupt(), atomic_output(output, force, [source] + ([Path(vae)] if vae else [])) as tmp:
         _check_replaceable(output, to_folder)
-        view = open_source(source)
+        view = open_source(source, report.notes)
         info = identify(view)
         model = {k: item(view, k) for k in view.keys()}
+        sd1_rules = to_folder or ema or prune or vae or component  # these need the SD1.x key rules
+        alone = None  # the component that the input holds alone
         if isinstance(view, DiffusersFolder):  # read through the SD1.x key rules
             _require_sd1(source, info)
             model = _schedule_in_model_dtype(model)
         elif source.is_dir():  # a diffusers component folder (config.json and its weights)
-            model = _component_folder(source, model)
-        if to_folder or ema or prune or vae or component:  # these need the SD1.x key rules
+            alone, model = _component_folder(source, model)
+        elif sd1_rules and info.kind not in SD1_KINDS:
+            alone = lone_component(info, model.keys())
+            if alone is None:
+                _require_sd1(source, info)
+            model = _lone_component(source, view, alone, model, report.notes)
+        if alone:
+            _check_lone(source, alone, to_folder, component, {"--ema": ema, "--prune": prune, "--vae": vae})
+            _check_components(source, {alone: model})
+        elif sd1_rules:
             _require_sd1(source, info)
             model = _select(source, info, model, ema, prune or (to_folder and not component), vae, report.notes)
             if to_folder and not component:
                 _require_components(source, model)
+            _check_architecture(source, model, only=component)
+            if component:
+                model = _component(source, model, component, report.notes)
+        elif isinstance(view, DiffusersFolder):
+            _check_architecture(source, model)
         model = {k: cast(it, dtype) for k, it in model.items()}
         if component:
-            model = _component(source, model, component, report.notes)
             if to_folder:
                 files, _, config = diffusers_component(component, model)
                 tmp.mkdir()
@@ -270,9 +349,9 @@ def _schedule_in_model_dtype(model: dict[str, Item]) -> dict[str, Item]:
     return {k: cast(it, unet.dtype) if k in SCHEDULE_BUFFERS else it for k, it in model.items()}
 
 
-def _component_folder(source: Path, model: dict[str, Item]) -> dict[str, Item]:
-    """A diffusers component folder's tensors under the original layout's names (without the component's
-    prefix, as `--component` writes them): the inverse of writing a component folder."""
+def _component_folder(source: Path, model: dict[str, Item]) -> tuple[str, dict[str, Item]]:
+    """Which component a diffusers component folder holds, and its tensors under the original layout's names
+    (without the component's prefix, as `--component` writes them): the inverse of writing a component folder."""
     try:
         config = json.loads((source / "config.json").read_text())
         name = str(config.get("_class_name") or config["architectures"][0])
@@ -287,7 +366,32 @@ def _component_folder(source: Path, model: dict[str, Item]) -> dict[str, Item]:
         it = model[dkey]
         attention = component == "vae" and keymap.is_vae_attention_weight(dkey) and len(it.shape) == 2
         out[key] = reshape(it, it.shape + (1, 1)) if attention else it  # linear -> 1×1 conv
-    return out
+    return component, out
+
+
+def _lone_component(source, view, component: str, model: dict[str, Item], notes: list[str]) -> dict[str, Item]:
+    """A file of one component alone, as `--component` writes it or as VAE files ship, in the original layout
+    keyed relative to the component's prefix (a VAE or UNet in the diffusers layout is renamed)."""
+    if component == "vae":  # bare or prefixed keys, either layout, training extras left out
+        return vae_items(source, notes, view)
+    if component == "unet" and "conv_in.weight" in model:  # the diffusers layout
+        return {key: model[dkey] for dkey, key in keymap.from_diffusers("unet", model).items()}
+    return model
+
+
+def _check_lone(source, alone: str, to_folder: bool, component: str | None, options: dict) -> None:
+    """A component alone converts only to that component, as a component folder or a file."""
+    name = COMPONENT_NAMES[alone]
+    given = [flag for flag, value in options.items() if value]
+    if given:
+        raise CheckpointError(f"{source} holds a {name} alone; {' and '.join(given)} need{'s' * (len(given) == 1)} "
+                              "a whole SD1.x model")  # fmt: skip
+    if component and component != alone:
+        raise CheckpointError(f"{source} holds a {name} alone, not a {COMPONENT_NAMES[component]}; "
+                              f"pass --component {alone}, or a whole SD1.x model")  # fmt: skip
+    if to_folder and not component:
+        raise CheckpointError(f"{source} holds a {name} alone; to write it as a diffusers component folder "
+                              f"(config.json and weights), add --component {alone}")  # fmt: skip
 
 
 def _writes_folder(output: Path) -> bool:
@@ -392,7 +496,8 @@ def merge(
     goes into the first four input channels of the UNet's first convolution.
 
     Only the UNet, VAE and text encoder are merged (EMA copies and other extras are left out); integer
-    tensors (position_ids) come from A; every other tensor must match in name and shape in all inputs.
+    tensors (position_ids) come from A; every other tensor must match in name and shape in all inputs (a VAE
+    attention weight stored as [C, C] matches its 1×1 convolution form [C, C, 1, 1], and is written in A's form).
     """
     start, output = time.time(), Path(output)
     if len(inputs) not in (2, 3):
@@ -402,7 +507,8 @@ def merge(
     to_folder = _writes_folder(output)
     with _terminate_as_interrupt(), atomic_output(output, force, [Path(p) for p in inputs]) as tmp:
         _check_replaceable(output, to_folder)
-        views = [open_source(p) for p in inputs]
+        notes = []  # which weights file a folder was read from, where it had several
+        views = [open_source(p, notes) for p in inputs]
         infos = [identify(v) for v in views]
         for path, info in zip(inputs, infos):
             if info.kind not in SD1_KINDS:
@@ -410,9 +516,9 @@ def merge(
         names = [canonical_keys(v) for v in views]
         first_conv = UNET_PREFIX + "input_blocks.0.0.weight"
         inpaint_into = len(inputs) == 3 and infos[0].kind == "sd1-inpainting" and infos[1].kind == infos[2].kind == "sd1"
-        expected = {k: tuple(views[0].shape(fk)) for k, fk in names[0].items()}
+        expected = {k: _conv_form(k, views[0].shape(fk)) for k, fk in names[0].items()}
         for path, view, n in zip(inputs[1:], views[1:], names[1:]):
-            found = {k: tuple(view.shape(fk)) for k, fk in n.items()}
+            found = {k: _conv_form(k, view.shape(fk)) for k, fk in n.items()}
             if inpaint_into:
                 found[first_conv] = expected[first_conv]
             differences = _architecture_differences(expected, found)
@@ -422,15 +528,25 @@ def merge(
         model = {}
         for key, file_key in names[0].items():
             a = item(views[0], file_key)
-            others = [partial(v.get, n[key]) for v, n in zip(views[1:], names[1:])]
+            form = a.shape if keymap.is_vae_attention_weight(key) else None  # [C, C] or [C, C, 1, 1], as A has it
+            others = [partial(_read, v, n[key], form) for v, n in zip(views[1:], names[1:])]
             model[file_key] = cast(Item(a.shape, a.dtype, partial(_merged, a, others, alpha, key == first_conv)), dtype)
-        notes = [f"{'weighted sum' if len(inputs) == 2 else 'add difference'} with alpha {alpha}"]
+        if to_folder:
+            _require_components(inputs[0], model)
+        _check_architecture(inputs[0], model)
+        notes.append(f"{'weighted sum' if len(inputs) == 2 else 'add difference'} with alpha {alpha}")
         if to_folder:
             write_diffusers_folder(tmp, model, infos[0].kind == "sd1-inpainting", progress)
         else:
             write_verified(tmp, model, {"format": "pt", "sd15_merge": json.dumps(
                 {"inputs": [str(p) for p in inputs], "alpha": alpha})}, progress)  # fmt: skip
     return Report(output, len(model), sum(it.nbytes for it in model.values()), notes, time.time() - start)
+
+
+def _read(view, key: str, shape: tuple | None) -> torch.Tensor:
+    """A tensor of another merge input, reshaped to `shape` (A's form of a VAE attention weight) if given."""
+    tensor = view.get(key)
+    return tensor if shape is None else tensor.reshape(shape)
 
 
 def _merged(a: Item, others: list[Callable], alpha: float, first_conv: bool) -> torch.Tensor:

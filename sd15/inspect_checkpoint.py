@@ -24,7 +24,7 @@ from .checkpoint import (
     identify,
     printable,
 )
-from .streaming import DiffusersFolder, MappedSafetensors, open_source, torch_dtype
+from .streaming import DiffusersFolder, MappedSafetensors, ShardedSafetensors, open_source, torch_dtype
 
 GROUPS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", CLIP_PREFIX_OLD), ("ema", EMA_PREFIX))
 
@@ -48,6 +48,15 @@ def _alone(keys: set[str]) -> tuple[str, str] | None:
     return None
 
 
+def lone_component(info, keys) -> str | None:
+    """The component a file holds alone ("unet", "vae", "text_encoder"), keys without its prefix as `sd15 convert
+    --component` writes them (or a VAE file, prefixed or not), given `identify`'s info; None for any other file."""
+    if info.kind == "vae":
+        return "vae"
+    alone = _alone(set(keys)) if info.kind == "unknown" else None
+    return alone[0] if alone else None
+
+
 def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:
     """A description of a checkpoint file or diffusers folder, as plain data (what `--json` prints)."""
     from .pnginfo import short_hash
@@ -64,11 +73,17 @@ def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:
         form = "diffusers folder"
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     else:
-        form = "safetensors" if isinstance(view, MappedSafetensors) else "pickle (read with weights_only=True)"
+        if isinstance(view, ShardedSafetensors):
+            form = f"safetensors in {len(view.shards)} shard{'s' * (len(view.shards) != 1)}"
+        else:
+            form = "safetensors" if isinstance(view, MappedSafetensors) else "pickle (read with weights_only=True)"
         size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     whole = alone[0] if alone else kind if kind in ("vae", "lora", "embedding", "controlnet") else None
+    synthesized = getattr(view, "synthesized", set())  # a diffusers folder's rebuilt schedule buffers and position_ids
     groups: dict[str, dict] = {}
     for key in keys:
+        if key in synthesized:
+            continue
         g = groups.setdefault(whole or group_of(key), {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": Counter()})
         dtype = torch_dtype(view.dtype_name(key))
         numel = math.prod(view.shape(key))
@@ -78,7 +93,6 @@ def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:
         g["dtypes"][str(dtype).removeprefix("torch.")] += 1
     for g in groups.values():
         g["dtypes"] = dict(g["dtypes"])
-    synthesized = getattr(view, "synthesized", set())
     extras = [] if whole else [k for k in keys if group_of(k) in ("schedule", "other") and k not in synthesized]
     result = {
         "path": str(path),
@@ -167,13 +181,15 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, top: int = 10, progress: bo
 
     For each part (unet, vae, text_encoder, ema, schedule, other): tensors compared, how many are identical,
     the largest absolute difference, and the relative difference ||A - B|| / ||A|| over the whole part;
-    keys found in only one file and shape mismatches are listed, not compared.
+    keys found in only one file and shape mismatches are listed, not compared. The tensors a diffusers folder
+    does not hold but rebuilds when read (schedule buffers, position_ids) are not compared, on either side.
     """
     from tqdm import tqdm
 
     va, vb = open_source(a), open_source(b)
-    ka = {_canonical(k): k for k in va.keys()}  # a diffusers folder's rebuilt schedule buffers included
-    kb = {_canonical(k): k for k in vb.keys()}
+    rebuilt = {_canonical(k) for v in (va, vb) for k in getattr(v, "synthesized", ())}
+    ka = {_canonical(k): k for k in va.keys() if _canonical(k) not in rebuilt}
+    kb = {_canonical(k): k for k in vb.keys() if _canonical(k) not in rebuilt}
     parts: dict[str, dict] = {}
     per_tensor = []
 
@@ -208,7 +224,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, top: int = 10, progress: bo
         p["relative"] = math.sqrt(sq / ref) if ref else math.sqrt(sq)
     differing = [t for t in per_tensor if t.get("max_abs", 1) > 0]  # shape mismatches first, then the largest
     worst = sorted(differing, key=lambda t: (-t.get("max_abs", float("inf")), t["key"]))
-    return {"a": str(a), "b": str(b), "parts": parts, "worst": worst[:top],
+    return {"a": str(a), "b": str(b), "parts": parts, "worst": worst[:top], "not_compared": sorted(rebuilt),
             "identical": all(p["compared"] == p["identical"] and not (p["only_in_a"] or p["only_in_b"] or p["shape_mismatch"])
                              for p in parts.values())}  # fmt: skip
 
@@ -225,5 +241,8 @@ def format_diff(r: dict) -> str:
                 lines.append(f"  {t['max_abs']:>11.3g} {t['relative']:>10.3g}  {printable(t['key'])}")
             else:
                 lines.append(f"  shape {t['shape_a']} vs {t['shape_b']}  {printable(t['key'])}")
+    if r["not_compared"]:
+        shown = ", ".join(r["not_compared"][:3]) + (" …" if len(r["not_compared"]) > 3 else "")
+        lines.append(f"not compared: {len(r['not_compared'])} tensors a diffusers folder rebuilds rather than holds ({shown})")
     lines.append("the checkpoints are identical" if r["identical"] else "the checkpoints differ")
     return "\n".join(lines)

@@ -191,9 +191,11 @@ def _check_one_to_one(names: dict[str, str], what: str, prefix: str = "") -> Non
         first[name] = key
 
 
-def is_vae_attention_weight(diffusers_key: str) -> bool:
-    """The VAE tensors stored as [C, C, 1, 1] in the original layout and [C, C] in diffusers'."""
-    return bool(re.search(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.weight$", diffusers_key))
+def is_vae_attention_weight(key: str) -> bool:
+    """The VAE tensors stored as [C, C, 1, 1] in the original layout and [C, C] in diffusers' (some original-layout
+    files hold them as [C, C] too; the bytes are the same). `key` is a VAE key in either layout."""
+    return bool(re.search(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.weight$"
+                          r"|mid\.attn_1\.(q|k|v|proj_out)\.weight$", key))  # fmt: skip
 
 
 def to_diffusers(component: str, keys) -> dict[str, str]:
@@ -302,8 +304,12 @@ def vae_config(c) -> dict:
     }  # fmt: skip
 
 
-def text_encoder_config(c, dtype_name: str) -> dict:
-    """text_encoder/config.json (transformers' CLIPTextConfig) from an sd15 CLIPTextConfig."""
+def text_encoder_config(c) -> dict:
+    """text_encoder/config.json (transformers' CLIPTextConfig) from an sd15 CLIPTextConfig.
+
+    Its dtype is "float32" whatever the weights' dtype, as in SD1.5's own repositories beside fp16 weights:
+    transformers loads a text encoder in the dtype its config names, while diffusers loads the UNet and VAE in
+    float32, so "float16" here would give a pipeline of mixed dtypes that fails at its first matrix product."""
     return {
         "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -311,5 +317,5 @@ def text_encoder_config(c, dtype_name: str) -> dict:
         "max_position_embeddings": c.max_position_embeddings, "vocab_size": c.vocab_size,
         "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.hidden_size, "attention_dropout": 0.0, "dropout": 0.0,
         "initializer_factor": 1.0, "initializer_range": 0.02, "bos_token_id": 49406, "eos_token_id": 49407,
-        "pad_token_id": 49407, "torch_dtype": dtype_name, "dtype": dtype_name,
+        "pad_token_id": 49407, "torch_dtype": "float32", "dtype": "float32",
     }  # fmt: skip

@@ -117,8 +117,9 @@ class MappedSafetensors:
         return data.view(dtype).reshape(shape)
 
 
-class _Shards:
-    """Several .safetensors files named by a `*.safetensors.index.json` weight map, read as one."""
+class ShardedSafetensors:
+    """Several .safetensors files named by a `*.safetensors.index.json` weight map, read as one. The map must
+    name every tensor its shards hold: one left out would otherwise be dropped without a word."""
 
     def __init__(self, index_path: Path):
         try:
@@ -137,8 +138,14 @@ class _Shards:
         for key, name in weight_map.items():
             if key not in files[name].keys():
                 raise CheckpointError(f"{index_path} places tensor {key!r} in {name!r}, which does not hold it")
+        unlisted = sorted((key, name) for name, f in files.items() for key in f.keys() if key not in weight_map)
+        if unlisted:
+            key, name = unlisted[0]
+            raise CheckpointError(f"{index_path} leaves out {len(unlisted)} tensor{'s' * (len(unlisted) != 1)} that its "
+                                  f"shards hold, e.g. {printable(key)} in {name!r}; the index is stale or damaged. "
+                                  "Download the folder again, or add them to its weight_map")  # fmt: skip
         self._where = {key: files[name] for key, name in weight_map.items()}
-        self.metadata, self.path = {}, index_path
+        self.metadata, self.path, self.shards = {}, index_path, sorted(files)
 
     def keys(self):
         return self._where.keys()
@@ -153,20 +160,49 @@ class _Shards:
         return self._where[key].get(key)
 
 
-def open_weights(folder: Path, name: str):
-    """A diffusers component's weights: NAME.safetensors, sharded, the fp16 variant (one file or sharded), or a
-    .bin pickle, looked for in that order."""
+def _weights_files(name: str, variant: str | None = None) -> list[str]:
+    """A component's weights file names, in diffusers' order: NAME.safetensors, its shard index, then the .bin
+    pickle (pytorch_model.bin for a transformers model.*); with a variant, NAME.VARIANT.safetensors and so on."""
     bin_name = "pytorch_model" if name == "model" else name
-    candidates = (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.fp16.safetensors",
-                  f"{name}.safetensors.index.fp16.json", f"{bin_name}.bin", f"{bin_name}.fp16.bin")  # fmt: skip
-    for candidate in candidates:
-        path = folder / candidate
-        if path.is_file():
-            if candidate.endswith(".json"):
-                return _Shards(path)
-            return MappedSafetensors(path) if candidate.endswith(".safetensors") else TensorDict(load_pickle(path), path)
-    raise CheckpointError(f"{folder} holds no weights: it has none of {', '.join(candidates)}. "
-                          "Is the folder complete (a download cut short)?")  # fmt: skip
+    v = f".{variant}" if variant else ""
+    return [f"{name}{v}.safetensors", f"{name}.safetensors.index{v}.json", f"{bin_name}{v}.bin"]
+
+
+def _variants(folder: Path, name: str) -> list[str]:
+    """The variants (fp16, bf16, …) whose weights files are in the folder, by the names diffusers saves them under."""
+    bin_name = "pytorch_model" if name == "model" else name
+    n, b = re.escape(name), re.escape(bin_name)
+    pattern = re.compile(rf"{n}\.(\w+)\.safetensors|{n}\.safetensors\.index\.(\w+)\.json|{b}\.(\w+)\.bin")
+    found = {next(g for g in m.groups() if g) for p in folder.iterdir() if p.is_file() and (m := pattern.fullmatch(p.name))}
+    return sorted(found)
+
+
+def open_weights(folder: Path, name: str, notes: list[str] | None = None):
+    """A diffusers component's weights, chosen as diffusers chooses them when no variant is asked for: the plain
+    files first (NAME.safetensors, its shard index, NAME.bin), else a variant's (NAME.fp16.safetensors, …) when
+    the folder holds one variant only. Where there was a choice, a note in `notes` says which file was read."""
+    variants = _variants(folder, name)
+    plain = [n for n in _weights_files(name) if (folder / n).is_file()]
+    if plain:
+        chosen, others = plain[0], plain[1:] + [f"the {v} variant" for v in variants]
+        note = f"{folder.name}/: read {chosen}, as diffusers does when no variant is asked for" if others else None
+    elif len(variants) == 1:  # always said: the weights may not be in the precision the user expects
+        files = [n for n in _weights_files(name, variants[0]) if (folder / n).is_file()]
+        chosen, others = files[0], files[1:]
+        note = f"{folder.name}/: read {chosen}, the only weights it holds (the {variants[0]} variant)"
+    elif variants:
+        raise CheckpointError(f"{folder} holds the weights of {len(variants)} variants ({', '.join(variants)}) and none "
+                              f"without a variant ({name}.safetensors), so which to read is ambiguous: convert a copy of "
+                              f"the folder that keeps one variant's files ({name}.VARIANT.safetensors or its shards)")  # fmt: skip
+    else:
+        raise CheckpointError(f"{folder} holds no weights: it has none of {', '.join(_weights_files(name))}, nor a variant "
+                              f"of them ({name}.fp16.safetensors, …). Is the folder complete (a download cut short)?")  # fmt: skip
+    if note and notes is not None:
+        notes.append(note + (f"; not {', '.join(others)}" if others else ""))
+    path = folder / chosen
+    if chosen.endswith(".json"):
+        return ShardedSafetensors(path)
+    return MappedSafetensors(path) if chosen.endswith(".safetensors") else TensorDict(load_pickle(path), path)
 
 
 class DiffusersFolder:
@@ -174,10 +210,11 @@ class DiffusersFolder:
     layout: its keys are the original file's (`model.diffusion_model.…`), renamed by `sd15.keymap`.
 
     `copy=True` (as `sd15.load` opens it) returns tensors in memory of their own; `copy=False` (conversions)
-    returns views of the file's memory maps, which are valid only while the file is left as it is."""
+    returns views of the file's memory maps, which are valid only while the file is left as it is.
+    `notes` says which weights file a component was read from, where it had several (`open_weights`)."""
 
     def __init__(self, path: str | os.PathLike, copy: bool = True):
-        self.path, self.metadata, self.copy = Path(path), {}, copy
+        self.path, self.metadata, self.copy, self.notes = Path(path), {}, copy, []
         try:
             index = json.loads((self.path / "model_index.json").read_text())
         except (OSError, ValueError) as e:
@@ -192,7 +229,7 @@ class DiffusersFolder:
         for component in keymap.COMPONENTS:
             if not (self.path / component).is_dir():
                 raise CheckpointError(f"{self.path} is a diffusers folder without {component}/")
-            reader = open_weights(self.path / component, keymap.WEIGHTS_NAME[component])
+            reader = open_weights(self.path / component, keymap.WEIGHTS_NAME[component], self.notes)
             try:
                 names = keymap.from_diffusers(component, reader.keys())
             except CheckpointError as e:
@@ -306,14 +343,18 @@ def _release(t: torch.Tensor, maps: list[tuple[int, int]]) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # MADV_DONTNEED
 
 
-def open_source(path: str | os.PathLike):
+def open_source(path: str | os.PathLike, notes: list[str] | None = None):
     """Any input in the original layout: a .safetensors file (memory-mapped per tensor), a pickle (read
-    with weights_only=True), a diffusers folder, or a diffusers component folder (config.json + weights)."""
+    with weights_only=True), a diffusers folder, or a diffusers component folder (config.json + weights).
+    Which weights file a folder was read from, where it had several, is added to `notes`."""
     path = Path(path)
     if path.is_dir() and not (path / "model_index.json").exists() and (path / "config.json").exists():
-        return open_weights(path, _weights_name(path / "config.json"))
+        return open_weights(path, _weights_name(path / "config.json"), notes)
     if path.is_dir() and (path / "model_index.json").is_file():
-        return DiffusersFolder(path, copy=False)
+        folder = DiffusersFolder(path, copy=False)
+        if notes is not None:
+            notes.extend(folder.notes)
+        return folder
     view = open_checkpoint(path)
     if isinstance(view, SafetensorsFile):
         return MappedSafetensors(path)
@@ -384,15 +425,16 @@ class ItemView:
         return self.items[key].read()
 
 
-def vae_items(path: str | os.PathLike, notes: list[str]) -> dict[str, Item]:
+def vae_items(path: str | os.PathLike, notes: list[str], view=None) -> dict[str, Item]:
     """A VAE on its own, {key without `first_stage_model.`: Item} in the original layout, from a VAE file
     (original or diffusers layout, keys bare or prefixed, .safetensors or .ckpt, as
     vae-ft-mse-840000-ema-pruned is published), a diffusers VAE folder, or a full SD1.x checkpoint's VAE.
-    A VAE training checkpoint's loss.* and model_ema.* tensors are left out, with a note. Shapes are not
-    checked here: the caller knows which VAE it expects."""
+    A VAE training checkpoint's loss.* and model_ema.* tensors are left out, with a note. The mid-block
+    attention's q, k, v and proj_out come as 1×1 convolutions, [C, C, 1, 1], whichever form the file holds.
+    Shapes are not checked here: the caller knows which VAE it expects. `view`: `path` already opened."""
     if not Path(path).exists():
         raise CheckpointError(f"No such VAE file or folder: {path}")
-    view = open_source(path)
+    view = view if view is not None else open_source(path, notes)
     info = identify(view)
     keys = list(view.keys())
     if info.kind in ("sd1", "sd1-inpainting") and "vae" not in info.components:
@@ -406,12 +448,12 @@ def vae_items(path: str | os.PathLike, notes: list[str]) -> dict[str, Item]:
     if dropped:
         notes.append(f"the VAE file's {len(dropped)} training-only tensors (loss.*, model_ema.*) are not used")
     names = {k.removeprefix(VAE_PREFIX): k for k in keys if k not in dropped}
-    if not any(".down_blocks." in k or ".mid_block." in k for k in names):  # the original layout
-        return {k: item(view, fk) for k, fk in names.items()}
+    if any(".down_blocks." in k or ".mid_block." in k for k in names):  # the diffusers layout
+        names = {key: names[dkey] for dkey, key in keymap.from_diffusers("vae", names).items()}
     items = {}
-    for dkey, key in keymap.from_diffusers("vae", names).items():
-        it = item(view, names[dkey])
-        items[key] = reshape(it, it.shape + (1, 1)) if keymap.is_vae_attention_weight(dkey) and len(it.shape) == 2 else it
+    for key, file_key in names.items():
+        it = item(view, file_key)
+        items[key] = reshape(it, it.shape + (1, 1)) if keymap.is_vae_attention_weight(key) and len(it.shape) == 2 else it
     return items
 
 

@@ -44,7 +44,8 @@ def add_commands(sub) -> None:
     c.add_argument("--prune", action="store_true", help="keep only the UNet, VAE and text encoder")
     c.add_argument("--vae", default=None, metavar="FILE", help="replace the VAE with this VAE file or folder")
     c.add_argument("--component", choices=("unet", "vae", "text_encoder"), default=None,
-                   help="write only this component (keys without its prefix, or a diffusers component folder)")  # fmt: skip
+                   help="write only this component (keys without its prefix, or a diffusers component folder); "
+                   "also converts an input that holds this component alone (a VAE file, a component folder)")  # fmt: skip
     _common(c)
 
     m = sub.add_parser("merge", help="weighted merge of two models, or add-difference merge of three",

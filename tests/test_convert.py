@@ -154,13 +154,24 @@ def test_round_trip_through_diffusers_is_exact(tiny_checkpoint, tiny_state_dict,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_round_trip_is_exact(tmp_path, dtype):
+def test_half_precision_round_trip_is_exact(tmp_path, dtype, monkeypatch):
     """A checkpoint cast whole to fp16 or bf16 (schedule buffers too) comes back from its diffusers folder
-    bit for bit: the folder has no schedule buffers, and the rebuilt ones take the UNet's dtype."""
+    bit for bit: the folder has no schedule buffers, and the rebuilt ones take the UNet's dtype.
+    diffusers loads the folder in float32 throughout and runs it: the text encoder's config says "float32",
+    as SD1.5's own fp16 repositories do (with the weights' dtype, transformers would load the text encoder
+    in fp16 beside diffusers' fp32 UNet and VAE, and the pipeline would fail at its first step)."""
+    from diffusers import StableDiffusionPipeline
+
     sd = random_checkpoint("tiny", seed=2, dtype=dtype)
     save_checkpoint(sd, tmp_path / "half.safetensors")
     convert_module.convert(tmp_path / "half.safetensors", tmp_path / "folder", progress=False)
-    assert json.loads((tmp_path / "folder" / "text_encoder" / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+    config = json.loads((tmp_path / "folder" / "text_encoder" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "folder", local_files_only=True)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    image = pipe("a cat", num_inference_steps=1, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     convert_module.convert(tmp_path / "folder", tmp_path / "back.safetensors", progress=False)
     assert same_tensors(load_file(tmp_path / "back.safetensors"), sd)
     convert_module.convert(tmp_path / "folder", tmp_path / "fp32.safetensors", dtype=torch.float32, progress=False)
@@ -177,6 +188,37 @@ def test_linear_vae_attention_in_an_original_file(tiny_state_dict, tmp_path):
     convert_module.convert(tmp_path / "folder", tmp_path / "back.safetensors", progress=False)
     expected = {k: v for k, v in tiny_state_dict.items() if not k.startswith("model_ema.")}
     assert same_tensors(load_file(tmp_path / "back.safetensors"), expected)
+
+
+def test_linear_vae_attention_in_vae_replacement_and_merge(tiny_state_dict, tmp_path, capsys):
+    """A VAE whose attention weights are linear [C, C] replaces, or merges with, one in the 1×1 conv form
+    [C, C, 1, 1], both ways: the bytes are the same, and the result takes the model's (merge: A's) form."""
+    from sd15.streaming import vae_items
+
+    def linear(sd):
+        return {k: v.flatten(1) if ".mid.attn_1." in k and v.dim() == 4 else v for k, v in sd.items()}
+
+    other = random_checkpoint("tiny", seed=1)
+    other_vae = {k[len(VAE_PREFIX):]: v for k, v in other.items() if k.startswith(VAE_PREFIX)}
+    save_file(linear(other_vae), str(tmp_path / "vae-linear.safetensors"))
+    save_file(other_vae, str(tmp_path / "vae-conv.safetensors"))
+    items = vae_items(tmp_path / "vae-linear.safetensors", [])
+    assert all(items[k].shape == v.shape for k, v in other_vae.items())  # read as 1×1 convs, [C, C, 1, 1]
+    model_linear = save_checkpoint(linear(random_checkpoint("tiny", seed=0)), tmp_path / "model-linear.safetensors")
+    model_conv = save_checkpoint(random_checkpoint("tiny", seed=0), tmp_path / "model-conv.safetensors")
+    for model, vae, form in ((model_conv, "vae-linear", lambda v: v), (model_linear, "vae-conv", lambda v: v.flatten(1))):
+        out = tmp_path / f"{model.stem}+{vae}.safetensors"
+        code, _, err = sd15_cli(capsys, "convert", model, out, "--vae", tmp_path / f"{vae}.safetensors", "--no-progress")
+        assert code == 0, err
+        sd = load_file(out)
+        for k, v in other_vae.items():
+            want = form(v) if ".mid.attn_1." in k and v.dim() == 4 else v  # the model's own form
+            assert sd[VAE_PREFIX + k].shape == want.shape and torch.equal(sd[VAE_PREFIX + k], want), k
+    b = save_checkpoint(other, tmp_path / "b-conv.safetensors")
+    convert_module.merge([model_linear, b], tmp_path / "merged.safetensors", alpha=0.25, progress=False)
+    merged, a = load_file(tmp_path / "merged.safetensors"), load_file(model_linear)
+    for k, v in other_vae.items():
+        assert torch.equal(merged[VAE_PREFIX + k], torch.lerp(a[VAE_PREFIX + k], v.reshape(a[VAE_PREFIX + k].shape), 0.25)), k
 
 
 def test_inpainting_and_old_clip_keys_round_trip(tmp_path):
@@ -350,6 +392,80 @@ def test_vae_replacement(tiny_checkpoint, tiny_state_dict, tmp_path, capsys):
     assert not (tmp_path / "y.safetensors").exists()
 
 
+def test_incomplete_model_is_refused_before_anything_is_written(tiny_state_dict, exported, tmp_path, capsys):
+    """Every component a conversion writes is checked against its architecture (built on the meta device from
+    its shapes): a file or folder missing a tensor, or holding an extra or mis-shaped one, is refused by name.
+    (Before, such a file became a diffusers folder that diffusers loads with the tensor left uninitialised.)"""
+    sd = {k: v for k, v in tiny_state_dict.items() if k not in (UNET_PREFIX + "out.2.bias", VAE_PREFIX + "decoder.conv_in.bias")}
+    sd[CLIP_PREFIX + "final_layer_norm.weight"] = torch.zeros(7)
+    save_file(sd, str(tmp_path / "cut.safetensors"))
+    for out, args in (("folder", []), ("pruned.safetensors", ["--prune"]), ("ema.safetensors", ["--ema"]),
+                      ("unet", ["--component", "unet"])):  # fmt: skip
+        code, _, err = sd15_cli(capsys, "convert", tmp_path / "cut.safetensors", tmp_path / out, *args)
+        assert code == 2 and "The UNet (" in err and "1 missing:\n    out.2.bias" in err and "Nothing was written" in err, err
+        if not args:  # every component's problems in one message
+            assert "decoder.conv_in.bias" in err and "final_layer_norm.weight: file [7], model [48]" in err
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "cut.safetensors", tmp_path / "vae.safetensors", "--component", "vae")
+    assert code == 2 and "decoder.conv_in.bias" in err and "out.2.bias" not in err  # only the component written is checked
+    # a diffusers folder missing a tensor (or with one too many) -> a single file
+    folder = Path(shutil.copytree(exported, tmp_path / "cut-folder"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet = load_file(weights)
+    del unet["conv_out.bias"]
+    unet["conv_out.extra"] = torch.zeros(1)
+    save_file(unet, str(weights))
+    code, _, err = sd15_cli(capsys, "convert", folder, tmp_path / "back.safetensors")
+    assert code == 2 and "out.2.bias" in err and "1 unexpected:\n    out.2.extra" in err
+    code, _, err = sd15_cli(capsys, "merge", tmp_path / "cut.safetensors", tmp_path / "cut.safetensors", "-o", tmp_path / "m.safetensors")
+    assert code == 2 and "out.2.bias" in err
+    save_file({k: v for k, v in tiny_state_dict.items() if not k.startswith(VAE_PREFIX)}, str(tmp_path / "novae.safetensors"))
+    code, _, err = sd15_cli(capsys, "merge", tmp_path / "novae.safetensors", tmp_path / "novae.safetensors", "-o", tmp_path / "m")
+    assert code == 2 and "has no vae weights" in err
+    (tmp_path / "novae.safetensors").unlink()
+    assert_only(tmp_path, {"cut.safetensors", "cut-folder"})
+    # a plain container or dtype change still copies any file as it is
+    assert sd15_cli(capsys, "convert", tmp_path / "cut.safetensors", tmp_path / "h.safetensors", "--dtype", "fp16", "--no-progress")[0] == 0
+
+
+def test_fp32_bin_is_read_before_an_fp16_variant(exported, tmp_path, capsys):
+    """unet/ with the fp32 diffusion_pytorch_model.bin and the fp16 variant beside it, as SD1.5's own repository
+    had: the .bin is read, as diffusers reads it when no variant is asked for, and a note says so."""
+    folder = Path(shutil.copytree(exported, tmp_path / "mixed"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet = load_file(weights)
+    weights.unlink()
+    torch.save(unet, folder / "unet" / "diffusion_pytorch_model.bin")
+    save_file({k: v.half() for k, v in unet.items()}, str(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    code, _, err = sd15_cli(capsys, "convert", folder, tmp_path / "out.safetensors", "--no-progress")
+    assert code == 0 and "note: unet/: read diffusion_pytorch_model.bin" in err and "not the fp16 variant" in err
+    assert {v.dtype for k, v in load_file(tmp_path / "out.safetensors").items() if k.startswith(UNET_PREFIX)} == {torch.float32}
+
+
+def test_a_component_alone_converts_to_a_component_folder(tiny_checkpoint, tmp_path, capsys):
+    """A file of one component (a VAE file, a `--component` output) or a component folder converts, with
+    `--component` naming it, to a diffusers component folder or file; without it, the refusal says what to add."""
+    for component in ("vae", "unet"):
+        assert sd15_cli(capsys, "convert", tiny_checkpoint, tmp_path / f"{component}.safetensors", "--component", component, "--no-progress")[0] == 0
+        assert sd15_cli(capsys, "convert", tiny_checkpoint, tmp_path / f"{component}-ref", "--component", component, "--no-progress")[0] == 0
+        code, _, err = sd15_cli(capsys, "convert", tmp_path / f"{component}.safetensors", tmp_path / f"{component}-folder")
+        assert code == 2 and f"alone; to write it as a diffusers component folder (config.json and weights), add --component {component}" in err
+        code, _, err = sd15_cli(capsys, "convert", tmp_path / f"{component}.safetensors", tmp_path / f"{component}-folder",
+                                "--component", component, "--no-progress")  # fmt: skip
+        assert code == 0, err
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            assert (tmp_path / f"{component}-folder" / name).read_bytes() == (tmp_path / f"{component}-ref" / name).read_bytes()
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "unet-folder", tmp_path / "unet-fp16", "--dtype", "fp16")
+    assert code == 2 and "add --component unet" in err
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "unet-folder", tmp_path / "unet-fp16", "--component", "unet", "--dtype", "fp16", "--no-progress")
+    assert code == 0, err
+    assert {v.dtype for v in load_file(tmp_path / "unet-fp16" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "unet-folder", tmp_path / "x.safetensors", "--component", "vae")
+    assert code == 2 and "holds a UNet alone, not a VAE; pass --component unet" in err
+    code, _, err = sd15_cli(capsys, "convert", tmp_path / "vae.safetensors", tmp_path / "x.safetensors", "--prune")
+    assert code == 2 and "holds a VAE alone; --prune needs a whole SD1.x model" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # The diffusers-style scripts
 
@@ -461,7 +577,7 @@ def test_malicious_pickle_is_refused_and_its_code_never_runs(tiny_state_dict, tm
     torch.save({"state_dict": dict(tiny_state_dict), "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
     for out in ("out.safetensors", "out-folder"):
         code, _, err = sd15_cli(capsys, "convert", tmp_path / "evil.ckpt", tmp_path / out)
-        assert code == 2 and "Refused" in err and "system" in err
+        assert code == 2 and "Refused" in err and f"the pickle contains {os.system.__module__}.system, which could run code" in err
     code, _, err = sd15_cli(capsys, "inspect", tmp_path / "evil.ckpt")
     assert code == 2 and "Refused" in err
     assert not marker.exists()
@@ -700,7 +816,7 @@ def test_diff(tiny_checkpoint, exported, three_models, tmp_path, capsys):
     for part in ("unet", "vae", "text_encoder"):
         p = r["parts"][part]
         assert p["compared"] == p["identical"] > 0 and p["max_abs"] == 0 and p["relative"] == 0
-    assert r["parts"]["schedule"]["identical"] == 12  # rebuilt from the folder's scheduler_config.json
+    assert "schedule" not in r["parts"] and len(r["not_compared"]) == 12  # the folder rebuilds them; not compared
     assert r["parts"]["ema"]["only_in_a"] == 496 and not r["identical"] and r["worst"] == []
     convert_module.convert(exported, tmp_path / "back.safetensors", progress=False)
     code, out, _ = sd15_cli(capsys, "diff", exported, tmp_path / "back.safetensors", "--no-progress")
@@ -712,3 +828,32 @@ def test_diff(tiny_checkpoint, exported, three_models, tmp_path, capsys):
     worst = max(a, key=lambda k: (a[k].double() - b[k].double()).abs().max().item())
     assert len(r["worst"]) == 3 and r["worst"][0]["key"] == worst
     assert r["parts"]["schedule"]["identical"] == 12  # the same schedule in every SD1 file
+
+
+def test_diff_and_inspect_leave_out_what_a_folder_rebuilds(tmp_path, capsys):
+    """A diffusers folder holds no schedule buffers: it rebuilds them (in float32) when read. `diff` of an fp16
+    file, or of a file without them, with the folder converted from it finds them identical, and `inspect`
+    counts only what the folder holds."""
+    sd = random_checkpoint("tiny", seed=3, dtype=torch.float16)
+    half = save_checkpoint(sd, tmp_path / "half.safetensors")
+    pruned = save_checkpoint({k: v for k, v in sd.items() if k.startswith(("model.", "first_stage", "cond_stage"))},
+                             tmp_path / "pruned.safetensors")  # fmt: skip
+    convert_module.convert(half, tmp_path / "folder", progress=False)
+    for file in (half, pruned):
+        code, out, _ = sd15_cli(capsys, "diff", file, tmp_path / "folder", "--no-progress")
+        assert code == 0 and "the checkpoints are identical" in out and "not compared: 12 tensors" in out, out
+    r = json.loads(sd15_cli(capsys, "inspect", tmp_path / "folder", "--json")[1])
+    assert "schedule" not in r["groups"] and r["tensors"] == len(sd) - 12 == sum(g["tensors"] for g in r["groups"].values())
+    assert all(set(g["dtypes"]) <= {"float16", "int64"} for g in r["groups"].values())
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tiny_checkpoint):
+    """`sd15 inspect … | head`: a reader that stops early is not an error (no "Broken pipe" message)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before sd15 writes a line
+    try:
+        child = subprocess.run([sys.executable, "-m", "sd15", "inspect", str(tiny_checkpoint), "--no-hash"],
+                               stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert child.returncode == 0 and child.stderr == ""

@@ -168,10 +168,22 @@ def shard_unet(folder: Path, weight_map: dict | None = None, index=None) -> Path
 def test_sharded_unet_loads(folder, tiny_model):
     model = sd15.load(shard_unet(folder))
     assert all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(), tiny_model.unet.state_dict().values()))
+    from sd15.inspect_checkpoint import inspect
+
+    assert inspect(folder / "unet", with_hash=False)["format"] == "safetensors in 1 shard"  # not "pickle"
 
 
 def _first_unet_key(folder):
     return min(read_safetensors_header(folder / "unet" / "diffusion_pytorch_model.safetensors").keys() - {"__metadata__"})
+
+
+def _index_without_a_key(folder):
+    """A shard index that leaves out one tensor its shard holds."""
+    shard_unet(folder)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    del index["weight_map"]["conv_out.bias"]
+    path.write_text(json.dumps(index))
 
 
 def _drop_position_embedding(folder):
@@ -186,11 +198,12 @@ def _drop_position_embedding(folder):
         (lambda d: shard_unet(d, {_first_unet_key(d): "../../../../etc/passwd"}), "outside its folder"),
         (lambda d: shard_unet(d, index={"metadata": {}}), "no weight_map"),
         (lambda d: shard_unet(d, index=[1, 2]), "no weight_map"),
+        (_index_without_a_key, "leaves out 1 tensor that its shards hold, e.g. conv_out.bias in 'shard-1.safetensors'"),
         (lambda d: (d / "model_index.json").write_text("[]"), "model_index.json is not a JSON object"),
         (_drop_position_embedding, "lacks the text encoder's position embedding"),
         (lambda d: (d / "scheduler" / "scheduler_config.json").write_text("[]"), None),  # no schedule buffers, no error
     ],
-    ids=["missing shard", "shard outside", "no weight_map", "index is a list", "model_index is a list",
+    ids=["missing shard", "shard outside", "no weight_map", "index is a list", "index leaves out a key", "model_index is a list",
          "no position embedding", "scheduler config is a list"],
 )
 def test_malformed_diffusers_folder(folder, workdir, capsys, breakage, message):

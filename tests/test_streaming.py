@@ -163,12 +163,42 @@ def test_folder_without_weights_names_every_file_looked_for(tmp_path):
     with pytest.raises(CheckpointError) as e:
         streaming.open_source(tmp_path)
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors.index.fp16.json",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):  # fmt: skip
+                 "diffusion_pytorch_model.bin", "nor a variant", "diffusion_pytorch_model.fp16.safetensors"):  # fmt: skip
         assert name in str(e.value)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 768}))
     with pytest.raises(CheckpointError, match="names no model class"):
         streaming.open_source(tmp_path)
+
+
+def _weights(folder: Path, **files: torch.dtype) -> Path:
+    """A UNet component folder holding a one-tensor weights file of each given name (dots as `__`) and dtype."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    for name, dtype in files.items():
+        name, tensors = name.replace("__", "."), {"w": torch.ones(2, dtype=dtype)}
+        torch.save(tensors, folder / name) if name.endswith(".bin") else save_file(tensors, str(folder / name))
+    return folder
+
+
+def test_weights_without_a_variant_come_first_then_any_single_variant(tmp_path):
+    """As diffusers chooses with no variant asked for: NAME.safetensors, its index, NAME.bin, and only then a
+    variant's files: fp16, bf16 or any other, when the folder holds one. A note says which file was read."""
+    name = "diffusion_pytorch_model"
+    notes = []  # the fp32 .bin beside the fp16 variant, as SD1.5's repository had them
+    folder = _weights(tmp_path / "a", diffusion_pytorch_model__bin=torch.float32, diffusion_pytorch_model__fp16__safetensors=torch.float16)
+    assert streaming.open_weights(folder, name, notes).get("w").dtype == torch.float32
+    assert notes == ["a/: read diffusion_pytorch_model.bin, as diffusers does when no variant is asked for; not the fp16 variant"]
+    notes = []
+    folder = _weights(tmp_path / "b", diffusion_pytorch_model__bf16__safetensors=torch.bfloat16)
+    assert streaming.open_weights(folder, name, notes).get("w").dtype == torch.bfloat16
+    assert notes == ["b/: read diffusion_pytorch_model.bf16.safetensors, the only weights it holds (the bf16 variant)"]
+    notes = []
+    folder = _weights(tmp_path / "c", diffusion_pytorch_model__safetensors=torch.float32)
+    assert streaming.open_weights(folder, name, notes).get("w").dtype == torch.float32 and notes == []  # no choice, no note
+    folder = _weights(tmp_path / "d", diffusion_pytorch_model__bf16__safetensors=torch.bfloat16,
+                      diffusion_pytorch_model__fp16__bin=torch.float16)  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"holds the weights of 2 variants \(bf16, fp16\) and none without a variant"):
+        streaming.open_weights(folder, name)
 
 
 # --------------------------------------------------------------------------------------------------
