@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import keymap
 from .checkpoint import (
     CLIP_PREFIX,
     CLIP_PREFIX_OLD,
@@ -176,6 +177,11 @@ def _differences(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> tupl
     return max_abs, sq, ref
 
 
+def _same_vae_attention(key: str, shape_a: tuple, shape_b: tuple) -> bool:
+    """A VAE attention weight stored as [C, C] on one side and [C, C, 1, 1] on the other: the same numbers."""
+    return keymap.is_vae_attention_weight(key) and {shape_a, shape_b} == {shape_a[:2], shape_a[:2] + (1, 1)}
+
+
 def diff(a: str | os.PathLike, b: str | os.PathLike, top: int = 10, progress: bool = False) -> dict:
     """Per-part and worst per-tensor differences between two checkpoints, read tensor by tensor.
 
@@ -205,11 +211,13 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, top: int = 10, progress: bo
     common = [k for k in ka if k in kb]
     for key in tqdm(common, desc="diff", disable=not progress, leave=False):
         p = part(key)
-        if tuple(va.shape(ka[key])) != tuple(vb.shape(kb[key])):
+        shape_a, shape_b = tuple(va.shape(ka[key])), tuple(vb.shape(kb[key]))
+        if shape_a != shape_b and not _same_vae_attention(key, shape_a, shape_b):
             p["shape_mismatch"] += 1
-            per_tensor.append({"key": key, "shape_a": list(va.shape(ka[key])), "shape_b": list(vb.shape(kb[key]))})
+            per_tensor.append({"key": key, "shape_a": list(shape_a), "shape_b": list(shape_b)})
             continue
         ta, tb = va.get(ka[key]), vb.get(kb[key])
+        tb = tb.reshape(ta.shape)  # a VAE attention weight as [C, C] in one and [C, C, 1, 1] in the other
         p["dtype_mismatch"] += ta.dtype != tb.dtype
         max_abs, sq, ref = _differences(ta, tb)
         p["compared"] += 1

@@ -219,6 +219,11 @@ def test_linear_vae_attention_in_vae_replacement_and_merge(tiny_state_dict, tmp_
     merged, a = load_file(tmp_path / "merged.safetensors"), load_file(model_linear)
     for k, v in other_vae.items():
         assert torch.equal(merged[VAE_PREFIX + k], torch.lerp(a[VAE_PREFIX + k], v.reshape(a[VAE_PREFIX + k].shape), 0.25)), k
+    from sd15.inspect_checkpoint import diff
+
+    same = diff(model_linear, model_conv)  # the same numbers in the two forms: no shape mismatch
+    assert same["identical"] and same["parts"]["vae"]["compared"] == len(other_vae)
+    assert not diff(model_linear, b)["identical"]
 
 
 def test_inpainting_and_old_clip_keys_round_trip(tmp_path):
