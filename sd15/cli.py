@@ -474,6 +474,12 @@ def run_generate(args) -> None:
         print(f"warning: {printable(args.from_png)} was made with ControlNet ({names}), whose control image a PNG does "
               "not hold: generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
     _compare_recorded_vae(args, settings.get("fields", {}))
+    unapplied = [name for name in UNAPPLIED_FIELDS if name in settings.get("fields", {})]
+    if unapplied:
+        from .checkpoint import printable
+
+        print(f"warning: {printable(args.from_png)} records settings sd15 does not apply ({', '.join(unapplied)}): the "
+              "image will differ from the one it was made with", file=sys.stderr)  # fmt: skip
     schedule_type = settings.get("fields", {}).get("Schedule type")
     if schedule_type not in (None, "Karras", "Uniform", "Automatic") and args.karras is None:
         from .checkpoint import printable
@@ -539,6 +545,12 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
         raise UserError(f"the PNG's hires fix resizes {width}x{height} to {target_w}x{target_h}, another aspect ratio "
                         "(the web UI crops to it); sd15 scales both sides alike: give --hires-scale")  # fmt: skip
     return scale
+
+
+# web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
+UNAPPLIED_FIELDS = ("Variation seed", "Seed resize from", "Eta noise seed delta", "ENSD", "Face restoration", "Refiner",
+                    "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires CFG Scale",
+                    "Hires checkpoint", "Token merging ratio", "NGMS", "Tiling", "Hypernet")  # fmt: skip
 
 
 def _compare_recorded_vae(args, fields: dict) -> None:
