@@ -230,14 +230,19 @@ def load_embedding(m: "StableDiffusion", path: str | os.PathLike, name: str | No
 
 def load_embeddings_folder(m: "StableDiffusion", folder: str | os.PathLike) -> list[str]:
     """Load every embedding file in a folder (and its subfolders), as the web UI does with its
-    `embeddings/` folder. Files that cannot be used here (another model family, unreadable) are skipped:
-    returns one line per skipped file saying why."""
-    skipped = []
+    `embeddings/` folder: each under its file name without the extension, whatever token a diffusers file
+    stores. Files that cannot be used here (another model family, unreadable, a name another file of the
+    folder already gives) are skipped: returns one line per skipped file saying why."""
+    skipped, named = [], {}
     for path in sorted(Path(folder).rglob("*")):
         if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
             continue
+        if path.stem in named:
+            skipped.append(f"skipped {path}: {named[path.stem]} already gives the trigger word {path.stem!r}")
+            continue
         try:
-            load_embedding(m, path)
+            load_embedding(m, path, name=path.stem)
+            named[path.stem] = path
         except CheckpointError as e:
             skipped.append(f"skipped {path}: {e}")
     return skipped

@@ -161,10 +161,14 @@ def test_a_trigger_word_of_the_same_tokens_as_another_is_refused(m, tmp_path):
 
 
 def test_folder_loading_skips_what_does_not_fit(m, files):
+    from sd15.embeddings import read_embedding
+
     try:
-        skipped = m.load_embeddings_folder(files)
-        assert sorted(e.name for e in m.embeddings) == ["<cat-toy>", "<dog-toy>", "badhands", "mystyle"]
-        assert len(skipped) == 1 and "sd2style" in skipped[0] and "1024" in skipped[0]
+        skipped = m.load_embeddings_folder(files)  # named by file, as the web UI names them, not by a diffusers token
+        assert sorted(e.name for e in m.embeddings) == ["badhands", "learned_embeds", "mystyle"]
+        assert torch.equal(m.embeddings["learned_embeds"].vectors, read_embedding(files / "learned_embeds.bin").vectors)
+        assert len(skipped) == 2 and "learned_embeds.safetensors: " in skipped[0] and "already gives the trigger word" in skipped[0]
+        assert "sd2style" in skipped[1] and "1024" in skipped[1]
     finally:
         m.embeddings.clear()
 
