@@ -192,13 +192,12 @@ def load(
 
     device, dtype = default_device_and_dtype(device, dtype)
     unet = _build("UNet", UNet, UNetConfig.from_state_dict(_meta_shapes(ckpt, unet_keys)), ckpt, unet_keys, device, dtype)
-    vae_path = vae
-    vae = _build(vae_name, AutoencoderKL, vae_config, vae_view, vae_keys, device, dtype)
+    autoencoder = _build(vae_name, AutoencoderKL, vae_config, vae_view, vae_keys, device, dtype)
     clip_config = CLIPTextConfig.from_state_dict(_meta_shapes(ckpt, clip_keys))
     text_encoder = _build("text encoder", CLIPTextModel, clip_config, ckpt, clip_keys, device, dtype)
     if device.type == "cpu":  # oneDNN's convolutions run ~15% faster on the VAE's large maps in NHWC (performance.md)
-        vae.to(memory_format=torch.channels_last)
-    m = StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae, info, str(path), None if vae_path is None else str(vae_path))
+        autoencoder.to(memory_format=torch.channels_last)
+    m = StableDiffusion(CLIPTokenizer(), text_encoder, unet, autoencoder, info, str(path), None if vae is None else str(vae))
     if fast_path.wanted(device, dtype, fast):
         fast_path.enable(m)
     return m
