@@ -478,6 +478,7 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
         raise ValueError(f"rank {rank} has other jobs than rank 0: start every rank with the same prompts file, model and flags")
     mine = [by_id[i] for i in pending[rank::world]]
     nets = controlnets if controlnets is not None else load_controlnets(mine, m.device, m.dtype)
+    vae = vae_record(m.vae_path)  # once: a folder's hash reads every file
     made = []
     for job in mine:
         if _done(out / f"{job.id}.png"):  # made meanwhile by another run on the same folder
@@ -488,7 +489,7 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
             seed=s.seed, width=s.width, height=s.height, karras=s.karras, progress=progress,
             **_control_arguments(job, nets),
         )[0]  # fmt: skip
-        save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem, *vae_record(m.vae_path)))
+        save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem, *vae))
         update_manifest(out, [job])
         made.append(job)
     update_manifest(out, jobs)  # the last rank to finish lists everything, without waiting for the others

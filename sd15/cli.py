@@ -473,20 +473,7 @@ def run_generate(args) -> None:
         names = ", ".join(printable(c["model"]) for c in settings["controlnets"])
         print(f"warning: {printable(args.from_png)} was made with ControlNet ({names}), whose control image a PNG does "
               "not hold: generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
-    _compare_recorded_vae(args, settings.get("fields", {}))
-    unapplied = [name for name in UNAPPLIED_FIELDS if name in settings.get("fields", {})]
-    if unapplied:
-        from .checkpoint import printable
-
-        print(f"warning: {printable(args.from_png)} records settings sd15 does not apply ({', '.join(unapplied)}): the "
-              "image will differ from the one it was made with", file=sys.stderr)  # fmt: skip
-    schedule_type = settings.get("fields", {}).get("Schedule type")
-    if schedule_type not in (None, "Karras", "Uniform", "Automatic") and args.karras is None:
-        from .checkpoint import printable
-
-        print(f"warning: {printable(args.from_png)} was sampled with the {printable(schedule_type)} schedule of noise "
-              "levels, which sd15 lacks (it has the sampler's own and Karras): using the sampler's own, so the image "
-              "will differ", file=sys.stderr)  # fmt: skip
+    _warn_about_unmatched_records(args, settings.get("fields", {}))
     # without -W/-H (or a PNG's size) the output takes the first control image's size, rounded down to a multiple of 8
     control_w, control_h = (max(8, control_images[0].width // 8 * 8), max(8, control_images[0].height // 8 * 8)) if control_images else (512, 512)
 
@@ -553,28 +540,41 @@ UNAPPLIED_FIELDS = ("Variation seed", "Seed resize from", "Eta noise seed delta"
                     "Hires checkpoint", "Token merging ratio", "NGMS", "Tiling", "Hypernet")  # fmt: skip
 
 
-def _compare_recorded_vae(args, fields: dict) -> None:
-    """Warn when a --from-png PNG was decoded by a VAE other than this run's (its `VAE` and `VAE hash` fields)."""
+def _warn_about_unmatched_records(args, fields: dict) -> None:
+    """Warn about what a --from-png PNG records that this run will not do alike: settings sd15 lacks, a schedule
+    type other than Karras, and a VAE other than this run's (its `VAE` and `VAE hash` fields)."""
     from .checkpoint import printable
     from .pnginfo import content_hash
 
+    png = printable(args.from_png)
+    unapplied = [name for name in UNAPPLIED_FIELDS if name in fields]
+    if unapplied:
+        print(f"warning: {png} records settings sd15 does not apply ({', '.join(unapplied)}): the image will differ "
+              "from the one it was made with", file=sys.stderr)  # fmt: skip
+    schedule_type = fields.get("Schedule type")
+    if schedule_type not in (None, "Karras", "Uniform", "Automatic") and args.karras is None:
+        print(f"warning: {png} was sampled with the {printable(schedule_type)} schedule of noise levels, which sd15 "
+              "lacks (it has the sampler's own and Karras): using the sampler's own, so the image will differ",
+              file=sys.stderr)  # fmt: skip
     name, digest = fields.get("VAE"), fields.get("VAE hash")
     if not (name or digest):
         return
     recorded = " ".join(printable(v) for v in (name, digest and f"[{digest}]") if v)
     if args.vae is None:
-        print(f"warning: {printable(args.from_png)} was decoded with the VAE {recorded}; this run uses the checkpoint's "
-              "own (give --vae FILE to use that one)", file=sys.stderr)  # fmt: skip
-    elif digest and Path(args.vae).exists() and content_hash(args.vae) != digest:
-        print(f"warning: {printable(args.from_png)} was decoded with the VAE {recorded}; --vae {printable(args.vae)} is "
-              f"another file (hash {content_hash(args.vae)})", file=sys.stderr)  # fmt: skip
+        print(f"warning: {png} was decoded with the VAE {recorded}; this run uses the checkpoint's own (give --vae FILE "
+              "to use that one)", file=sys.stderr)  # fmt: skip
+    elif digest and Path(args.vae).exists():
+        given = content_hash(args.vae)
+        if given != digest:
+            print(f"warning: {png} was decoded with the VAE {recorded}; --vae {printable(args.vae)} is another file "
+                  f"(hash {given})", file=sys.stderr)  # fmt: skip
 
 
 def _hires_settings(args, settings: dict, width: int, height: int) -> dict | None:
     """The hires-fix arguments of sd15.hires_fix from the flags, else from the PNG (--from-png), or None. A web UI
     PNG may give the second pass's size instead of a scale ("Hires resize: WxH", one side 0 to keep the aspect)."""
     scale = args.hires_scale if args.hires_scale is not None else settings.get("hires_scale")
-    if scale is None and settings.get("hires_resize") and args.hires_scale is None:
+    if scale is None and settings.get("hires_resize"):
         scale = _scale_for_resize(settings["hires_resize"], width, height)
     if not scale:
         return None

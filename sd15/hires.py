@@ -56,15 +56,15 @@ def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bo
     schedule (strength capped at 0.999, as the web UI's setup_img2img_steps does), so that it runs exactly
     `hires_steps` steps from about `strength`'s noise level."""
     total = int(hires_steps / min(strength, 0.999))
-    why = "more than the model's 1000 timesteps" if total > 1000 else None
-    try:
-        plan = None if why else plan_sampling(sampler, total, karras=karras, eta=eta)
-    except ValueError as e:  # e.g. PLMS's grid at 1000 steps
-        why = f"which {sampler} cannot run ({e})"
-    if why:
-        raise ValueError(f"{hires_steps} hires steps at strength {strength:g} need a {total}-step schedule, {why}; "
-                         "raise the strength or lower the hires steps")  # fmt: skip
-    return dataclasses.replace(plan, start=total - hires_steps)
+    if total > 1000:
+        why = "more than the model's 1000 timesteps"
+    else:
+        try:
+            return dataclasses.replace(plan_sampling(sampler, total, karras=karras, eta=eta), start=total - hires_steps)
+        except ValueError as e:  # e.g. PLMS's grid at 1000 steps
+            why = f"which {sampler} cannot run ({e})"
+    raise ValueError(f"{hires_steps} hires steps at strength {strength:g} need a {total}-step schedule, {why}; "
+                     "raise the strength or lower the hires steps")  # fmt: skip
 
 
 def upscale_latents(m: "StableDiffusion", latents: torch.Tensor, width: int, height: int, upscaler: str, generators) -> torch.Tensor:
