@@ -98,6 +98,8 @@ def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked
     key = {"model": model_hash, **asdict(s)}
     if not s.controlnets:
         del key["controlnets"]
+    if not s.pad_conds:  # batch lines cannot ask for it; a GenerationSettings field since this version
+        del key["pad_conds"]
     if control is not None:
         key.update(control_images=list(control.image_hashes), guess_mode=control.guess_mode)
     if checked:

@@ -105,6 +105,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--reference-path", action="store_true",
                    help="run the plain reference modules (default on CUDA in fp16/bf16: the fast path, docs/performance.md)")
     p.add_argument("--clip-skip", type=_positive_int, default=None, help="2: condition on CLIP's penultimate layer (default 1)")
+    p.add_argument("--pad-conds", action="store_true", default=None,
+                   help="pad the shorter of prompt and negative prompt (in 77-token chunks) to the other's length with the "
+                        "empty prompt, the web UI's 'Pad prompt/negative prompt' option (default: each keeps its own)")
     p.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable; scale 1 by default)")
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in a prompt is found (default weights/lora)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="textual-inversion file (repeatable)")
@@ -491,6 +494,7 @@ def run_generate(args) -> None:
         karras=pick(args.karras, "karras", False),
         eta=settings.get("eta", 0.0),
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
+        pad_conds=pick(args.pad_conds, "pad_conds", False),
     )
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
@@ -537,7 +541,7 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 # web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
 UNAPPLIED_FIELDS = ("Variation seed", "Seed resize from", "Eta noise seed delta", "ENSD", "Face restoration", "Refiner",
                     "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires CFG Scale",
-                    "Hires checkpoint", "Token merging ratio", "NGMS", "Tiling", "Hypernet")  # fmt: skip
+                    "Hires checkpoint", "Token merging ratio", "NGMS", "Tiling", "Hypernet", "Pad conds v0")  # fmt: skip
 
 
 def _warn_about_unmatched_records(args, fields: dict) -> None:
@@ -698,6 +702,7 @@ def _image_sampling_kwargs(args) -> dict:
         karras=bool(args.karras),
         progress=not args.no_progress,
         clip_skip=args.clip_skip or 1,
+        pad_conds=bool(args.pad_conds),
     )
 
 
@@ -747,7 +752,8 @@ def run_batch(args) -> None:
 
     if args.output or args.num_images != 1:
         raise UserError("batch takes --out DIR; set num_images per line in the prompts file")
-    ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--preview", args.preview)) if value]
+    ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--pad-conds", args.pad_conds), ("--preview", args.preview))
+               if value]  # fmt: skip
     if ignored:
         raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")
     defaults = dict(negative_prompt=args.negative or "", steps=args.steps or 50, sampler=args.sampler or "pndm",

@@ -290,26 +290,29 @@ def _check_fits(net: ControlNet, m) -> None:
                          "load it with device=m.device")  # fmt: skip
 
 
-def residuals(controls: list[Control], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guided: bool,
+def residuals(controls: list[Control], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, part: str,
               step: int, steps: int, guess_mode: bool = False) -> tuple[list[torch.Tensor], torch.Tensor] | None:  # fmt: skip
     """The summed residuals of the ControlNets active at sampler evaluation `step` of `steps` (PLMS: its steps
     and one more), for one UNet call on x (B', 4, h, w), or None.
 
-    With classifier-free guidance (`guided`: x is [uncond; cond]) each ControlNet runs on both halves, with
-    each half's text, as diffusers' StableDiffusionControlNetPipeline does; in `guess_mode` on the conditional
-    half alone, the unconditional half getting no residual.
+    `part` is what the call holds: "both" (classifier-free guidance's [uncond; cond]), "cond" or "uncond"
+    (a branch on its own). Each ControlNet runs on every branch, with that branch's text, as diffusers'
+    StableDiffusionControlNetPipeline does; in `guess_mode` on the conditional branch alone, the
+    unconditional one getting no residual.
     """
+    if guess_mode and part == "uncond":
+        return None
     total = None
     for c in controls:
         if not c.active(step, steps):
             continue
         dtype = next(c.net.parameters()).dtype
         xs, ts, ctx = x.to(dtype), t, context.to(dtype)
-        if guess_mode and guided:
+        if guess_mode and part == "both":
             half = x.shape[0] // 2
             xs, ts, ctx = xs[half:], t[half:], ctx[half:]
         down, mid = c.net(xs, c.hint.expand(xs.shape[0], -1, -1, -1), ts, ctx, c.scale, guess_mode=guess_mode)
-        if guess_mode and guided:
+        if guess_mode and part == "both":
             down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
         total = (down, mid) if total is None else ([a + b for a, b in zip(total[0], down)], total[1] + mid)
     return total

@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fast import CACHED_CONTEXTS
+
 if TYPE_CHECKING:
     from .model import StableDiffusion
 
@@ -112,7 +114,7 @@ class GraphedForward:
         self.graphs: dict[tuple, _Graph] = {}
         self.stamp = None
         self.observed = False  # a submodule has a hook a replay would skip (see _hook_state)
-        self.last_context = None  # the caller's context tensor of the previous call
+        self.recent_contexts: tuple = ()  # the caller's last context tensors (both guidance branches' when apart)
         self.changes_seen = _changes  # state_changed() calls when the stamp was last taken
         self.captures = 0  # how many graphs were captured (for tests and the benchmark)
 
@@ -131,12 +133,13 @@ class GraphedForward:
         ):
             return self.eager(**named)
         context = named.get(self.context_name) if self.context_name else None
-        if context is None or context is not self.last_context or self.changes_seen != _changes:
+        if context is None or all(context is not c for c in self.recent_contexts) or self.changes_seen != _changes:
             stamp = _state_stamp(self.module)  # once per new context (per generation, not per step) or change
             if stamp != self.stamp:
                 self.graphs.clear()
                 self.stamp, self.observed = stamp, _observed(stamp)
-            self.last_context, self.changes_seen = context, _changes
+            self.recent_contexts = (context, *self.recent_contexts[: CACHED_CONTEXTS - 1])
+            self.changes_seen = _changes
         if self.observed:  # a hook that watches must see every call: no graph
             return self.eager(**named)
         if torch.is_grad_enabled() and _autograd_wants(tensors, self.module):
@@ -180,9 +183,9 @@ class GraphedForward:
         if self.context_name is not None:
             entry.static_context = static_context = static_named[self.context_name]
             for module in self.module.modules():
-                cached = module.__dict__.get("_context_kv")
-                if cached is not None and cached[0] is static_context:
-                    entry.kv_buffers.append((module, cached[2]))  # held here, so it outlives the module's cache
+                cached = next((kv for ctx, _, kv in module.__dict__.get("_context_kv", ()) if ctx is static_context), None)
+                if cached is not None:
+                    entry.kv_buffers.append((module, cached))  # held here, so it outlives the module's cache
             context = named[self.context_name]
             entry.context_seen = (context, context._version, _changes)
         return entry

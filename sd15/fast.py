@@ -50,6 +50,9 @@ from .attention import attention
 if TYPE_CHECKING:
     from .model import StableDiffusion
 
+# cross-attention k/v kept per layer: both guidance branches when their texts differ in length and the UNet
+# is called once for each (sd15.pipeline.guided_eps_model)
+CACHED_CONTEXTS = 2
 
 # --------------------------------------------------------------------------- the elementwise ops
 
@@ -194,16 +197,17 @@ class FastCrossAttention(unet.CrossAttention):
         """k, v of the text context, computed when the context or the weights change and reused otherwise.
 
         The cache is keyed by the context tensor itself and the version counters of it and the weight (an
-        in-place change of either bumps them). A CUDA graph keeps the buffer it read and refreshes it itself
-        (sd15.cuda_graphs), so a recomputation here always makes a new tensor.
+        in-place change of either bumps them); it holds the last CACHED_CONTEXTS contexts. A CUDA graph keeps the
+        buffer it read and refreshes it itself (sd15.cuda_graphs), so a recomputation here always makes a new tensor.
         """
         weight, _ = fused_weight(self, ("to_k", "to_v"))
         key = (weight.data_ptr(), weight._version, context._version)
-        cached = self.__dict__.get("_context_kv")
-        if cached is None or cached[0] is not context or cached[1] != key:
-            kv = F.linear(context, weight)  # (B, T, 2D)
-            self.__dict__["_context_kv"] = cached = (context, key, kv)
-        return cached[2].chunk(2, dim=-1)
+        cache = self.__dict__.setdefault("_context_kv", [])  # [(context, key, kv (B, T, 2D))], newest first
+        hit = next((entry for entry in cache if entry[0] is context), None)
+        if hit is None or hit[1] != key:
+            hit = (context, key, F.linear(context, weight))
+            cache[:] = [hit] + [entry for entry in cache if entry[0] is not context][: CACHED_CONTEXTS - 1]
+        return hit[2].chunk(2, dim=-1)
 
 
 class FastGEGLU(unet.GEGLU):

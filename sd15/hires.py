@@ -120,6 +120,7 @@ def hires_fix(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    pad_conds: bool = False,
     controlnet=None,
     control_image=None,
     controlnet_conditioning_scale: float | list[float] = 1.0,
@@ -167,7 +168,7 @@ def hires_fix(
     noise = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
     latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators, guidance_scale,
                             batch_size, first_callback, progress, clip_skip=clip_skip, controls=small_controls,
-                            guess_mode=guess_mode)  # fmt: skip
+                            guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
         plan = second_pass_plan(sampler, hires_steps, strength, karras=karras, eta=eta)
@@ -175,12 +176,12 @@ def hires_fix(
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
                                 progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode,
-                                base_steps=steps)  # fmt: skip
+                                base_steps=steps, pad_conds=pad_conds)  # fmt: skip
     out = pipeline._finish(m, latents, output_type)
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=width, height=height, karras=karras, eta=eta,
-                                 strength=strength, clip_skip=clip_skip, hires_scale=scale, hires_steps=hires_steps,
+                                 strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, hires_scale=scale, hires_steps=hires_steps,
                                  hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip
         for im in out:
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}

@@ -17,13 +17,15 @@ Names follow the checkpoint's own, prefixed by the model (`unet.`, `vae.`, `text
 Patterns are shell-style globs (`fnmatch`; `*` also crosses dots); attention probabilities are matched only by
 patterns that end in `probs`, so `unet.*` captures module outputs alone. `patch={name_or_pattern: fn}` replaces a module output or an
 attention probability tensor during the run: `fn(value, info) -> new value` (None keeps it), with `info` =
-{"name", "step", "call", "image"}. Only attention layers that are captured or patched compute their
+{"name", "step", "call", "image", "branch"}. Only attention layers that are captured or patched compute their
 probabilities explicitly; every other layer keeps the fused kernel, and with no trace installed nothing
 changes at all.
 
 Reductions keep memory bounded (self-attention probabilities at 512×512 are 8 × 4096 × 4096 floats per
 layer per call): `reduce={pattern: "cond+mean_heads"}` keeps the conditional half of the guided batch and
-averages over heads; a callable `reduce={pattern: fn}` works too; `steps=range(0, 50, 10)` keeps some steps.
+averages over heads. When the prompt and the negative prompt differ in length (in 77-token chunks) the UNet is
+called once per branch (sd15.pipeline.guided_eps_model): "cond" then records only the conditional call, and
+`info["branch"]` ("both", "cond", "uncond"; None unguided) tells a patch which call it is in; a callable `reduce={pattern: fn}` works too; `steps=range(0, 50, 10)` keeps some steps.
 Captured values are detached and moved to `device` ("cpu" by default).
 """
 
@@ -49,15 +51,18 @@ STEP_POINTS = ("step.eps_uncond", "step.eps_cond", "step.eps", "step.denoised", 
 MODELS = ("unet", "vae", "text_encoder")
 
 
-def _cond(value: torch.Tensor, trace: "Trace") -> torch.Tensor:
-    """The conditional half of a guided [uncond; cond] UNet batch; any other value is kept whole (the
-    text encoder's outputs and the `step.*` values already hold one row per image)."""
-    return value.chunk(2)[1] if trace.guided else value
+def _branch(value: torch.Tensor, trace: "Trace", wanted: str) -> torch.Tensor | None:
+    """The `wanted` classifier-free-guidance branch ("cond" or "uncond") of a UNet call's value: its half of an
+    [uncond; cond] batch, the whole value of a call on that branch alone, None (nothing recorded) for a call on
+    the other branch; any other value (the text encoder's, the `step.*` ones: one row per image) is kept whole."""
+    if trace.branch == "both":
+        return value.chunk(2)[wanted == "cond"]
+    return None if trace.branch not in (None, wanted) else value
 
 
-REDUCTIONS: dict[str, Callable[[torch.Tensor, "Trace"], torch.Tensor]] = {
-    "cond": _cond,
-    "uncond": lambda v, trace: v.chunk(2)[0] if trace.guided else v,
+REDUCTIONS: dict[str, Callable[[torch.Tensor, "Trace"], torch.Tensor | None]] = {
+    "cond": lambda v, trace: _branch(v, trace, "cond"),
+    "uncond": lambda v, trace: _branch(v, trace, "uncond"),
     "mean_heads": lambda v, trace: v.mean(dim=1),  # (B, h, Tq, Tk) -> (B, Tq, Tk)
     "half": lambda v, trace: v.half(),
 }
@@ -123,7 +128,9 @@ class Trace:
         self.records: dict[str, list[Record]] = defaultdict(list)
         self.step = 0  # steps completed in the current image run
         self.image = 0
-        self.guided = False  # True only while a UNet call on an [uncond; cond] batch is under way
+        # the guidance branches of the UNet call under way: "both" ([uncond; cond]), "cond" or "uncond" (the two
+        # called one after the other when their texts differ in length); None for an unguided run or no call
+        self.branch: str | None = None
         self._handles: list = []
         self._attention_modules: list[nn.Module] = []
 
@@ -147,7 +154,8 @@ class Trace:
         """Patch then capture `value` at point `name`; returns the (possibly replaced) value."""
         for pattern, fn in self.patch.items():
             if self._matches(name, [pattern]):
-                info = {"name": name, "step": self.step, "call": len(self.records.get(name, ())), "image": self.image}
+                info = {"name": name, "step": self.step, "call": len(self.records.get(name, ())), "image": self.image,
+                        "branch": self.branch}  # fmt: skip
                 replaced = fn(value, info)
                 value = value if replaced is None else replaced
         if self._matches(name, self.capture) and self._step_kept():
@@ -162,6 +170,8 @@ class Trace:
             if fnmatch.fnmatchcase(name, pattern):
                 for step in how.split("+") if isinstance(how, str) else [how]:
                     kept = REDUCTIONS[step](kept, self) if isinstance(step, str) else step(kept)
+                    if kept is None:  # the branch this reduction keeps is not in this call
+                        return
         if self.device is not None:
             kept = kept.to(self.device)
         if kept.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():

@@ -311,7 +311,7 @@ def _known_region_blender(plan, init: torch.Tensor, noise: torch.Tensor, mask: t
 
 
 def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
-             batch_size, callback, progress, clip_skip, controls=(), guess_mode=False):  # fmt: skip
+             batch_size, callback, progress, clip_skip, controls=(), guess_mode=False, pad_conds=False):  # fmt: skip
     """Final latents (N, 4, h, w) for the fitted image `pixels` (1, 3, H, W) and binary mask `hard` (1, 1, H, W)."""
     in_channels = m.unet.config.in_channels
     latent_channels = m.unet.config.out_channels
@@ -352,7 +352,7 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, str
         on_predictor = _known_region_blender(*known, None)
     return pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, step_callback,
                          progress, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor, controls=controls,
-                         guess_mode=guess_mode)  # fmt: skip
+                         guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
 
 
 def inpaint(
@@ -375,6 +375,7 @@ def inpaint(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    pad_conds: bool = False,
     mask_blur: float = 0.0,
     padding: int | None = None,
     paste_back: bool = True,
@@ -451,7 +452,7 @@ def inpaint(
     generators = pipeline._generators(seed, len(prompts))
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
     result = _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
-                      batch_size, callback, progress, clip_skip, controls, guess_mode)  # fmt: skip
+                      batch_size, callback, progress, clip_skip, controls, guess_mode, pad_conds)  # fmt: skip
 
     def composite(decoded: torch.Tensor) -> torch.Tensor:
         decoded = decoded.float().cpu()
@@ -468,6 +469,6 @@ def inpaint(
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, karras=karras, eta=eta, strength=strength,
-                                 clip_skip=clip_skip, mask_blur=mask_blur, inpaint_padding=padding,
+                                 clip_skip=clip_skip, pad_conds=pad_conds, mask_blur=mask_blur, inpaint_padding=padding,
                                  controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

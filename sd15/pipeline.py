@@ -6,7 +6,7 @@
         <lora:…> tags and CLIP skip as the AUTOMATIC1111 web UI reads them (sd15.prompts, docs/prompting.md)
     seed ──CPU generator──> noise (B, 4, H/8, W/8)   [img2img: VAE-encoded image, noised to the start step]
     sampler loop: eps = eps_u + s · (eps_c - eps_u), the UNet run once on [uncond; cond]   (classifier-free
-                  guidance, Ho & Salimans 2022)
+                  guidance, Ho & Salimans 2022; once on each when they differ in length)
     latents / 0.18215 ──VAE decoder──> image (B, 3, H, W) in [-1, 1] -> PIL / numpy
 
 Reproducibility: image i of a call gets its own CPU generator seeded with seed + i, for its initial noise,
@@ -61,6 +61,7 @@ class GenerationSettings:
     eta: float = 0.0
     strength: float | None = None  # img2img only
     clip_skip: int = 1  # 1: CLIP's last layer; 2: the penultimate one
+    pad_conds: bool = False  # the prompt and negative prompt padded to one length (the web UI's "Pad conds")
     ti_hashes: dict[str, str] = field(default_factory=dict)  # textual inversions the prompts use: {name: hash}
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs in effect: {name: hash}
     hires_scale: float | None = None  # hires fix (sd15.hires): the upscale factor; `strength` is its second pass's
@@ -159,42 +160,50 @@ def encode_text(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1) ->
     return prompt_io.encode_prompts(m, prompts, clip_skip)
 
 
-def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, concat=None,
-                     control=None):  # fmt: skip
-    """eps(x, t) with classifier-free guidance: eps_u + s · (eps_c - eps_u), one UNet call on [uncond; cond].
+def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
+                     concat=None, control=None):  # fmt: skip
+    """eps(x, t) with classifier-free guidance: eps_u + s · (eps_c - eps_u), one UNet call on [uncond; cond]
+    when the two have as many tokens, else one call each (as the web UI does unless it pads them).
 
     With s <= 1 the unconditional branch is skipped (as diffusers does) and eps = eps_c. `concat` (B, C', h, w),
     if given, is appended to x's channels at every call (the inpainting UNet's mask and masked-image latents).
-    `control(x, t, context, guided)`, if given, returns the ControlNet residuals of that UNet call (or None);
-    it sees x without `concat` (ControlNets take the 4 latent channels).
+    `control(x, t, context, part)`, if given, returns the ControlNet residuals of that UNet call (or None);
+    it sees x without `concat` (ControlNets take the 4 latent channels); `part` says which branches the call
+    holds: "both" ([uncond; cond]), "cond" or "uncond".
     """
+    guided = guidance_scale > 1.0
+    together = guided and uncond.shape[1] == cond.shape[1]
+    # one context tensor per branch for the whole run, so that the fast path computes its cross-attention k/v once
+    both = torch.cat([uncond, cond]) if together else None  # (2B, T, D)
 
-    # one context tensor for the whole run, so that the fast path computes its cross-attention k/v once
-    context = torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond  # (2B, T, D) or (B, T, D)
-
-    def unet(x_in: torch.Tensor, t_in: torch.Tensor, guided: bool) -> torch.Tensor:
-        residuals = control(x_in, t_in, context, guided) if control is not None else None
+    def unet(x_in: torch.Tensor, t_in: torch.Tensor, part: str) -> torch.Tensor:
+        context = {"both": both, "cond": cond, "uncond": uncond}[part]
+        residuals = control(x_in, t_in, context, part) if control is not None else None
         if concat is not None:
             extra = concat.to(x_in).repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
             x_in = torch.cat([x_in, extra], dim=1)  # (B, 4 + C', h, w)
-        if residuals is None:
-            return m.unet(x_in, t_in, context)
-        down, mid = residuals  # sd15.cuda_graphs gives them static buffers: such calls replay a graph too
-        return m.unet(x_in, t_in, context, down_residuals=down, mid_residual=mid)
+        trace = getattr(m, "_trace", None)  # sd15.hooks: which branches the UNet's points see
+        if trace is not None:
+            trace.branch = part if guided else None
+        try:
+            if residuals is None:
+                return m.unet(x_in, t_in, context)
+            down, mid = residuals  # sd15.cuda_graphs gives them static buffers: such calls replay a graph too
+            return m.unet(x_in, t_in, context, down_residuals=down, mid_residual=mid)
+        finally:
+            if trace is not None:
+                trace.branch = None
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = x.to(m.dtype), t.to(m.device)
         trace = getattr(m, "_trace", None)  # sd15.hooks: records the two branches when asked to
-        if guidance_scale <= 1.0:
-            eps = unet(x_in, t_in, False).to(x.dtype)
+        if not guided:
+            eps = unet(x_in, t_in, "cond").to(x.dtype)
             return trace.visit("step.eps", eps) if trace is not None and trace.wants("step.eps") else eps
-        if trace is not None:
-            trace.guided = True  # the UNet's points see an [uncond; cond] batch during this call
-        try:
-            eps_u, eps_c = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), True).chunk(2)
-        finally:
-            if trace is not None:
-                trace.guided = False
+        if together:
+            eps_u, eps_c = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), "both").chunk(2)
+        else:
+            eps_u, eps_c = unet(x_in, t_in, "uncond"), unet(x_in, t_in, "cond")
         eps = (eps_u + guidance_scale * (eps_c - eps_u)).to(x.dtype)
         if trace is not None:
             for name, value in (("step.eps_uncond", eps_u), ("step.eps_cond", eps_c), ("step.eps", eps)):
@@ -275,20 +284,41 @@ def _progress(total: int, enabled: bool):
 
 
 def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None, controls=(), guess_mode=False,
-         base_steps=None):  # fmt: skip
+         base_steps=None, pad_conds=False):  # fmt: skip
     """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration. `base_steps`:
     in a hires fix's second pass, the first pass's steps, after which prompt editing's timeline goes on."""
     with lora_io.prompt_loras(m, prompts):
         return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor,
-                        controls=controls, guess_mode=guess_mode, base_steps=base_steps)  # fmt: skip
+                        controls=controls, guess_mode=guess_mode, base_steps=base_steps, pad_conds=pad_conds)  # fmt: skip
+
+
+def _encoded_schedules(m, texts: list[str], steps: int, base_steps, clip_skip: int) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """{text: (last step of each stretch, contexts (S, 77·k, D))} for each distinct prompt of `texts`: its
+    stretches' texts (sd15.prompt_schedule) encoded together, once, as the web UI does."""
+    encoded = {}
+    for text in dict.fromkeys(texts):
+        stretches = prompt_schedule.schedule(text, steps, base_steps)
+        with torch.no_grad():
+            encoded[text] = ([last for last, _ in stretches], prompt_io.encode_schedule(m, [t for _, t in stretches], clip_skip))
+    return encoded
+
+
+def _conditioning_at(encoded: dict, texts: list[str], step: int) -> torch.Tensor:
+    """The batch's context (B, T, D) at `step`: each text's stretch holding it, stacked (sd15.prompts.stack_contexts)."""
+    rows = []
+    for text in texts:
+        ends, contexts = encoded[text]
+        rows.append(contexts[next((i for i, last in enumerate(ends) if step <= last), len(ends) - 1)])
+    return prompt_io.stack_contexts(rows)
 
 
 def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat, controls=(), guess_mode=False,
-                         base_steps=None):  # fmt: skip
+                         base_steps=None, pad_conds=False):  # fmt: skip
     """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
     for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
-    each encoded once; and the residuals of the ControlNets (`controls`) active at that step. Returns it and
-    a one-item list the step callback keeps at the number of sampler evaluations done.
+    each encoded once; and the residuals of the ControlNets (`controls`) active at that step. The prompt and
+    the negative prompt keep their own lengths unless `pad_conds` (sd15.prompts). Returns it and a one-item
+    list the step callback keeps at the number of sampler evaluations done.
 
     PLMS (pndm) evaluates its first step twice (the warm-up's correction), so it makes one evaluation more than
     it has steps: evaluations 0 and 1 are step 1, evaluation k > 1 is step k. Prompt editing counts steps, as
@@ -297,14 +327,20 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
     evaluations = len(plan.timesteps) - plan.start  # = steps, + 1 for PLMS
     extra = evaluations - steps
     evaluations_done = [0]
+    guided = guidance_scale > 1.0
 
-    def control(x, t, context, guided):
-        return controlnet_io.residuals(controls, x, t, context, guided, evaluations_done[0], evaluations, guess_mode)
+    def control(x, t, context, part):
+        return controlnet_io.residuals(controls, x, t, context, part, evaluations_done[0], evaluations, guess_mode)
 
+    encoded = _encoded_schedules(m, prompts + (negatives if guided else []), steps, base_steps, clip_skip)
+    ends = sorted({last for text in prompts + (negatives if guided else []) for last in encoded[text][0]})
+    empty = prompt_io.encode_prompts(m, [""], clip_skip) if guided and pad_conds else None
     stretches = []
-    for last, texts, negs in prompt_schedule.batch_schedule(prompts, negatives if guidance_scale > 1.0 else None, steps, base_steps):
-        with torch.no_grad():  # cond and uncond get as many 77-token chunks (the shorter padded)
-            cond, uncond = prompt_io.encode_pair(m, texts, negs, clip_skip)
+    for last in ends:  # a new stretch wherever any prompt of the batch changes
+        cond = _conditioning_at(encoded, prompts, last)
+        uncond = _conditioning_at(encoded, negatives, last) if guided else None
+        if empty is not None:
+            cond, uncond = prompt_io.pad_pair(cond, uncond, empty)
         stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat, control if controls else None)))
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -316,7 +352,7 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
 
 
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
-             concat=None, on_predictor=None, controls=(), guess_mode=False, base_steps=None):  # fmt: skip
+             concat=None, on_predictor=None, controls=(), guess_mode=False, base_steps=None, pad_conds=False):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
     if given, sees the intermediate points of Heun and DPM2 (a), with info["images"] as the callback gets it."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
@@ -328,7 +364,7 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
             trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
         eps_model, evaluations_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
                                                      None if concat is None else concat[lo:hi], controls, guess_mode,
-                                                     base_steps)  # fmt: skip
+                                                     base_steps, pad_conds)  # fmt: skip
 
         def step_callback(info: dict, first: int = lo) -> bool:
             evaluations_done[0] = info["i"] + 1
@@ -371,6 +407,7 @@ def generate(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    pad_conds: bool = False,
     controlnet=None,
     control_image=None,
     controlnet_conditioning_scale: float | list[float] = 1.0,
@@ -383,7 +420,9 @@ def generate(
     prompt order. PIL images carry their settings in `image.info["sd15"]` (a GenerationSettings).
 
     Prompts take the web UI's syntax (emphasis, BREAK, `<lora:name:scale>`, textual-inversion trigger
-    words, any length: see sd15.prompts); `clip_skip=2` conditions on CLIP's penultimate layer.
+    words, any length: see sd15.prompts); `clip_skip=2` conditions on CLIP's penultimate layer. A prompt and a
+    negative prompt of different lengths (in 77-token chunks) keep them, as in the web UI, unless `pad_conds`
+    (its "Pad prompt/negative prompt" option) pads the shorter with the encoding of "".
 
     `latents` replaces the seeded initial noise (unit variance, (N, 4, H/8, W/8)); `callback(info)` is
     called after every step with {"i", "t", "sigma", "sigma_next", "x", "denoised", "images"} and stops the run by
@@ -413,11 +452,11 @@ def generate(
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
     start = plan.noise_latents(noise).to(m.device)
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
-                  controls=controls, guess_mode=guess_mode)  # fmt: skip
+                  controls=controls, guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                        width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip,
+                        width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip, pad_conds=pad_conds,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out
 
@@ -441,6 +480,7 @@ def img2img(
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
+    pad_conds: bool = False,
     controlnet=None,
     control_image=None,
     controlnet_conditioning_scale: float | list[float] = 1.0,
@@ -486,10 +526,10 @@ def img2img(
         starts.append(plan.noise_latents(noise, init))
     start = torch.cat(starts).to(m.device)
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
-                  controls=controls, guess_mode=guess_mode)  # fmt: skip
+                  controls=controls, guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                        width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip,
+                        width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip, pad_conds=pad_conds,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

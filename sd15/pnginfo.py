@@ -97,6 +97,7 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Eta": f"{s.eta:g}" if s.eta else None,
         "TI hashes": _hash_list(s.ti_hashes),
         "Lora hashes": _hash_list(s.lora_hashes),
+        "Pad conds": "True" if s.pad_conds else None,
         **{f"ControlNet {i}": _controlnet_text(c) for i, c in enumerate(s.controlnets)},
         "Version": "sd15",
     }
@@ -137,7 +138,7 @@ def parse_parameters(text: str) -> dict:
     """The `parameters` text -> {"prompt", "negative_prompt", and the last line's fields by name}.
 
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
-    name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "ti_hashes", "lora_hashes"
+    name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "pad_conds", "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
     "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
@@ -165,6 +166,7 @@ def parse_parameters(text: str) -> dict:
             raise ValueError(f"sampler {name!r} in the PNG parameters is not one sd15 has")
         result["sampler"] = SAMPLERS_BY_NAME[name]
     result["karras"] = fields.get("Schedule type") == "Karras"
+    result["pad_conds"] = fields.get("Pad conds") == "True"
     for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
                             ("Denoising strength", "strength", float), ("Eta", "eta", float),
                             ("Clip skip", "clip_skip", int), ("Hires upscale", "hires_scale", float),

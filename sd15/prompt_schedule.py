@@ -169,16 +169,3 @@ def schedule(prompt: str, steps: int, base_steps: int | None = None) -> list[tup
             result.append((step, text))
     return result
 
-
-def batch_schedule(prompts: list[str], negatives: list[str] | None, steps: int,
-                   base_steps: int | None = None) -> list[tuple[int, list[str], list[str] | None]]:  # fmt: skip
-    """The schedules of a batch of prompts (and negative prompts) merged: [(last step, prompts, negatives), …],
-    a new entry wherever any of them changes."""
-    texts = prompts + (negatives or [])
-    schedules = [schedule(p, steps, base_steps) for p in texts]
-    ends = sorted({end for s in schedules for end, _ in s})
-    merged = []
-    for end in ends:
-        at = [next(text for last, text in s if end <= last) for s in schedules]
-        merged.append((end, at[: len(prompts)], at[len(prompts) :] if negatives is not None else None))
-    return merged

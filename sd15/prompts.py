@@ -16,9 +16,13 @@ a prompt without emphasis gives exactly the conditioning it would without this m
 
 Chunks (`modules/sd_hijack_clip.py`): when a chunk is full and a comma came within its last 20 tokens, the
 tokens after that comma move to the next chunk; a textual-inversion embedding is never split across chunks.
-Prompts of a batch, and the negative prompt, are padded with empty chunks (the encoding of "") to the same
-number of chunks. Prompt editing `[a:b:0.5]` and alternation `[a|b]` are resolved before this module sees a
-prompt (sd15.prompt_schedule: the pipeline encodes the text of each stretch of steps).
+
+Lengths, as the web UI makes them agree (`encode_schedule`, `stack_contexts`, `pad_pair`):
+- the texts one prompt takes over the steps (prompt editing `[a:b:0.5]`, alternation `[a|b]`: sd15.prompt_schedule)
+  are encoded as one batch: the shorter padded with empty chunks, emphasis's mean restored over all of them;
+- prompts of a batch of images are padded to the longest by repeating their last vector;
+- the prompt and the negative prompt keep their own lengths (the UNet is then called once for each); with
+  `pad_conds` the shorter is padded with the encoding of "" instead, the web UI's "Pad prompt/negative prompt".
 """
 
 from __future__ import annotations
@@ -113,23 +117,24 @@ def lora_tags(prompt: str) -> list[LoraTag]:
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
     """Text -> [(piece, weight)], adjacent pieces of equal weight merged; BREAK is (BREAK, BREAK_WEIGHT).
 
+    As in the web UI, the BREAK marker is scaled by the brackets around it like any piece: inside `(…)` or `[…]`
+    (an unclosed one too) its weight is no longer BREAK_WEIGHT and the word is text, not a break.
     Never raises: anything that is not valid emphasis syntax is taken as text. Examples from the web UI:
     "an (important) word" -> [("an ", 1.0), ("important", 1.1), (" word", 1.0)];
     "(unbalanced" -> [("unbalanced", 1.1)]; "\\(literal\\]" -> [("(literal]", 1.0)].
     """
-    pieces: list[list] = []  # [text, weight], or [BREAK, None] (not scaled by brackets)
+    pieces: list[list] = []  # [text, weight]; a BREAK is [BREAK, BREAK_WEIGHT]
     round_open: list[int] = []  # where each open bracket's span starts in `pieces`
     square_open: list[int] = []
 
     def scale_from(start: int, factor: float) -> None:
         for piece in pieces[start:]:
-            if piece[1] is not None:
-                piece[1] *= factor
+            piece[1] *= factor
 
     def add_text(s: str) -> None:
         for i, part in enumerate(_BREAK_SPLIT.split(s)):
             if i:
-                pieces.append([BREAK, None])
+                pieces.append([BREAK, BREAK_WEIGHT])
             pieces.append([part, 1.0])
 
     for m in _EMPHASIS_TOKEN.finditer(text):
@@ -163,11 +168,11 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 
     merged: list[list] = []
     for piece in pieces or [["", 1.0]]:
-        if merged and piece[1] is not None and merged[-1][1] == piece[1]:
+        if merged and merged[-1][1] == piece[1]:
             merged[-1][0] += piece[0]
         else:
             merged.append(list(piece))
-    return [(t, BREAK_WEIGHT if w is None else w) for t, w in merged]
+    return [(t, w) for t, w in merged]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,23 +272,22 @@ def tokenize_prompt(
 # Encoding
 
 
-def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """z (B, T, D) · weights (B, T), each row rescaled so that its mean over (T, D) is the unweighted mean.
-
-    The web UI takes the mean over its whole batch; per prompt is the same for a batch of one prompt, and
-    keeps a prompt's conditioning independent of the prompts batched with it.
-    """
-    original_mean = z.float().mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, per_row: bool = True) -> torch.Tensor:
+    """z (B, T, D) · weights (B, T), rescaled so that the mean is the unweighted mean: each row's own mean
+    (`per_row`), or the mean over the whole batch, as the web UI takes it over the texts it encodes together."""
+    dims = (1, 2) if per_row or z.shape[0] == 1 else (0, 1, 2)  # one row: the same mean, taken the same way
+    original_mean = z.float().mean(dim=dims, keepdim=True)  # (B, 1, 1) or (1, 1, 1)
     weighted = z.float() * weights[..., None].float()  # (B, T, D)
-    new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    new_mean = weighted.mean(dim=dims, keepdim=True)
     return (weighted * (original_mean / new_mean)).to(z.dtype)
 
 
-def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_skip: int = 1, num_chunks: int = 1) -> torch.Tensor:
+def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_skip: int = 1, num_chunks: int = 1,
+                     per_row: bool = True) -> torch.Tensor:  # fmt: skip
     """Tokenized prompts -> context (B, 77·k, D), k = max(num_chunks, the longest prompt's chunks).
 
     Chunk i of every prompt goes through the text encoder as one batch (B, 77); shorter prompts are padded
-    with the empty prompt's chunk.
+    with the empty prompt's chunk. Emphasis is normalised per prompt, or over the batch (`per_row=False`).
     """
     k = max([num_chunks] + [len(p.chunks) for p in prompts])
     empty = empty_chunk(m.tokenizer)
@@ -296,7 +300,7 @@ def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_
         ids = torch.tensor([c.ids for c in batch], device=m.device)  # (B, 77)
         z = m.text_encoder(ids, clip_skip=clip_skip, extra_tokens=extra)  # (B, 77, D)
         if any(w != 1 for c in batch for w in c.weights):  # decided on the host: no read back from the device
-            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device))  # weights (B, 77)
+            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device), per_row)  # weights (B, 77)
         parts.append(z)
     return torch.cat(parts, dim=1)  # (B, 77·k, D)
 
@@ -307,23 +311,37 @@ def tokenize_prompts(m: "StableDiffusion", prompts: list[str]) -> list[Tokenized
 
 
 def encode_prompts(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1, num_chunks: int = 1) -> torch.Tensor:
-    """Prompts -> context (B, 77·k, D) on the model's device and dtype (k chunks; see the module docstring)."""
+    """Prompts -> context (B, 77·k, D) on the model's device and dtype: each prompt's own emphasis, the
+    shorter padded with empty chunks (k chunks; see the module docstring)."""
     _warn_unsupported_tags(prompts)
     return encode_tokenized(m, tokenize_prompts(m, prompts), clip_skip, num_chunks)
 
 
-def encode_pair(
-    m: "StableDiffusion", prompts: list[str], negatives: list[str] | None, clip_skip: int = 1
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond) with as many chunks each, the shorter padded with empty chunks; uncond is None when
-    `negatives` is None (no classifier-free guidance)."""
-    _warn_unsupported_tags(prompts + (negatives or []))
-    cond_tokens = tokenize_prompts(m, prompts)
-    uncond_tokens = tokenize_prompts(m, negatives) if negatives is not None else []
-    k = max(len(p.chunks) for p in cond_tokens + uncond_tokens)
-    cond = encode_tokenized(m, cond_tokens, clip_skip, k)
-    uncond = encode_tokenized(m, uncond_tokens, clip_skip, k) if negatives is not None else None
-    return cond, uncond
+def encode_schedule(m: "StableDiffusion", texts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    """The texts one prompt takes over the steps (its prompt-editing stretches) -> (S, 77·k, D), encoded as
+    one batch as the web UI's get_learned_conditioning does: as many chunks each (the shorter padded with
+    empty chunks), and emphasis's mean restored over all S texts together. For one text, encode_prompts'."""
+    _warn_unsupported_tags(texts)
+    return encode_tokenized(m, tokenize_prompts(m, texts), clip_skip, per_row=False)
+
+
+def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """One context (T_i, D) per image -> (B, T, D), T the longest: a shorter one is padded by repeating its
+    last vector (the web UI's `stack_conds`, for a batch of prompts of different lengths)."""
+    length = max(c.shape[0] for c in contexts)
+    return torch.stack([torch.cat([c, c[-1:].expand(length - c.shape[0], -1)]) for c in contexts])
+
+
+def pad_pair(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cond (B, 77·a, D) and uncond (B, 77·b, D) -> both 77·max(a, b) tokens long, the shorter padded with
+    copies of `empty` (1, 77, D), the encoding of "" (the web UI's "Pad prompt/negative prompt" option)."""
+
+    def padded(x: torch.Tensor, length: int) -> torch.Tensor:
+        repeats = (length - x.shape[1]) // empty.shape[1]
+        return torch.cat([x, empty.to(x).expand(x.shape[0], -1, -1).repeat(1, repeats, 1)], dim=1) if repeats else x
+
+    length = max(cond.shape[1], uncond.shape[1])
+    return padded(cond, length), padded(uncond, length)
 
 
 def _warn_unsupported_tags(prompts: list[str]) -> None:

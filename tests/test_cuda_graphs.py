@@ -34,7 +34,7 @@ class FakeGraph:
         for module, kv in self.pinned:  # make each layer's k/v cache hit with the captured buffer, as it is now
             weight, _ = fused_weight(module, ("to_k", "to_v"))
             key = (weight.data_ptr(), weight._version, self.static_context._version)
-            module.__dict__["_context_kv"] = (self.static_context, key, kv)
+            module.__dict__["_context_kv"] = [(self.static_context, key, kv)]
         now = [(module, module._forward_hooks, module._forward_pre_hooks) for module, _, _ in self.hooks]
         try:
             for module, forward, pre in self.hooks:
@@ -65,9 +65,8 @@ class FakeCapture:
         self.graph.static_context = named.get("context")
         self.graph.hooks = [(mod, dict(mod._forward_hooks), dict(mod._forward_pre_hooks)) for mod in runner.module.modules()]
         self.graph.pinned = [
-            (mod, mod.__dict__["_context_kv"][2]) for mod in runner.module.modules()
-            if isinstance(mod, FastCrossAttention) and "_context_kv" in mod.__dict__
-            and mod.__dict__["_context_kv"][0] is self.graph.static_context
+            (mod, kv) for mod in runner.module.modules() if isinstance(mod, FastCrossAttention)
+            for ctx, _, kv in mod.__dict__.get("_context_kv", ()) if ctx is self.graph.static_context
         ]
 
 
@@ -117,6 +116,21 @@ def test_generations_replay_one_graph_and_match_eager(models):
     assert isinstance(runner, cuda_graphs.GraphedForward)
     assert runner.captures == 1  # one shape ([uncond; cond] at 8×8) for all three generations
     assert graphed.text_encoder.forward.captures == 1
+
+
+def test_prompt_and_negative_of_different_lengths_replay_a_graph_each(models, monkeypatch):
+    """The two guidance branches, called apart (their texts differ in length), alternate every step: each
+    replays its own graph on its own k/v buffers, and the runner takes its stamp once per context, not per call."""
+    graphed, eager = models
+    long = ", ".join(["a red cat on a blue sofa"] * 12)  # two chunks; the negative prompt one
+    stamps = []
+    real_stamp = cuda_graphs._state_stamp
+    monkeypatch.setattr(cuda_graphs, "_state_stamp", lambda module: (stamps.append(module), real_stamp(module))[1])
+    for prompt in (long, long.replace("cat", "dog")):
+        a, b = graphed.generate(prompt, **RUN), eager.generate(prompt, **RUN)
+        assert np.abs(a - b).max() < 1e-6, prompt
+    assert graphed.unet.forward.captures == 2  # (B, 77) and (B, 154) contexts
+    assert sum(m is graphed.unet for m in stamps) == 4  # two generations × two contexts
 
 
 def test_a_stale_kv_buffer_would_be_caught(models, monkeypatch):

@@ -130,24 +130,40 @@ def test_disable_restores_reference_classes_and_separate_weights(fast_model, ref
         assert torch.equal(fast_model.unet(x, t, ctx), reference.unet(x, t, ctx))
 
 
-def test_cross_attention_kv_is_computed_once_per_generation(fast_model, monkeypatch):
+@pytest.fixture
+def kv_computations(monkeypatch) -> list:
+    """The cross-attention layers, one entry each time one computes the k/v of a context."""
     computed = []
     real = FastCrossAttention.context_kv
 
     def counting(self, context):
-        before = self.__dict__.get("_context_kv")
+        before = (self.__dict__.get("_context_kv") or [None])[0]
         out = real(self, context)
-        if self.__dict__["_context_kv"] is not before:
+        if self.__dict__["_context_kv"][0] is not before:  # a new entry, newest first
             computed.append(self)
         return out
 
     monkeypatch.setattr(FastCrossAttention, "context_kv", counting)
+    return computed
+
+
+def test_cross_attention_kv_is_computed_once_per_generation(fast_model, kv_computations):
+    computed = kv_computations
     layers = [x for n, x in fast_model.unet.named_modules() if n.endswith("attn2")]
     fast_model.generate("a cat", **{**RUN, "steps": 5})  # PNDM: 6 UNet calls
     assert len(computed) == len(layers) and set(computed) == set(layers)
     computed.clear()
     fast_model.generate("a dog", **{**RUN, "steps": 5})  # a new prompt: once more, not stale
     assert len(computed) == len(layers)
+
+
+def test_prompt_and_negative_of_different_lengths_keep_both_kv_cached(fast_model, reference, kv_computations):
+    """Two UNet calls per step (one per guidance branch, as their lengths differ): each branch's k/v once."""
+    long = ", ".join(["a red cat on a blue sofa"] * 12)  # two 77-token chunks; the negative prompt one
+    layers = [x for n, x in fast_model.unet.named_modules() if n.endswith("attn2")]
+    ours = fast_model.generate(long, **{**RUN, "steps": 5})  # PNDM: 6 evaluations, 12 UNet calls
+    assert len(kv_computations) == 2 * len(layers)
+    assert np.abs(ours - reference.generate(long, **{**RUN, "steps": 5})).max() < 1e-5
 
 
 def test_kv_cache_follows_in_place_changes_of_context_and_weights(fast_model, reference):

@@ -87,15 +87,15 @@ def test_prompt_editing_goes_on_into_the_second_pass(tiny_model, monkeypatch):
 
     def conditioning(prompt):
         encoded, seen = [], []
-        real, real_forward = prompt_io.encode_pair, type(tiny_model.unet).forward
+        real, real_forward = prompt_io.encode_schedule, type(tiny_model.unet).forward
 
-        def spy(m, texts, negs, clip_skip=1):
-            cond, uncond = real(m, texts, negs, clip_skip)
-            encoded.append((texts[0], cond))
-            return cond, uncond
+        def spy(m, texts, clip_skip=1):
+            contexts = real(m, texts, clip_skip)
+            encoded.extend((text, contexts[i : i + 1]) for i, text in enumerate(texts))
+            return contexts
 
         with monkeypatch.context() as patch:
-            patch.setattr(prompt_io, "encode_pair", spy)
+            patch.setattr(prompt_io, "encode_schedule", spy)
             patch.setattr(tiny_model.unet, "forward", lambda x, t, ctx: (seen.append(ctx[1:]), real_forward(tiny_model.unet, x, t, ctx))[1])
             tiny_model.hires_fix(prompt, scale=1.5, strength=0.5, hires_steps=4, upscaler="latent", output_type="np",
                                  **{**KW, "steps": 2})  # fmt: skip

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import sd15
 from sd15 import prompts as prompt_io
-from sd15.prompt_schedule import batch_schedule, schedule
+from sd15.prompt_schedule import schedule
 
 RUN = dict(steps=4, seed=2, width=64, height=64, sampler="euler", output_type="np")
 
@@ -91,29 +91,29 @@ def test_deep_nesting_is_refused_in_one_line_and_deep_emphasis_is_left_to_the_em
     assert schedule(deep, 4) == [(4, deep)]
 
 
-def test_batch_schedules_merge_at_every_change():
-    merged = batch_schedule(["[a:b:2]", "c"], ["[n:m:3]", ""], 4)
-    assert merged == [(2, ["a", "c"], ["n", ""]), (3, ["b", "c"], ["n", ""]), (4, ["b", "c"], ["m", ""])]
-    assert batch_schedule(["x"], None, 5) == [(5, ["x"], None)]
+def spy_on_schedules(monkeypatch, encoded: list) -> None:
+    """Make encode_schedule append (text, its context (1, T, D)) to `encoded` for each text it encodes."""
+    real = prompt_io.encode_schedule
+
+    def spy(model, texts, clip_skip=1):
+        contexts = real(model, texts, clip_skip)
+        encoded.extend((text, contexts[i : i + 1]) for i, text in enumerate(texts))
+        return contexts
+
+    monkeypatch.setattr(prompt_io, "encode_schedule", spy)
 
 
 def conditioning_per_unet_call(m, monkeypatch, prompt: str, **kwargs) -> tuple[list, list[str]]:
     """The texts encoded for `prompt` (in order) and, per UNet call, which of them conditioned it."""
     encoded = []
-    real = prompt_io.encode_pair
-
-    def spy(model, texts, negs, clip_skip=1):
-        cond, uncond = real(model, texts, negs, clip_skip)
-        encoded.append((texts[0], cond))
-        return cond, uncond
-
+    spy_on_schedules(monkeypatch, encoded)
     seen = []
-    monkeypatch.setattr(prompt_io, "encode_pair", spy)
     real_forward = type(m.unet).forward
     monkeypatch.setattr(m.unet, "forward", lambda x, t, ctx: (seen.append(ctx[1:]), real_forward(m.unet, x, t, ctx))[1])
     m.generate(prompt, **kwargs)
     monkeypatch.undo()
-    return [text for text, _ in encoded], [next(text for text, c in encoded if c.equal(ctx)) for ctx in seen]
+    texts = [text for text, _ in encoded if text]  # "" is the negative prompt's
+    return texts, [next(text for text, c in encoded if c.equal(ctx)) for ctx in seen]
 
 
 @pytest.mark.parametrize("sampler", ["pndm", "ddim", "heun"])
@@ -136,19 +136,12 @@ def test_steps_are_counted_as_steps_whatever_the_sampler_evaluates(tiny_checkpoi
 def test_pipeline_switches_conditioning_at_the_scheduled_step(tiny_checkpoint, monkeypatch):
     m = sd15.load(tiny_checkpoint)
     encoded = []
-    real = prompt_io.encode_pair
-
-    def spy(model, texts, negs, clip_skip=1):
-        cond, uncond = real(model, texts, negs, clip_skip)
-        encoded.append((texts, cond))
-        return cond, uncond
-
+    spy_on_schedules(monkeypatch, encoded)
     seen = []
-    monkeypatch.setattr(prompt_io, "encode_pair", spy)
     real_forward = type(m.unet).forward
     monkeypatch.setattr(m.unet, "forward", lambda x, t, ctx: (seen.append(ctx[1:]), real_forward(m.unet, x, t, ctx))[1])
     m.generate("a [cat:dog:2]", **RUN)  # euler: one UNet call per step
-    assert [texts for texts, _ in encoded] == [["a cat"], ["a dog"]]  # each text encoded once
+    assert [text for text, _ in encoded] == ["a cat", "a dog", ""]  # each text encoded once (and the negative)
     cat, dog = encoded[0][1], encoded[1][1]
     assert [("cat" if c.equal(cat) else "dog" if c.equal(dog) else "?") for c in seen] == ["cat", "cat", "dog", "dog"]
 

@@ -47,7 +47,10 @@ def approx_pieces(pieces):
         ("((a:1.5) b)", [("a", 1.65), (" b", 1.1)]),
         ("(a [b] c)", [("a ", 1.1), ("b", 1.0), (" c", 1.1)]),
         ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
-        ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.0), ("b", 1.1)]),
+        # inside brackets the web UI scales BREAK's marker too, which makes it the word, weighted, not a break
+        ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),
+        ("[a BREAK b", [("a", 1 / 1.1), ("BREAK", -1 / 1.1), ("b", 1 / 1.1)]),
+        ("(a) BREAK (b)", [("a", 1.1), ("", 1.0), ("BREAK", -1.0), ("", 1.0), ("b", 1.1)]),
         ("50\\% \\\\ slash", [("50% \\ slash", 1.0)]),  # a lone backslash is dropped, \\ is one
         ("ratio 16:9", [("ratio 16:9", 1.0)]),
         ("smile :)", [("smile :)", 1.0)]),  # a weight with no open bracket is text
@@ -129,6 +132,9 @@ def test_break_starts_a_new_chunk_and_tags_do_not_reach_the_encoder(m):
     assert chunks[0].ids[:4] == [BOS, *m.tokenizer.tokenize("a cat"), EOS]
     assert chunks[1].ids[:4] == [BOS, *m.tokenizer.tokenize("a dog"), EOS]
     assert len(P.tokenize_prompt(m.tokenizer, "BREAK a dog").chunks) == 2  # an empty first chunk, as the web UI
+    inside, = P.tokenize_prompt(m.tokenizer, "(a cat BREAK a dog").chunks  # the web UI: the word, at -1.1
+    assert inside.ids[1:7] == m.tokenizer.tokenize("a cat break a dog") + [EOS]
+    assert inside.weights[3] == pytest.approx(-1.1) and inside.weights[2] == pytest.approx(1.1)
     with torch.no_grad():
         assert torch.equal(P.encode_prompts(m, ["a cat <lora:x:0.5>"]), P.encode_prompts(m, ["a cat "]))
 
@@ -142,17 +148,47 @@ def test_comma_near_the_end_of_a_full_chunk_moves_the_rest_to_the_next(m):
     assert no_backtrack[0].ids[72:76] == m.tokenizer.tokenize("dog") * 4
 
 
-def test_negative_prompt_is_padded_to_as_many_chunks_with_the_empty_prompt(m):
+def test_pad_pair_pads_the_shorter_of_prompt_and_negative_with_the_empty_prompt(m):
+    """The web UI's "Pad prompt/negative prompt" (sd15's pad_conds): whole copies of the encoding of ""."""
     long_prompt = " ".join(["cat"] * 100)
     with torch.no_grad():
-        cond, uncond = P.encode_pair(m, [long_prompt], ["blurry"])
-        empty = P.encode_prompts(m, [""])
-        blurry = P.encode_prompts(m, ["blurry"])
-        cond_short, uncond_long = P.encode_pair(m, ["a cat"], [long_prompt])
-    assert cond.shape == uncond.shape == (1, 154, 48)
+        long, blurry, empty = (P.encode_prompts(m, [p]) for p in (long_prompt, "blurry", ""))
+        cond, uncond = P.pad_pair(long, blurry, empty)
+        cond_short, uncond_long = P.pad_pair(blurry, long, empty)
+    assert cond.shape == uncond.shape == (1, 154, 48) and torch.equal(cond, long)
     assert torch.equal(uncond[:, :77], blurry) and torch.equal(uncond[:, 77:], empty)
     assert cond_short.shape == uncond_long.shape == (1, 154, 48)
-    assert torch.equal(cond_short[:, 77:], empty)
+    assert torch.equal(cond_short[:, 77:], empty) and torch.equal(uncond_long, long)
+
+
+def test_images_of_different_lengths_are_stacked_by_repeating_the_last_vector(m):
+    """The web UI's stack_conds: a batch's shorter prompt is extended with copies of its own last vector."""
+    with torch.no_grad():
+        long, short = P.encode_prompts(m, [" ".join(["cat"] * 100)])[0], P.encode_prompts(m, ["a dog"])[0]
+    batch = P.stack_contexts([short, long])
+    assert batch.shape == (2, 154, 48) and torch.equal(batch[1], long) and torch.equal(batch[0, :77], short)
+    assert torch.equal(batch[0, 77:], short[-1:].expand(77, -1))
+
+
+def test_a_prompts_stretches_are_encoded_together_as_the_web_ui_does(m):
+    """Prompt editing's texts of one prompt: one batch, as many chunks each (the shorter padded with the empty
+    chunk, not the last vector), emphasis normalised over all of them (one mean for the batch)."""
+    long_text = " ".join(["cat"] * 100)
+    with torch.no_grad():
+        both = P.encode_schedule(m, [long_text, "a dog"])
+        assert both.shape == (2, 154, 48)
+        assert torch.equal(both[1, :77], P.encode_prompts(m, ["a dog"])[0])
+        assert torch.equal(both[1, 77:], P.encode_prompts(m, [""])[0])
+        texts = ["a (red:1.5) car", "a (blue:0.5) car"]
+        together, apart = P.encode_schedule(m, texts), P.encode_prompts(m, texts)
+        ids = [c.ids for t in P.tokenize_prompts(m, texts) for c in t.chunks]
+        z = m.text_encoder(torch.tensor(ids))  # (2, 77, D) unweighted
+        weights = torch.tensor([c.weights for t in P.tokenize_prompts(m, texts) for c in t.chunks])
+    weighted = z * weights[..., None]
+    expected = weighted * (z.mean() / weighted.mean())  # the web UI: one mean over the whole batch
+    assert torch.allclose(together, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together, apart, rtol=1e-5, atol=1e-6)  # per-prompt normalisation differs
+    assert torch.equal(P.encode_schedule(m, ["a (red:1.5) car"]), P.encode_prompts(m, ["a (red:1.5) car"]))
 
 
 # --------------------------------------------------------------------------------------------------
