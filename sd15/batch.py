@@ -2,7 +2,7 @@
 
 Each line of the JSON-lines file is one job: a prompt string, or an object with "prompt" and any of
 "negative_prompt", "steps", "guidance_scale" (or "cfg"), "sampler", "seed", "width", "height", "karras",
-"num_images". Settings a line leaves out come from the command line's defaults. A line may add ControlNets
+"schedule_type" ("karras" or "exponential"), "num_images". Settings a line leaves out come from the command line's defaults. A line may add ControlNets
 (sd15.controlnet), named as the command line's flags: "controlnet" (a file, or a list of files), "control_image"
 (one per ControlNet), "controlnet_scale", "control_start", "control_end" (each one number, or one per ControlNet)
 and "guess_mode". Relative paths are read from the prompts file's folder.
@@ -45,15 +45,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .pipeline import GenerationSettings, _finite, check_prompts, check_settings
+from .pipeline import GenerationSettings, _finite, check_prompts, check_settings, schedule_fields
 
 if TYPE_CHECKING:
     from PIL import Image
 
-FIELDS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed", "width", "height", "karras")
+FIELDS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed", "width", "height", "karras", "schedule_type")
 CONTROL_FIELDS = ("controlnet", "control_image", "controlnet_scale", "control_start", "control_end", "guess_mode")
 # The JSON type each key takes. Whole numbers are JSON integers (30, not 30.0), as the API takes ints, not floats.
-TEXT, FLAG, NUMBER = ("prompt", "negative_prompt", "sampler"), ("karras",), ("guidance_scale",)
+TEXT, FLAG, NUMBER = ("prompt", "negative_prompt", "sampler", "schedule_type"), ("karras",), ("guidance_scale",)
 WHOLE = ("steps", "seed", "width", "height", "num_images")
 KINDS = {**dict.fromkeys(TEXT, "a string"), **dict.fromkeys(FLAG, "true or false (a JSON boolean)"),
          **dict.fromkeys(NUMBER, "a finite number"), **dict.fromkeys(WHOLE, "a whole number (a JSON integer such as 30)")}  # fmt: skip
@@ -98,8 +98,9 @@ def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked
     key = {"model": model_hash, **asdict(s)}
     if not s.controlnets:
         del key["controlnets"]
-    if not s.pad_conds:  # batch lines cannot ask for it; a GenerationSettings field since this version
-        del key["pad_conds"]
+    for name in ("pad_conds", "schedule_type"):  # GenerationSettings fields since this version: left out unset
+        if not key[name]:
+            del key[name]
     if control is not None:
         key.update(control_images=list(control.image_hashes), guess_mode=control.guess_mode)
     if checked:
@@ -129,8 +130,8 @@ def _shown(value) -> str:
 
 def _typed(key: str, value):
     """One setting as sd15 takes it (a guidance scale as a float), or ValueError naming the JSON type it needs."""
-    if key == "seed" and value is None:
-        return None  # as if left out: derived from the line's content
+    if key in ("seed", "schedule_type") and value is None:
+        return None  # as if left out: a seed derived from the line's content, the sampler's own schedule
     if (key in TEXT and isinstance(value, str) or key in FLAG and isinstance(value, bool)
             or key in WHOLE and isinstance(value, int) and not isinstance(value, bool)):  # fmt: skip
         return value
@@ -148,8 +149,8 @@ def _checked(settings: dict, num_images: int) -> dict:
     s = {key: _typed(key, settings[key]) for key in ("prompt", *FIELDS)}
     check_prompts(s["prompt"], s["negative_prompt"])
     check_settings(s["steps"], s["guidance_scale"], s["sampler"], s["width"], s["height"], num_images, seed=s["seed"],
-                   karras=s["karras"])  # fmt: skip
-    return s
+                   karras=s["karras"], schedule_type=s["schedule_type"])  # fmt: skip
+    return {**s, **schedule_fields(s["karras"], s["schedule_type"])}
 
 
 def _paths(key: str, value) -> list[str]:
@@ -275,6 +276,7 @@ def read_jobs(path: str | os.PathLike, defaults: dict, model_hash: str) -> list[
     Every line is checked before any job is returned, by the rules the API applies, so a bad line stops the run
     before the model loads and before anything is written. `defaults` (the command line's settings) are checked
     first, and refused as such."""
+    defaults = {"schedule_type": None, **defaults}  # the sampler's own noise levels unless said
     try:
         _checked({"prompt": "", **defaults}, 1)
     except ValueError as e:
@@ -488,7 +490,7 @@ def run_batch(m, model_path: Path, model_hash: str, jobs: list[Job], out: Path, 
         s = job.settings
         image = m.generate(
             job.prompt, s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler,
-            seed=s.seed, width=s.width, height=s.height, karras=s.karras, progress=progress,
+            seed=s.seed, width=s.width, height=s.height, karras=s.karras, schedule_type=s.schedule_type, progress=progress,
             **_control_arguments(job, nets),
         )[0]  # fmt: skip
         save_png(image, out / f"{job.id}.png", format_parameters(s, model_hash, model_path.stem, *vae))

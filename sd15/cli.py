@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from .hires import UPSCALERS as HIRES_UPSCALERS
-from .samplers import SAMPLERS
+from .pnginfo import KNOWN_SCHEDULE_TYPES, TIMESTEP_SAMPLERS
+from .samplers import SAMPLERS, SCHEDULES
 
 DEFAULT_MODEL_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors")
 HUB_REPO, HUB_FILE = "stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"
@@ -84,7 +85,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--steps", type=_positive_int, default=None, help=f"sampling steps (default {steps_default})")
     p.add_argument("--cfg", type=_finite_float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default pndm, i.e. PLMS)")
-    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (sigma-space samplers)")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (sigma-space samplers); --schedule-type karras")
+    p.add_argument("--schedule-type", choices=SCHEDULES, default=None,
+                   help="noise levels for the sigma-space samplers: the sampler's own (default), karras or exponential")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
     p.add_argument("-n", "--num-images", type=_positive_int, default=1)
     p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
@@ -476,7 +479,12 @@ def run_generate(args) -> None:
         names = ", ".join(printable(c["model"]) for c in settings["controlnets"])
         print(f"warning: {printable(args.from_png)} was made with ControlNet ({names}), whose control image a PNG does "
               "not hold: generating without it (give --controlnet FILE --control-image IMG to use one)", file=sys.stderr)  # fmt: skip
-    _warn_about_unmatched_records(args, settings.get("fields", {}))
+    if "unknown_sampler" in settings and args.sampler is None:
+        from .checkpoint import printable
+
+        raise UserError(f"the PNG's sampler {printable(settings['unknown_sampler'])} is not one sd15 has; "
+                        "choose one with --sampler")  # fmt: skip
+    _warn_about_unmatched_records(args, settings)
     # without -W/-H (or a PNG's size) the output takes the first control image's size, rounded down to a multiple of 8
     control_w, control_h = (max(8, control_images[0].width // 8 * 8), max(8, control_images[0].height // 8 * 8)) if control_images else (512, 512)
 
@@ -491,7 +499,9 @@ def run_generate(args) -> None:
         seed=pick(args.seed, "seed", None),
         width=pick(args.width, "width", control_w),
         height=pick(args.height, "height", control_h),
-        karras=pick(args.karras, "karras", False),
+        # a schedule on the command line replaces the PNG's, whichever way it is named
+        karras=bool(args.karras) if args.karras or args.schedule_type else settings.get("karras", False),
+        schedule_type=args.schedule_type if args.karras or args.schedule_type else settings.get("schedule_type"),
         eta=settings.get("eta", 0.0),
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
         pad_conds=pick(args.pad_conds, "pad_conds", False),
@@ -505,7 +515,7 @@ def run_generate(args) -> None:
 
     check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"],
                    args.num_images, seed=kwargs["seed"], eta=kwargs["eta"])  # fmt: skip
-    plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"])  # e.g. --karras with ddim or lcm
+    plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"], schedule_type=kwargs["schedule_type"])  # --karras with ddim
     check_prompts(prompt, kwargs["negative_prompt"])
     if hires:
         check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
@@ -513,6 +523,8 @@ def run_generate(args) -> None:
     paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
+    if args.from_png:
+        _warn_about_other_adapters(m, args.from_png, settings, prompt, kwargs["negative_prompt"])
     with _inspection(m, args) as trace:
         preview = _preview_callback(m, args)
         run = m.hires_fix if hires else m.generate  # sd15.hires: native size first, then upscaled and refined
@@ -530,7 +542,9 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 
     target_w, target_h = size
     scale = target_w / width if target_w else target_h / height
-    scale = math.nextafter(scale, math.inf)  # so that int(width · scale) is not one short of target_w
+    side = 0 if target_w else 1
+    if upscaled_size(width, height, scale)[side] < size[side]:  # int(width · scale) one short in floating point
+        scale = math.nextafter(scale, math.inf)
     expected = upscaled_size(width, height, scale)
     if any(want and want != got for want, got in zip(size, expected)):
         raise UserError(f"the PNG's hires fix resizes {width}x{height} to {target_w}x{target_h}, another aspect ratio "
@@ -541,24 +555,50 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 # web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
 UNAPPLIED_FIELDS = ("Variation seed", "Seed resize from", "Eta noise seed delta", "ENSD", "Face restoration", "Refiner",
                     "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires CFG Scale",
-                    "Hires checkpoint", "Token merging ratio", "NGMS", "Tiling", "Hypernet", "Pad conds v0")  # fmt: skip
+                    "Hires checkpoint", "Token merging ratio", "Token merging ratio hr", "NGMS", "Tiling", "Hypernet",
+                    "Pad conds v0", "Discard penultimate sigma", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
+                    "Schedule rho", "Schedule max sigma", "Schedule min sigma", "Downcast alphas_cumprod",
+                    "SGM noise multiplier", "Old prompt editing timelines", "Image CFG scale", "Conditional mask weight")  # fmt: skip
 
 
-def _warn_about_unmatched_records(args, fields: dict) -> None:
+def _unapplied_fields(settings: dict) -> list[str]:
+    """The names of the fields of a --from-png PNG that change its image and that this run does not apply."""
+    fields = settings.get("fields", {})
+    names = [name for name in UNAPPLIED_FIELDS if name in fields]
+    if fields.get("Emphasis", "Original") != "Original":  # "No norm", "Ignore", …: sd15 has the web UI's default
+        names.append("Emphasis")
+    try:  # the web UI's eta of the ancestral and SDE samplers, 1 unless set; sd15's are fixed at 1
+        ancestral_eta = "Eta" in fields and "eta" not in settings and float(fields["Eta"]) != 1.0
+    except ValueError:
+        ancestral_eta = True
+    if ancestral_eta:
+        names.append("Eta")
+    if "Eta DDIM" in fields and "eta" not in settings and settings.get("sampler") not in TIMESTEP_SAMPLERS:
+        names.append("Eta DDIM")  # read as DDIM's eta; on a k-diffusion sampler it stands for nothing sd15 has
+    return names
+
+
+def _warn_about_unmatched_records(args, settings: dict) -> None:
     """Warn about what a --from-png PNG records that this run will not do alike: settings sd15 lacks, a schedule
-    type other than Karras, and a VAE other than this run's (its `VAE` and `VAE hash` fields)."""
+    type other than Karras, the web UI's GPU noise, and a VAE other than this run's (its `VAE` and `VAE hash` fields)."""
     from .checkpoint import printable
     from .pnginfo import content_hash
 
+    fields = settings.get("fields", {})
     png = printable(args.from_png)
-    unapplied = [name for name in UNAPPLIED_FIELDS if name in fields]
+    unapplied = _unapplied_fields(settings)
     if unapplied:
         print(f"warning: {png} records settings sd15 does not apply ({', '.join(unapplied)}): the image will differ "
               "from the one it was made with", file=sys.stderr)  # fmt: skip
+    if fields.get("Version", "sd15") != "sd15" and fields.get("RNG", "GPU") != "CPU":
+        print(f"warning: {png} was made with the web UI's noise from the GPU (its RNG setting, GPU by default); sd15 "
+              "draws noise on the CPU, as its \"CPU\" setting does, so the image will differ", file=sys.stderr)  # fmt: skip
     schedule_type = fields.get("Schedule type")
-    if schedule_type not in (None, "Karras", "Uniform", "Automatic") and args.karras is None:
+    recorded_only = settings.get("sampler") in TIMESTEP_SAMPLERS and fields.get("Version", "sd15") != "sd15"
+    given = args.karras or args.schedule_type
+    if schedule_type not in (None, *KNOWN_SCHEDULE_TYPES) and not given and not recorded_only:
         print(f"warning: {png} was sampled with the {printable(schedule_type)} schedule of noise levels, which sd15 "
-              "lacks (it has the sampler's own and Karras): using the sampler's own, so the image will differ",
+              "lacks (it has the sampler's own, Karras and Exponential): using the sampler's own, so the image will differ",
               file=sys.stderr)  # fmt: skip
     name, digest = fields.get("VAE"), fields.get("VAE hash")
     if not (name or digest):
@@ -572,6 +612,28 @@ def _warn_about_unmatched_records(args, fields: dict) -> None:
         if given != digest:
             print(f"warning: {png} was decoded with the VAE {recorded}; --vae {printable(args.vae)} is another file "
                   f"(hash {given})", file=sys.stderr)  # fmt: skip
+
+
+def _warn_about_other_adapters(m, png: str, settings: dict, prompt: str, negative_prompt: str) -> None:
+    """Warn when a LoRA or an embedding that a --from-png PNG records with its hash (`Lora hashes`, `TI hashes`)
+    is another file here, or an embedding is missing (its trigger word is then read as words)."""
+    from .checkpoint import printable
+    from .pnginfo import hash_list_name
+    from .prompts import adapter_hashes
+
+    try:
+        here = adapter_hashes(m, prompt, negative_prompt)
+    except (ValueError, OSError):
+        return  # a LoRA the prompt names is not found: the run itself refuses it, saying why
+    for key, kind in (("lora_hashes", "LoRA"), ("ti_hashes", "embedding")):
+        ours = {hash_list_name(name): digest for name, digest in here[key].items()}
+        for name, digest in settings.get(key, {}).items():
+            if ours.get(name, digest) != digest:
+                print(f"warning: {printable(png)} was made with the {kind} {printable(name)} [{digest}]; the one found "
+                      f"here is another file [{ours[name]}], so the image will differ", file=sys.stderr)  # fmt: skip
+            elif name not in ours and key == "ti_hashes":
+                print(f"warning: {printable(png)} was made with the embedding {printable(name)} [{digest}], which this "
+                      "run does not have (give --embedding FILE): its trigger word is read as words", file=sys.stderr)  # fmt: skip
 
 
 def _hires_settings(args, settings: dict, width: int, height: int) -> dict | None:
@@ -688,7 +750,7 @@ def _check_image_run(args, image, seed: int) -> None:
         max(8, image.width // 8 * 8), max(8, image.height // 8 * 8))  # fmt: skip
     check_settings(kw["steps"], kw["guidance_scale"], kw["sampler"], width, height, args.num_images, seed=seed)
     check_prompts(args.prompt, kw["negative_prompt"])
-    plan_sampling(kw["sampler"], kw["steps"], strength=args.strength, karras=kw["karras"])  # a strength that leaves no step
+    plan_sampling(kw["sampler"], kw["steps"], strength=args.strength, karras=kw["karras"], schedule_type=kw["schedule_type"])
 
 
 def _image_sampling_kwargs(args) -> dict:
@@ -700,6 +762,7 @@ def _image_sampling_kwargs(args) -> dict:
         sampler=args.sampler or "pndm",
         num_images=args.num_images,
         karras=bool(args.karras),
+        schedule_type=args.schedule_type,
         progress=not args.no_progress,
         clip_skip=args.clip_skip or 1,
         pad_conds=bool(args.pad_conds),
@@ -758,7 +821,7 @@ def run_batch(args) -> None:
         raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")
     defaults = dict(negative_prompt=args.negative or "", steps=args.steps or 50, sampler=args.sampler or "pndm",
                     guidance_scale=args.cfg if args.cfg is not None else 7.5, seed=args.seed,
-                    width=args.width, height=args.height, karras=bool(args.karras))  # fmt: skip
+                    width=args.width, height=args.height, karras=bool(args.karras), schedule_type=args.schedule_type)  # fmt: skip
     if not Path(args.prompts).is_file():
         raise UserError(f"no such prompts file: {args.prompts}")
     out = Path(args.out)

@@ -51,7 +51,8 @@ def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
 
 
-def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bool = False, eta: float = 0.0):
+def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bool = False, eta: float = 0.0,
+                     schedule_type: str | None = None):  # fmt: skip
     """The second pass's SamplingPlan: the last `hires_steps` steps of an int(hires_steps / strength)-step
     schedule (strength capped at 0.999, as the web UI's setup_img2img_steps does), so that it runs exactly
     `hires_steps` steps from about `strength`'s noise level."""
@@ -60,7 +61,8 @@ def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bo
         why = "more than the model's 1000 timesteps"
     else:
         try:
-            return dataclasses.replace(plan_sampling(sampler, total, karras=karras, eta=eta), start=total - hires_steps)
+            plan = plan_sampling(sampler, total, karras=karras, eta=eta, schedule_type=schedule_type)
+            return dataclasses.replace(plan, start=total - hires_steps)
         except ValueError as e:  # e.g. PLMS's grid at 1000 steps
             why = f"which {sampler} cannot run ({e})"
     raise ValueError(f"{hires_steps} hires steps at strength {strength:g} need a {total}-step schedule, {why}; "
@@ -117,6 +119,7 @@ def hires_fix(
     callback: Callable[[dict], bool | None] | None = None,
     karras: bool = False,
     eta: float = 0.0,
+    schedule_type: str | None = None,
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
@@ -164,14 +167,14 @@ def hires_fix(
             stopped.append(True)
         return result
 
-    plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
+    plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type)
     noise = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
     latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators, guidance_scale,
                             batch_size, first_callback, progress, clip_skip=clip_skip, controls=small_controls,
                             guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
-        plan = second_pass_plan(sampler, hires_steps, strength, karras=karras, eta=eta)
+        plan = second_pass_plan(sampler, hires_steps, strength, karras=karras, eta=eta, schedule_type=schedule_type)
         noise = torch.cat([torch.randn((1, *init.shape[1:]), generator=g) for g in generators])
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
@@ -180,7 +183,7 @@ def hires_fix(
     out = pipeline._finish(m, latents, output_type)
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
-                                 sampler=sampler, width=width, height=height, karras=karras, eta=eta,
+                                 sampler=sampler, width=width, height=height, **pipeline.schedule_fields(karras, schedule_type), eta=eta,
                                  strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, hires_scale=scale, hires_steps=hires_steps,
                                  hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip
         for im in out:

@@ -68,6 +68,16 @@ REDUCTIONS: dict[str, Callable[[torch.Tensor, "Trace"], torch.Tensor | None]] = 
 }
 
 
+def _steps(how) -> list:
+    """A `reduce` value as its steps: "cond+mean_heads" -> ["cond", "mean_heads"]; a callable, or a list of
+    names and callables, as it is."""
+    if isinstance(how, str):
+        return how.split("+")
+    if isinstance(how, (list, tuple)) and how:
+        return list(how)
+    return [how]
+
+
 def points(m: "StableDiffusion") -> list[str]:
     """The usual named points of a model: ResBlocks, SpatialTransformers, attention probabilities, CLIP layers."""
     names = []
@@ -118,11 +128,10 @@ class Trace:
         self.patch = dict(patch or {})
         self.reduce = dict(reduce or {})
         for pattern, how in self.reduce.items():  # refused now, not at the first capture of a long run
-            unknown = [step for step in how.split("+") if step not in REDUCTIONS] if isinstance(how, str) else []
-            if unknown or not (isinstance(how, str) or callable(how)):
-                what = ", ".join(map(repr, unknown)) if unknown else repr(how)
-                raise ValueError(f"reduce[{pattern!r}]: {what} is not a reduction; use a function or names from "
-                                 f"{sorted(REDUCTIONS)} joined by '+'")  # fmt: skip
+            unknown = [step for step in _steps(how) if not callable(step) and step not in REDUCTIONS]
+            if unknown:
+                raise ValueError(f"reduce[{pattern!r}]: {', '.join(map(repr, unknown))} is not a reduction; use a "
+                                 f"function, names from {sorted(REDUCTIONS)} joined by '+', or a list of both")  # fmt: skip
         self.steps = steps if steps is None or callable(steps) else set(steps)
         self.device = device
         self.records: dict[str, list[Record]] = defaultdict(list)
@@ -168,9 +177,10 @@ class Trace:
         kept = value.detach()
         for pattern, how in self.reduce.items():
             if fnmatch.fnmatchcase(name, pattern):
-                for step in how.split("+") if isinstance(how, str) else [how]:
+                for step in _steps(how):
                     kept = REDUCTIONS[step](kept, self) if isinstance(step, str) else step(kept)
-                    if kept is None:  # the branch this reduction keeps is not in this call
+                    if kept is None:  # the branch this reduction keeps is not in this call: the call is counted
+                        self.records[name].append(Record(None, self.step, len(self.records[name]), self.image))
                         return
         if self.device is not None:
             kept = kept.to(self.device)

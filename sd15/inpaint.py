@@ -371,6 +371,7 @@ def inpaint(
     callback: Callable[[dict], bool | None] | None = None,
     karras: bool = False,
     eta: float = 0.0,
+    schedule_type: str | None = None,
     fit: str = "resize",
     batch_size: int = 1,
     progress: bool = False,
@@ -450,7 +451,7 @@ def inpaint(
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generators = pipeline._generators(seed, len(prompts))
-    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
+    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type)
     result = _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
                       batch_size, callback, progress, clip_skip, controls, guess_mode, pad_conds)  # fmt: skip
 
@@ -468,7 +469,8 @@ def inpaint(
     out = pipeline._finish(m, result, output_type, composite if (paste_back or region is not None) else None)
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
-                                 sampler=sampler, width=W, height=H, karras=karras, eta=eta, strength=strength,
+                                 sampler=sampler, width=W, height=H, **pipeline.schedule_fields(karras, schedule_type),
+                                 eta=eta, strength=strength,
                                  clip_skip=clip_skip, pad_conds=pad_conds, mask_blur=mask_blur, inpaint_padding=padding,
                                  controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

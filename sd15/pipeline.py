@@ -33,7 +33,7 @@ from . import prompt_schedule
 from . import prompts as prompt_io
 from . import safety_checker as safety
 from . import tiling
-from .samplers import SAMPLERS, plan_sampling
+from .samplers import SAMPLERS, plan_sampling, resolve_schedule
 from .vae import LATENT_SCALE
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ class GenerationSettings:
     eta: float = 0.0
     strength: float | None = None  # img2img only
     clip_skip: int = 1  # 1: CLIP's last layer; 2: the penultimate one
-    pad_conds: bool = False  # the prompt and negative prompt padded to one length (the web UI's "Pad conds")
     ti_hashes: dict[str, str] = field(default_factory=dict)  # textual inversions the prompts use: {name: hash}
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs in effect: {name: hash}
     hires_scale: float | None = None  # hires fix (sd15.hires): the upscale factor; `strength` is its second pass's
@@ -71,6 +70,8 @@ class GenerationSettings:
     inpaint_padding: int | None = None  # inpainting "only masked": the margin around the mask's box
     # One {"model", "hash", "weight", "guidance_start", "guidance_end"} per ControlNet (sd15.controlnet.settings_record)
     controlnets: list[dict] = field(default_factory=list)
+    schedule_type: str | None = None  # a noise schedule other than the sampler's own and Karras: "exponential"
+    pad_conds: bool = False  # the prompt and negative prompt padded to one length (the web UI's "Pad conds")
 
 
 def _whole(value) -> bool:
@@ -88,13 +89,15 @@ def _finite(value) -> bool:
 
 
 def check_settings(steps: int, guidance_scale: float, sampler: str, width: int, height: int, num_images: int = 1, *,
-                   seed: int | None = None, eta: float = 0.0, batch_size: int = 1, karras: bool = False):  # fmt: skip
+                   seed: int | None = None, eta: float = 0.0, batch_size: int = 1, karras: bool = False,
+                   schedule_type: str | None = None):  # fmt: skip
     """Refuse impossible settings with a message that says what to change, before anything is allocated."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if not _whole(steps) or steps < 1 or steps > 1000:
         raise ValueError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
-    plan_sampling(sampler, steps, karras=bool(karras))  # grids that break at the top of that range; Karras where it has no meaning
+    # grids that break at the top of that range; Karras (or another schedule) where it has no meaning
+    plan_sampling(sampler, steps, karras=bool(karras), schedule_type=schedule_type)
     if not _finite(guidance_scale):
         raise ValueError(f"guidance scale must be a finite number, got {guidance_scale!r:.40}")
     for name, side in (("width", width), ("height", height)):
@@ -214,6 +217,13 @@ def guided_eps_model(m: "StableDiffusion", cond: torch.Tensor, uncond: torch.Ten
     return eps_model
 
 
+def schedule_fields(karras: bool, schedule_type: str | None) -> dict:
+    """The GenerationSettings fields of a noise schedule: `karras` for Karras's, `schedule_type` for any other
+    but the sampler's own (so that settings, PNGs and batch ids without one are what they were)."""
+    name = resolve_schedule(karras, schedule_type)
+    return {"karras": name == "karras", "schedule_type": None if name in ("default", "karras") else name}
+
+
 def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives: list[str], seed: int, controlnets=(),
                     **fields) -> None:  # fmt: skip
     """Attach to each PIL image the GenerationSettings its PNG will record (image i: prompts[i], seed + i),
@@ -286,10 +296,13 @@ def _progress(total: int, enabled: bool):
 def _run(m, plan, prompts, *args, clip_skip: int = 1, concat=None, on_predictor=None, controls=(), guess_mode=False,
          base_steps=None, pad_conds=False):  # fmt: skip
     """`_denoise` with the LoRAs the prompts name (`<lora:name:scale>`) applied for its duration. `base_steps`:
-    in a hires fix's second pass, the first pass's steps, after which prompt editing's timeline goes on."""
+    in a hires fix's second pass, the first pass's steps, after which prompt editing's timeline goes on.
+    `pad_conds`: pad with the encoding of "", made before those LoRAs apply (the web UI's, made at load time)."""
+    with torch.no_grad():
+        pad_with = prompt_io.encode_prompts(m, [""], clip_skip) if pad_conds else None
     with lora_io.prompt_loras(m, prompts):
         return _denoise(m, plan, prompts, *args, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor,
-                        controls=controls, guess_mode=guess_mode, base_steps=base_steps, pad_conds=pad_conds)  # fmt: skip
+                        controls=controls, guess_mode=guess_mode, base_steps=base_steps, pad_with=pad_with)  # fmt: skip
 
 
 def _encoded_schedules(m, texts: list[str], steps: int, base_steps, clip_skip: int) -> dict[str, tuple[list[int], torch.Tensor]]:
@@ -298,8 +311,11 @@ def _encoded_schedules(m, texts: list[str], steps: int, base_steps, clip_skip: i
     encoded = {}
     for text in dict.fromkeys(texts):
         stretches = prompt_schedule.schedule(text, steps, base_steps)
+        counts = prompt_schedule.encoding_counts(text, steps, base_steps)
+        distinct = list(dict.fromkeys(t for _, t in stretches))  # alternation comes back to a text: encoded once
         with torch.no_grad():
-            encoded[text] = ([last for last, _ in stretches], prompt_io.encode_schedule(m, [t for _, t in stretches], clip_skip))
+            contexts = prompt_io.encode_schedule(m, distinct, clip_skip, [counts.get(t, 1) for t in distinct])
+        encoded[text] = ([last for last, _ in stretches], contexts[[distinct.index(t) for _, t in stretches]])
     return encoded
 
 
@@ -313,11 +329,12 @@ def _conditioning_at(encoded: dict, texts: list[str], step: int) -> torch.Tensor
 
 
 def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip, concat, controls=(), guess_mode=False,
-                         base_steps=None, pad_conds=False):  # fmt: skip
+                         base_steps=None, pad_with=None):  # fmt: skip
     """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
     for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
     each encoded once; and the residuals of the ControlNets (`controls`) active at that step. The prompt and
-    the negative prompt keep their own lengths unless `pad_conds` (sd15.prompts). Returns it and a one-item
+    the negative prompt keep their own lengths unless `pad_with` (the encoding of "", sd15.prompts.pad_pair) is given.
+    Returns it and a one-item
     list the step callback keeps at the number of sampler evaluations done.
 
     PLMS (pndm) evaluates its first step twice (the warm-up's correction), so it makes one evaluation more than
@@ -334,13 +351,12 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
 
     encoded = _encoded_schedules(m, prompts + (negatives if guided else []), steps, base_steps, clip_skip)
     ends = sorted({last for text in prompts + (negatives if guided else []) for last in encoded[text][0]})
-    empty = prompt_io.encode_prompts(m, [""], clip_skip) if guided and pad_conds else None
     stretches = []
     for last in ends:  # a new stretch wherever any prompt of the batch changes
         cond = _conditioning_at(encoded, prompts, last)
         uncond = _conditioning_at(encoded, negatives, last) if guided else None
-        if empty is not None:
-            cond, uncond = prompt_io.pad_pair(cond, uncond, empty)
+        if guided and pad_with is not None:
+            cond, uncond = prompt_io.pad_pair(cond, uncond, pad_with)
         stretches.append((last, guided_eps_model(m, cond, uncond, guidance_scale, concat, control if controls else None)))
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -352,7 +368,7 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
 
 
 def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_scale, batch_size, callback, progress, clip_skip=1,
-             concat=None, on_predictor=None, controls=(), guess_mode=False, base_steps=None, pad_conds=False):  # fmt: skip
+             concat=None, on_predictor=None, controls=(), guess_mode=False, base_steps=None, pad_with=None):  # fmt: skip
     """Denoise each image (or each batch of `batch_size` images) from its start latent. `on_predictor(info)`,
     if given, sees the intermediate points of Heun and DPM2 (a), with info["images"] as the callback gets it."""
     finished, bar = [], _progress(len(prompts) * (len(plan.timesteps) - plan.start), progress)
@@ -364,7 +380,7 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
             trace.begin_images(lo)  # before encoding, so text-encoder records carry this batch's numbers
         eps_model, evaluations_done = _scheduled_eps_model(m, plan, prompts[lo:hi], negatives[lo:hi], guidance_scale, clip_skip,
                                                      None if concat is None else concat[lo:hi], controls, guess_mode,
-                                                     base_steps, pad_conds)  # fmt: skip
+                                                     base_steps, pad_with)  # fmt: skip
 
         def step_callback(info: dict, first: int = lo) -> bool:
             evaluations_done[0] = info["i"] + 1
@@ -404,6 +420,7 @@ def generate(
     callback: Callable[[dict], bool | None] | None = None,
     karras: bool = False,
     eta: float = 0.0,
+    schedule_type: str | None = None,
     batch_size: int = 1,
     progress: bool = False,
     clip_skip: int = 1,
@@ -449,14 +466,15 @@ def generate(
         noise = given_latents(latents, (len(prompts), *shape))
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
-    plan = plan_sampling(sampler, steps, karras=karras, eta=eta)
+    plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type)
     start = plan.noise_latents(noise).to(m.device)
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
                   controls=controls, guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                        width=width, height=height, karras=karras, eta=eta, clip_skip=clip_skip, pad_conds=pad_conds,
+                        width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, clip_skip=clip_skip,
+                        pad_conds=pad_conds,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out
 
@@ -476,6 +494,7 @@ def img2img(
     callback: Callable[[dict], bool | None] | None = None,
     karras: bool = False,
     eta: float = 0.0,
+    schedule_type: str | None = None,
     fit: str = "resize",
     batch_size: int = 1,
     progress: bool = False,
@@ -516,7 +535,7 @@ def img2img(
         control_image = centre_cut_control_images(control_image, source, width, height)  # cut as the image was
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
-    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta)
+    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type)
     with torch.no_grad():
         posterior = tiling.encode(m.vae, pixels.to(m.device, m.dtype))
     starts = []
@@ -530,6 +549,7 @@ def img2img(
     out = _finish(m, result, output_type)
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                        width=width, height=height, karras=karras, eta=eta, strength=strength, clip_skip=clip_skip, pad_conds=pad_conds,
+                        width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, strength=strength,
+                        clip_skip=clip_skip, pad_conds=pad_conds,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from . import pipeline
 from .pipeline import GenerationSettings
 
 # sd15 sampler name <-> the name that UI gives the same algorithm.
@@ -53,14 +55,46 @@ SAMPLERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 
 HIRES_UPSCALER_NAMES = {"lanczos": "Lanczos", "latent": "Latent"}  # the web UI's names
 
+# The web UI's noise schedules ("Schedule type"; before 1.9 appended to the sampler's name: "DPM++ 2M Karras").
+SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                  "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # fmt: skip
+# sd15's schedule types by their web UI names; "Uniform" and "Automatic" (a sampler's own noise levels) are "default"
+SCHEDULE_TYPE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
+KNOWN_SCHEDULE_TYPES = ("Uniform", "Automatic", *SCHEDULE_TYPE_NAMES.values())
+# Samplers the web UI runs on its timestep grid: it records its schedule type for them too, but does not use it.
+TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc", "lcm")
+
 
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
+def _unquote(value: str) -> str:
+    """A value as written: decoded when it is one quoted string, else kept as it is (the web UI quotes only
+    values with a comma, colon or newline, so `"masterpiece" style` is plain text)."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def _number(x: float) -> str:
+    """A number as short as it reads back exactly: 7.5, 0.75, 7.123456789 (`:g` alone keeps 6 digits)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
+def hash_list_name(name: str) -> str:
+    """A name as `TI hashes` / `Lora hashes` hold it: without ':' and ',', as the web UI writes them, so that
+    the list reads back."""
+    return name.replace(":", "").replace(",", "")
+
+
 def _hash_list(hashes: dict[str, str]) -> str | None:
     """{name: hash} -> "name: hash, name: hash" (the web UI's `TI hashes` / `Lora hashes` value)."""
-    return ", ".join(f"{name}: {h}" for name, h in hashes.items()) or None
+    return ", ".join(f"{hash_list_name(name)}: {h}" for name, h in hashes.items()) or None
 
 
 def _parse_hash_list(value: str) -> dict[str, str]:
@@ -78,23 +112,25 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
     fields = {
         "Steps": s.steps,
         "Sampler": SAMPLER_NAMES[s.sampler],
-        "Schedule type": "Karras" if s.karras else None,
-        "CFG scale": f"{s.guidance_scale:g}",
+        # said for the others too: the web UI takes a missing one as its sampler's default, Karras for DPM++ 2M
+        "Schedule type": SCHEDULE_TYPE_NAMES[pipeline.resolve_schedule(s.karras, s.schedule_type)]
+        if s.karras or s.schedule_type else None if s.sampler in TIMESTEP_SAMPLERS else "Uniform",
+        "CFG scale": _number(s.guidance_scale),
         "Seed": s.seed,
         "Size": f"{s.width}x{s.height}",
         "Model hash": model_hash,
         "Model": model_name,
         "VAE hash": vae_hash,
         "VAE": vae_name,
-        "Denoising strength": f"{s.strength:g}" if s.strength is not None else None,
+        "Denoising strength": _number(s.strength) if s.strength is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
-        "Hires upscale": f"{s.hires_scale:g}" if s.hires_scale else None,
+        "Hires upscale": _number(s.hires_scale) if s.hires_scale else None,
         "Hires steps": s.hires_steps if s.hires_scale else None,
         "Hires upscaler": HIRES_UPSCALER_NAMES[s.hires_upscaler] if s.hires_scale else None,
-        "Mask blur": f"{s.mask_blur:g}" if s.mask_blur is not None else None,
+        "Mask blur": _number(s.mask_blur) if s.mask_blur is not None else None,
         "Inpaint area": "Only masked" if s.inpaint_padding is not None else None,
         "Masked area padding": s.inpaint_padding,
-        "Eta": f"{s.eta:g}" if s.eta else None,
+        "Eta DDIM": _number(s.eta) if s.eta else None,  # the web UI's key for DDIM's eta ("Eta" is its ancestral one)
         "TI hashes": _hash_list(s.ti_hashes),
         "Lora hashes": _hash_list(s.lora_hashes),
         "Pad conds": "True" if s.pad_conds else None,
@@ -109,8 +145,8 @@ def _controlnet_text(c: dict) -> str:
     model = f"{c['model']} [{c['hash']}]" if c.get("hash") else c["model"]
     thresholds = f"Threshold A: {c['threshold_a']:g}, Threshold B: {c['threshold_b']:g}, " if "threshold_a" in c else ""
     guess = ", Guess Mode: True" if c.get("guess_mode") else ""  # sd15's (diffusers'): the extension has no such field
-    return (f"Module: {c.get('module', 'none')}, Model: {model}, Weight: {c['weight']:g}, Resize Mode: Just Resize, "
-            f"{thresholds}Guidance Start: {c['guidance_start']:g}, Guidance End: {c['guidance_end']:g}{guess}")  # fmt: skip
+    return (f"Module: {c.get('module', 'none')}, Model: {model}, Weight: {_number(c['weight'])}, Resize Mode: Just Resize, "
+            f"{thresholds}Guidance Start: {_number(c['guidance_start'])}, Guidance End: {_number(c['guidance_end'])}{guess}")  # fmt: skip
 
 
 def _parse_controlnet(value: str) -> dict:
@@ -138,7 +174,9 @@ def parse_parameters(text: str) -> dict:
     """The `parameters` text -> {"prompt", "negative_prompt", and the last line's fields by name}.
 
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
-    name), "seed", "width", "height", "karras", "eta", "strength", "clip_skip", "pad_conds", "ti_hashes", "lora_hashes"
+    name; a name sd15 lacks is "unknown_sampler" instead), "seed", "width", "height", "karras", "schedule_type"
+    ("exponential"), "eta" (DDIM's: `Eta DDIM`),
+    "strength", "clip_skip", "pad_conds", "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
     "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
@@ -153,22 +191,33 @@ def parse_parameters(text: str) -> dict:
         (negative_lines if in_negative else prompt_lines).append(line)
     fields = {}
     for key, value in _FIELD.findall(last):
-        value = value.strip()
-        fields[key.strip()] = json.loads(value) if value.startswith('"') else value
+        fields[key.strip()] = _unquote(value.strip())
     result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), "fields": fields}
     if "Steps" in fields:
         result["steps"] = int(fields["Steps"])
     if "Sampler" in fields:
         name = fields["Sampler"]
-        if name.endswith(" Karras"):  # older files put the schedule in the sampler's name
-            name, fields["Schedule type"] = name[: -len(" Karras")], "Karras"
-        if name not in SAMPLERS_BY_NAME:
-            raise ValueError(f"sampler {name!r} in the PNG parameters is not one sd15 has")
-        result["sampler"] = SAMPLERS_BY_NAME[name]
-    result["karras"] = fields.get("Schedule type") == "Karras"
+        labels = sorted(SCHEDULE_TYPES, key=len, reverse=True)  # "SGM Uniform" before "Uniform"
+        label = next((t for t in labels if name.endswith(" " + t) and name not in SAMPLERS_BY_NAME), None)
+        if label:  # older files put the schedule in the sampler's name
+            name, fields["Schedule type"] = name[: -len(label) - 1], label
+        if name in SAMPLERS_BY_NAME:
+            result["sampler"] = SAMPLERS_BY_NAME[name]
+        else:
+            result["unknown_sampler"] = name
+    web_ui = fields.get("Version", "sd15") != "sd15"  # its version: "v1.10.1", …
+    sampler = result.get("sampler")
+    # a schedule type the web UI records for a timestep sampler is a setting it did not use (sd15 gives UniPC Karras sigmas)
+    applied = sampler not in TIMESTEP_SAMPLERS or not web_ui
+    result["karras"] = fields.get("Schedule type") == "Karras" and applied
+    if fields.get("Schedule type") == "Exponential" and applied:
+        result["schedule_type"] = "exponential"
+    # DDIM's eta: the web UI's `Eta DDIM`; `Eta` is its ancestral samplers' (sd15 and older files wrote DDIM's as Eta)
+    if sampler == "ddim" and ("Eta DDIM" in fields or (not web_ui and "Eta" in fields)):
+        result["eta"] = float(fields.get("Eta DDIM", fields.get("Eta")))
     result["pad_conds"] = fields.get("Pad conds") == "True"
     for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
-                            ("Denoising strength", "strength", float), ("Eta", "eta", float),
+                            ("Denoising strength", "strength", float),
                             ("Clip skip", "clip_skip", int), ("Hires upscale", "hires_scale", float),
                             ("Hires steps", "hires_steps", int), ("Mask blur", "mask_blur", float),
                             ("Masked area padding", "inpaint_padding", int)):  # fmt: skip
@@ -190,7 +239,20 @@ def parse_parameters(text: str) -> dict:
         if len(size) != 2 or min(size) < 0:
             raise ValueError(f"Hires resize must be WIDTHxHEIGHT, got {fields['Hires resize']!r}")
         result["hires_resize"] = size
+    if "First pass size" in fields and "width" in result:  # the web UI's hires fix before 1.0: Size is the final one
+        first = tuple(int(v) for v in fields["First pass size"].split("x"))
+        if len(first) != 2 or min(first) < 0:
+            raise ValueError(f"First pass size must be WIDTHxHEIGHT, got {fields['First pass size']!r}")
+        result["hires_resize"] = (result["width"], result["height"])
+        result["width"], result["height"] = first if min(first) else _old_first_pass_size(result["width"], result["height"])
     return result
+
+
+def _old_first_pass_size(width: int, height: int) -> tuple[int, int]:
+    """The first pass the web UI's hires fix chose before 1.0 for "First pass size: 0x0": about 512² pixels, each
+    side rounded up to a multiple of 64."""
+    scale = math.sqrt(512 * 512 / (width * height))
+    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:

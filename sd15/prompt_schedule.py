@@ -169,3 +169,36 @@ def schedule(prompt: str, steps: int, base_steps: int | None = None) -> list[tup
             result.append((step, text))
     return result
 
+
+
+def _change_steps(nodes: list, steps: int, base_steps: int | None, found: set[int]) -> None:
+    """Add to `found` every step at which some part of `nodes` may change, the branches not shown included:
+    each edit's last step (from 1 on), and every step where there is an alternation."""
+    for node in nodes:
+        if isinstance(node, _Scheduled):
+            when = _step(node.when, steps, base_steps)
+            found.update([when] if when >= 1 else [])
+            _change_steps(node.before, steps, base_steps, found)
+            _change_steps(node.after, steps, base_steps, found)
+        elif isinstance(node, _Alternate):
+            found.update(range(1, steps + 1))
+            for option in node.options:
+                _change_steps(option, steps, base_steps, found)
+        elif isinstance(node, _Group):
+            _change_steps(node.nodes, steps, base_steps, found)
+
+
+def encoding_counts(prompt: str, steps: int, base_steps: int | None = None) -> dict[str, int]:
+    """{text: n}: how many times the web UI encodes each text of the prompt's schedule in its one batch (its
+    get_learned_conditioning encodes the text at each step where something may change, repeats included, and
+    takes emphasis's mean over them all); sd15 encodes each text once and weights the mean by these counts."""
+    if "[" not in prompt:
+        return {prompt: 1}
+    nodes = parse(prompt)
+    found = {steps}
+    _change_steps(nodes, steps, base_steps, found)
+    counts: dict[str, int] = {}
+    for step in sorted(found):
+        text = render(nodes, step, steps, base_steps)
+        counts[text] = counts.get(text, 0) + 1
+    return counts

@@ -272,22 +272,28 @@ def tokenize_prompt(
 # Encoding
 
 
-def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, per_row: bool = True) -> torch.Tensor:
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, per_row: bool = True, counts: list[int] | None = None) -> torch.Tensor:
     """z (B, T, D) · weights (B, T), rescaled so that the mean is the unweighted mean: each row's own mean
-    (`per_row`), or the mean over the whole batch, as the web UI takes it over the texts it encodes together."""
-    dims = (1, 2) if per_row or z.shape[0] == 1 else (0, 1, 2)  # one row: the same mean, taken the same way
-    original_mean = z.float().mean(dim=dims, keepdim=True)  # (B, 1, 1) or (1, 1, 1)
+    (`per_row`), or the mean over the whole batch, as the web UI takes it over the texts it encodes together,
+    row i counted `counts[i]` times (as often as the web UI encodes it)."""
     weighted = z.float() * weights[..., None].float()  # (B, T, D)
-    new_mean = weighted.mean(dim=dims, keepdim=True)
-    return (weighted * (original_mean / new_mean)).to(z.dtype)
+    if per_row or z.shape[0] == 1:  # one row: its own mean, taken the same way
+        return (weighted * (z.float().mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))).to(z.dtype)
+    n = torch.tensor(counts or [1] * z.shape[0], dtype=torch.float32, device=z.device)[:, None, None]  # (B, 1, 1)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:  # over the batch with its rows repeated n times: (1, 1, 1)
+        return (x.mean(dim=(1, 2), keepdim=True) * n).sum(dim=0, keepdim=True) / n.sum()
+
+    return (weighted * (mean(z.float()) / mean(weighted))).to(z.dtype)
 
 
 def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_skip: int = 1, num_chunks: int = 1,
-                     per_row: bool = True) -> torch.Tensor:  # fmt: skip
+                     per_row: bool = True, counts: list[int] | None = None) -> torch.Tensor:  # fmt: skip
     """Tokenized prompts -> context (B, 77·k, D), k = max(num_chunks, the longest prompt's chunks).
 
     Chunk i of every prompt goes through the text encoder as one batch (B, 77); shorter prompts are padded
-    with the empty prompt's chunk. Emphasis is normalised per prompt, or over the batch (`per_row=False`).
+    with the empty prompt's chunk. Emphasis is normalised per prompt, or over the batch (`per_row=False`; prompt i
+    counted counts[i] times).
     """
     k = max([num_chunks] + [len(p.chunks) for p in prompts])
     empty = empty_chunk(m.tokenizer)
@@ -300,7 +306,7 @@ def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_
         ids = torch.tensor([c.ids for c in batch], device=m.device)  # (B, 77)
         z = m.text_encoder(ids, clip_skip=clip_skip, extra_tokens=extra)  # (B, 77, D)
         if any(w != 1 for c in batch for w in c.weights):  # decided on the host: no read back from the device
-            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device), per_row)  # weights (B, 77)
+            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device), per_row, counts)  # weights (B, 77)
         parts.append(z)
     return torch.cat(parts, dim=1)  # (B, 77·k, D)
 
@@ -317,12 +323,14 @@ def encode_prompts(m: "StableDiffusion", prompts: list[str], clip_skip: int = 1,
     return encode_tokenized(m, tokenize_prompts(m, prompts), clip_skip, num_chunks)
 
 
-def encode_schedule(m: "StableDiffusion", texts: list[str], clip_skip: int = 1) -> torch.Tensor:
+def encode_schedule(m: "StableDiffusion", texts: list[str], clip_skip: int = 1, counts: list[int] | None = None) -> torch.Tensor:
     """The texts one prompt takes over the steps (its prompt-editing stretches) -> (S, 77·k, D), encoded as
     one batch as the web UI's get_learned_conditioning does: as many chunks each (the shorter padded with
-    empty chunks), and emphasis's mean restored over all S texts together. For one text, encode_prompts'."""
+    empty chunks), and emphasis's mean restored over all S texts together, text i counted `counts[i]` times
+    (sd15.prompt_schedule.encoding_counts: the web UI encodes some texts more than once). For one text,
+    encode_prompts'."""
     _warn_unsupported_tags(texts)
-    return encode_tokenized(m, tokenize_prompts(m, texts), clip_skip, per_row=False)
+    return encode_tokenized(m, tokenize_prompts(m, texts), clip_skip, per_row=False, counts=counts)
 
 
 def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:

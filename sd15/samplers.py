@@ -962,6 +962,19 @@ def _refuse_broken_grid(sampler: str, steps: int, spacing: str, timesteps: np.nd
                          "use fewer steps")  # fmt: skip
 
 
+SCHEDULES = ("default", "karras", "exponential")  # noise schedules: the sampler's own grid, or noise levels set apart
+
+
+def resolve_schedule(karras: bool = False, schedule_type: str | None = None) -> str:
+    """The one noise schedule that `karras` (a shorthand for "karras") and `schedule_type` name together."""
+    name = schedule_type or ("karras" if karras else "default")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule type {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if karras and name != "karras":
+        raise ValueError(f"karras=True and schedule_type={name!r} name two schedules; give one")
+    return name
+
+
 def plan_sampling(
     sampler: str,
     steps: int,
@@ -969,12 +982,15 @@ def plan_sampling(
     karras: bool = False,
     eta: float = 0.0,
     spacing: str | None = None,
+    schedule_type: str | None = None,
 ) -> SamplingPlan:
     """The schedule diffusers 0.42.1 runs for `SchedulerClass.from_config(<SD1.5 scheduler_config>)`.
 
     sampler: one of SAMPLERS. steps: num_inference_steps. strength: img2img strength (1.0 = txt2img).
     karras: Karras et al. 2022 sigmas (rho = 7), for the sigma-space samplers (diffusers' use_karras_sigmas;
     diffusers' EulerAncestral lacks it, so euler_a uses the grid EulerDiscrete would, as k-diffusion allows).
+    schedule_type: one of SCHEDULES; "karras" is karras=True, "exponential" noise levels evenly spaced in log sigma
+    between the same ends (diffusers' use_exponential_sigmas; the model gets their log-sigma timesteps, unrounded).
     eta: DDIM's eta. spacing: override the scheduler's default timestep spacing ("leading" for ddim/pndm,
     "linspace" for the rest, since SD1.5's config does not set it; lcm has its own grid and takes none).
     A grid diffusers cannot run is refused
@@ -986,8 +1002,9 @@ def plan_sampling(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    if karras and sampler in _VP_SAMPLERS:
-        raise ValueError(f"karras sigmas apply to the sigma-space samplers, not {sampler!r}")
+    schedule_type = resolve_schedule(karras, schedule_type)
+    if schedule_type != "default" and sampler in _VP_SAMPLERS:
+        raise ValueError(f"{schedule_type} sigmas apply to the sigma-space samplers, not {sampler!r}")
     if eta != 0.0 and sampler != "ddim":
         raise ValueError("eta is DDIM's parameter")
     if spacing is not None and sampler == "lcm":
@@ -1012,18 +1029,22 @@ def plan_sampling(
             else:
                 ts = schedule.spaced_timesteps(steps + 1, spacing)[:-1].round()
             sig = schedule.t_to_sigma(ts)
-            if karras:  # over the full training range, then the nearest integer timestep for the model
+            if schedule_type == "karras":  # over the full training range, then the nearest integer timestep for the model
                 sig = schedule.karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
                 ts = schedule.sigma_to_t(sig).round()
+            elif schedule_type == "exponential":  # likewise, the timesteps truncated (diffusers casts them to int64)
+                sig = schedule.exponential_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
+                ts = np.trunc(schedule.sigma_to_t(sig))
         else:  # Euler, Euler a, Heun, DPM2, LMS, DPM++ SDE, 2S a, 3M SDE: fractional timesteps, sigma interpolated linearly in t
             ts = schedule.spaced_timesteps(steps, spacing)
             if sampler != "dpmpp_sde":  # the others round t to float32 before interpolating
                 ts = ts.astype(np.float32)
             sig = schedule.t_to_sigma(ts)
-            if karras:  # between this grid's end sigmas; the model gets the log-sigma timestep (DPM2's rounded)
-                sig = schedule.karras_sigmas(steps, float(sig[-1]), float(sig[0]))
+            if schedule_type != "default":  # between this grid's end sigmas; the model gets the log-sigma timestep
+                spaced = schedule.karras_sigmas if schedule_type == "karras" else schedule.exponential_sigmas
+                sig = spaced(steps, float(sig[-1]), float(sig[0]))
                 ts = schedule.sigma_to_t(sig)
-                if sampler in _DPM_2:
+                if sampler in _DPM_2 and schedule_type == "karras":  # DPM2 rounds Karras's, not the others'
                     ts = ts.round()
         _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=sig)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))

@@ -146,3 +146,10 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = K
     ramp = np.linspace(0, 1, steps)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma, from sigma_max down to sigma_min, float64 (k-diffusion's
+    get_sigmas_exponential, the web UI's "Exponential" schedule type, diffusers' use_exponential_sigmas).
+    Between the uniform grid in t and Karras's in where the steps go."""
+    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), steps))

@@ -371,6 +371,18 @@ def test_ids_of_lines_without_a_controlnet_are_those_of_earlier_versions(tmp_pat
     assert [job.settings.controlnets for job in jobs] == [[], [], []] and jobs[0].settings.seed == 3901110779
 
 
+def test_a_line_may_choose_a_schedule_type(tmp_path):
+    """"schedule_type": "exponential" is a setting of its own (a new id); "karras" is the same job as "karras": true."""
+    lines = [json.dumps({"prompt": "a cube", "seed": 1, "sampler": "euler", **extra})
+             for extra in ({}, {"schedule_type": "exponential"}, {"schedule_type": "karras"}, {"karras": True})]  # fmt: skip
+    plain, exponential, karras = jobs_of(tmp_path, *lines)  # the last two lines ask for one image: one job
+    assert exponential.settings.schedule_type == "exponential" and len({plain.id, exponential.id, karras.id}) == 3
+    assert karras.settings.karras and karras.settings.schedule_type is None
+    assert [job.id for job in jobs_of(tmp_path, lines[3])] == [karras.id]
+    with pytest.raises(ValueError, match="unknown schedule type 'beta'"):
+        jobs_of(tmp_path, json.dumps({"prompt": "a cube", "sampler": "euler", "schedule_type": "beta"}))
+
+
 @pytest.fixture(scope="module")
 def controlnet_files(tmp_path_factory):
     """Two tiny random ControlNets (other weights, one name each) in a folder of their own."""

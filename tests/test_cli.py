@@ -27,7 +27,7 @@ def test_generate_writes_png_whose_parameters_reproduce_it(workdir, tiny_checkpo
     lines = text.split("\n")
     assert lines[0] == "a lighthouse at dusk"
     assert lines[1] == "Negative prompt: blurry, dark"
-    assert lines[2].startswith("Steps: 3, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x48, Model hash: ")
+    assert lines[2].startswith("Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 6.5, Seed: 42, Size: 64x48, Model hash: ")
     assert "Model: tiny" in lines[2]
     settings = parse_parameters(text)
     assert settings["seed"] == 42 and settings["sampler"] == "euler_a" and settings["guidance_scale"] == 6.5
@@ -162,11 +162,12 @@ def test_parameters_format_round_trip():
 
 
 def test_from_png_says_when_it_cannot_use_the_recorded_schedule_type(workdir, tiny_checkpoint, capsys):
-    """The web UI's "Exponential", "SGM Uniform", … noise levels are not sd15's: the run says so, not silently."""
+    """The web UI's "Polyexponential", "SGM Uniform", … noise levels are not sd15's: the run says so, not silently."""
     from sd15.pnginfo import save_png
 
     base = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64"
-    for i, (schedule, warned) in enumerate((("Exponential", True), ("SGM Uniform", True), ("Karras", False), ("Uniform", False))):
+    for i, (schedule, warned) in enumerate((("Polyexponential", True), ("SGM Uniform", True), ("Karras", False), ("Uniform", False),
+                                            ("Exponential", False))):  # fmt: skip
         save_png(Image.new("RGB", (8, 8)), workdir / f"in{i}.png", f"{base}, Schedule type: {schedule}")
         assert main(["generate", "--from-png", f"in{i}.png", "--model", str(tiny_checkpoint), "-o", f"out{i}.png", "--no-progress"]) == 0
         err = capsys.readouterr().err

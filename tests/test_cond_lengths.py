@@ -58,6 +58,22 @@ def test_generate_runs_the_branches_apart_by_default_and_padded_with_pad_conds(t
     assert np.array_equal(short, tiny_model.generate("a cat", negative_prompt="blurry", pad_conds=True, **RUN))
 
 
+def test_pad_conds_pads_with_the_empty_prompt_of_no_prompt_lora(tiny_checkpoint, tmp_path, monkeypatch):
+    """The web UI makes its padding, the encoding of "", when the model loads: a LoRA a prompt names does not
+    reach it (it does reach the prompt and the negative prompt)."""
+    from lora_files import random_attention_lora
+
+    m = sd15.load(tiny_checkpoint)
+    random_attention_lora(m, tmp_path / "film.safetensors")  # the text encoder's attention too
+    m.lora_dirs = [tmp_path]
+    seen = unet_contexts(m, monkeypatch)
+    m.generate(f"{LONG} <lora:film:1>", negative_prompt="blurry", pad_conds=True, **RUN)
+    with torch.no_grad():
+        empty = P.encode_prompts(m, [""])
+    assert torch.equal(seen[0][0, 77:], empty[0])  # the negative prompt's padding
+    assert not torch.equal(seen[0][0, :77], P.encode_prompts(m, ["blurry"])[0])  # the LoRA did act on the text
+
+
 def test_a_batch_of_prompts_of_different_lengths_repeats_the_shorter_ones_last_vector(tiny_model, monkeypatch):
     seen = unet_contexts(tiny_model, monkeypatch)
     tiny_model.generate([LONG, "a dog"], batch_size=2, **RUN)
@@ -85,10 +101,13 @@ def test_hooks_cond_reduction_keeps_the_conditional_call_alone(tiny_model):
         tiny_model.generate(LONG, negative_prompt="blurry", **RUN)
     maps = tr[name]
     assert len(maps) == 2 and all(p.shape[-1] == 154 and p.shape[0] == 1 for p in maps)  # one per step, the cond call's
-    branches = []
-    with sd15.trace(tiny_model, patch={name: lambda v, info: branches.append(info["branch"])}):
+    branches, calls = [], []
+    with sd15.trace(tiny_model, capture=[name], reduce={name: "cond"},
+                    patch={name: lambda v, info: branches.append(info["branch"]) or calls.append(info["call"])}) as tr:
         tiny_model.generate(LONG, negative_prompt="blurry", **RUN)
     assert branches == ["uncond", "cond"] * 2
+    assert calls == [0, 1, 2, 3]  # the uncond calls are counted, though "cond" keeps nothing of them
+    assert [tr.get(name, call) is None for call in calls] == [True, False] * 2
 
 
 @pytest.mark.parametrize("guess_mode", [False, True])

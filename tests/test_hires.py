@@ -89,8 +89,8 @@ def test_prompt_editing_goes_on_into_the_second_pass(tiny_model, monkeypatch):
         encoded, seen = [], []
         real, real_forward = prompt_io.encode_schedule, type(tiny_model.unet).forward
 
-        def spy(m, texts, clip_skip=1):
-            contexts = real(m, texts, clip_skip)
+        def spy(m, texts, clip_skip=1, counts=None):
+            contexts = real(m, texts, clip_skip, counts)
             encoded.extend((text, contexts[i : i + 1]) for i, text in enumerate(texts))
             return contexts
 

@@ -4,12 +4,13 @@ its conditioning at the right step. The cases follow the web UI's documentation 
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sd15
 from sd15 import prompts as prompt_io
-from sd15.prompt_schedule import schedule
+from sd15.prompt_schedule import encoding_counts, schedule
 
 RUN = dict(steps=4, seed=2, width=64, height=64, sampler="euler", output_type="np")
 
@@ -95,8 +96,8 @@ def spy_on_schedules(monkeypatch, encoded: list) -> None:
     """Make encode_schedule append (text, its context (1, T, D)) to `encoded` for each text it encodes."""
     real = prompt_io.encode_schedule
 
-    def spy(model, texts, clip_skip=1):
-        contexts = real(model, texts, clip_skip)
+    def spy(model, texts, clip_skip=1, counts=None):
+        contexts = real(model, texts, clip_skip, counts)
         encoded.extend((text, contexts[i : i + 1]) for i, text in enumerate(texts))
         return contexts
 
@@ -153,3 +154,28 @@ def test_edited_prompt_equals_its_plain_prompt_when_it_never_switches(tiny_model
     assert np.array_equal(at_once, tiny_model.generate("a dog", **RUN))
     mixed = tiny_model.generate("a [cat:dog:2]", **RUN)
     assert not np.array_equal(mixed, never) and not np.array_equal(mixed, at_once)
+
+
+def test_encoding_counts_are_the_rows_the_web_ui_encodes():
+    """The web UI encodes the text at each step where some part may change (every edit's step, every step when
+    there is an alternation, and the last), repeats included, and takes emphasis's mean over those rows."""
+    assert encoding_counts("a cat", 20) == {"a cat": 1}
+    assert encoding_counts("a [cat:dog:10]", 20) == {"a cat": 1, "a dog": 1}
+    assert encoding_counts("a [cat:dog:0]", 20) == {"a dog": 1}  # an edit at step 0 adds no row
+    assert encoding_counts("a [[cat|dog]:bird:0.3]", 20) == {"a cat": 3, "a dog": 3, "a bird": 14}
+    assert encoding_counts("[a:[b:c:15]:5]", 20) == {"a": 1, "b": 1, "c": 1}  # an edit not shown yet still counts
+
+
+def test_a_prompts_texts_are_weighted_by_their_encoding_counts(tiny_model):
+    """Encoding each distinct text once, weighted, equals encoding the web UI's rows one by one."""
+    prompt = "(masterpiece:1.4), a [[cat|dog]:(bird:0.6):0.3]"
+    counts = encoding_counts(prompt, 20)
+    texts = list(counts)
+    rows = [text for text in texts for _ in range(counts[text])]
+    with torch.no_grad():
+        weighted = prompt_io.encode_schedule(tiny_model, texts, counts=[counts[t] for t in texts])
+        repeated = prompt_io.encode_schedule(tiny_model, rows)
+        unweighted = prompt_io.encode_schedule(tiny_model, texts)
+    firsts = [rows.index(t) for t in texts]
+    assert torch.allclose(weighted, repeated[firsts], rtol=1e-5, atol=1e-6)  # fp32: summation order only
+    assert not torch.allclose(weighted, unweighted, rtol=1e-5, atol=1e-6)

@@ -34,10 +34,12 @@ SHAPE = (1, 4, 8, 8)
 TOL = 1e-4
 
 
-def reference_scheduler(sampler: str, karras: bool = False, **overrides):
+def reference_scheduler(sampler: str, karras: bool = False, exponential: bool = False, **overrides):
     """diffusers' scheduler for `sampler`, configured as `X.from_config(SD1.5 config)`."""
     if karras:
         overrides["use_karras_sigmas"] = True
+    if exponential:
+        overrides["use_exponential_sigmas"] = True
     classes = {
         "ddim": diffusers.DDIMScheduler,
         "pndm": diffusers.PNDMScheduler,
@@ -128,9 +130,9 @@ def run_diffusers(scheduler, steps, noise, init=None, strength=1.0, seed=None, e
     return x, model.seen
 
 
-def run_ours(sampler, steps, noise, init=None, strength=1.0, seed=None, karras=False, eta=0.0, spacing=None):
+def run_ours(sampler, steps, noise, init=None, strength=1.0, seed=None, karras=False, eta=0.0, spacing=None, schedule_type=None):
     model = FakeEps()
-    plan = plan_sampling(sampler, steps, strength, karras=karras, eta=eta, spacing=spacing)
+    plan = plan_sampling(sampler, steps, strength, karras=karras, eta=eta, spacing=spacing, schedule_type=schedule_type)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     x = plan.sample(model, plan.noise_latents(noise, init), generator=generator)
     return x, model.seen
@@ -329,6 +331,44 @@ def test_lcm_boundary_condition():
     assert [float(c) for c in lcm_boundary_scalings(0)] == [1.0, 0.0]
     c_skip, c_out = lcm_boundary_scalings(19)
     assert float(c_skip) == pytest.approx(0.25 / (190**2 + 0.25)) and float(c_out) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6, 20])
+@pytest.mark.parametrize("sampler", KARRAS_IN_DIFFUSERS)
+def test_txt2img_parity_exponential(sampler, steps):
+    """The web UI's "Exponential" schedule type: diffusers' use_exponential_sigmas (timesteps unrounded, DPM2's too)."""
+    noise = latents(0)
+    ref = run_diffusers(reference_scheduler(sampler, exponential=True), steps, noise, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, seed=7, schedule_type="exponential"), ref)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde"])
+def test_img2img_parity_exponential(sampler):
+    noise, init = latents(0), latents(1)
+    ref = run_diffusers(reference_scheduler(sampler, exponential=True), 20, noise, init, 0.6, seed=7)
+    assert_parity(run_ours(sampler, 20, noise, init, 0.6, seed=7, schedule_type="exponential"), ref)
+
+
+def test_exponential_sigmas_are_k_diffusions_over_the_models_range():
+    """What the web UI runs for "Exponential": k-diffusion's get_sigmas_exponential(n, sigma_min, sigma_max)."""
+    import k_diffusion_oracle
+    from sd15 import schedule
+
+    k_sampling, _ = k_diffusion_oracle.load()
+    train = schedule.sigmas()
+    ref = k_sampling.get_sigmas_exponential(20, float(train[0]), float(train[-1]), device="cpu")
+    for sampler in ("euler", "dpmpp_2m_sde", "dpmpp_3m_sde"):
+        assert torch.allclose(plan_sampling(sampler, 20, schedule_type="exponential").sigmas.double(), ref.double(), rtol=1e-6)
+
+
+def test_schedule_types_are_checked():
+    with pytest.raises(ValueError, match="unknown schedule type 'beta'"):
+        plan_sampling("euler", 20, schedule_type="beta")
+    with pytest.raises(ValueError, match="name two schedules"):
+        plan_sampling("euler", 20, karras=True, schedule_type="exponential")
+    with pytest.raises(ValueError, match="exponential sigmas apply to the sigma-space samplers, not 'ddim'"):
+        plan_sampling("ddim", 20, schedule_type="exponential")
+    assert torch.equal(plan_sampling("euler", 9, schedule_type="karras").sigmas, plan_sampling("euler", 9, karras=True).sigmas)
 
 
 @pytest.mark.parametrize("sampler, karras", [(s, False) for s in DIFFUSERS_SAMPLERS] + [(s, True) for s in KARRAS_IN_DIFFUSERS])
