@@ -333,9 +333,8 @@ def _scheduled_eps_model(m, plan, prompts, negatives, guidance_scale, clip_skip,
     """The guided eps model for a batch, with the conditioning its prompts ask for at each step: one context
     for plain prompts; for prompt editing and alternation (sd15.prompt_schedule) one per stretch of steps,
     each encoded once; and the residuals of the ControlNets (`controls`) active at that step. The prompt and
-    the negative prompt keep their own lengths unless `pad_with` (the encoding of "", sd15.prompts.pad_pair) is given.
-    Returns it and a one-item
-    list the step callback keeps at the number of sampler evaluations done.
+    the negative prompt keep their own lengths unless `pad_with` (the encoding of "", sd15.prompts.pad_pair) is
+    given. Returns it and a one-item list the step callback keeps at the number of sampler evaluations done.
 
     PLMS (pndm) evaluates its first step twice (the warm-up's correction), so it makes one evaluation more than
     it has steps: evaluations 0 and 1 are step 1, evaluation k > 1 is step k. Prompt editing counts steps, as

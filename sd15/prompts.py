@@ -272,14 +272,14 @@ def tokenize_prompt(
 # Encoding
 
 
-def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, per_row: bool = True, counts: list[int] | None = None) -> torch.Tensor:
-    """z (B, T, D) · weights (B, T), rescaled so that the mean is the unweighted mean: each row's own mean
-    (`per_row`), or the mean over the whole batch, as the web UI takes it over the texts it encodes together,
-    row i counted `counts[i]` times (as often as the web UI encodes it)."""
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+    """z (B, T, D) · weights (B, T), rescaled so that the mean is the unweighted mean: each row's own mean, or
+    with `counts` the mean over the whole batch, row i counted counts[i] times, as the web UI takes it over the
+    texts it encodes together (some of them more than once)."""
     weighted = z.float() * weights[..., None].float()  # (B, T, D)
-    if per_row or z.shape[0] == 1:  # one row: its own mean, taken the same way
+    if counts is None or z.shape[0] == 1:  # per row (one row: the same mean, taken the same way)
         return (weighted * (z.float().mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))).to(z.dtype)
-    n = torch.tensor(counts or [1] * z.shape[0], dtype=torch.float32, device=z.device)[:, None, None]  # (B, 1, 1)
+    n = torch.tensor(counts, dtype=torch.float32, device=z.device)[:, None, None]  # (B, 1, 1)
 
     def mean(x: torch.Tensor) -> torch.Tensor:  # over the batch with its rows repeated n times: (1, 1, 1)
         return (x.mean(dim=(1, 2), keepdim=True) * n).sum(dim=0, keepdim=True) / n.sum()
@@ -288,11 +288,11 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, per_row: bool = True,
 
 
 def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_skip: int = 1, num_chunks: int = 1,
-                     per_row: bool = True, counts: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+                     counts: list[int] | None = None) -> torch.Tensor:  # fmt: skip
     """Tokenized prompts -> context (B, 77·k, D), k = max(num_chunks, the longest prompt's chunks).
 
     Chunk i of every prompt goes through the text encoder as one batch (B, 77); shorter prompts are padded
-    with the empty prompt's chunk. Emphasis is normalised per prompt, or over the batch (`per_row=False`; prompt i
+    with the empty prompt's chunk. Emphasis is normalised per prompt, or with `counts` over the batch (prompt i
     counted counts[i] times).
     """
     k = max([num_chunks] + [len(p.chunks) for p in prompts])
@@ -306,7 +306,7 @@ def encode_tokenized(m: "StableDiffusion", prompts: list[TokenizedPrompt], clip_
         ids = torch.tensor([c.ids for c in batch], device=m.device)  # (B, 77)
         z = m.text_encoder(ids, clip_skip=clip_skip, extra_tokens=extra)  # (B, 77, D)
         if any(w != 1 for c in batch for w in c.weights):  # decided on the host: no read back from the device
-            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device), per_row, counts)  # weights (B, 77)
+            z = apply_emphasis(z, torch.tensor([c.weights for c in batch], device=m.device), counts)  # weights (B, 77)
         parts.append(z)
     return torch.cat(parts, dim=1)  # (B, 77·k, D)
 
@@ -330,7 +330,7 @@ def encode_schedule(m: "StableDiffusion", texts: list[str], clip_skip: int = 1, 
     (sd15.prompt_schedule.encoding_counts: the web UI encodes some texts more than once). For one text,
     encode_prompts'."""
     _warn_unsupported_tags(texts)
-    return encode_tokenized(m, tokenize_prompts(m, texts), clip_skip, per_row=False, counts=counts)
+    return encode_tokenized(m, tokenize_prompts(m, texts), clip_skip, counts=counts or [1] * len(texts))
 
 
 def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
