@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .hires import UPSCALERS as HIRES_UPSCALERS
-from .pnginfo import KNOWN_SCHEDULE_TYPES, TIMESTEP_SAMPLERS
+from .pnginfo import TIMESTEP_SAMPLERS
 from .samplers import SAMPLERS, SCHEDULES
 
 DEFAULT_MODEL_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors")
@@ -596,7 +596,8 @@ def _warn_about_unmatched_records(args, settings: dict) -> None:
     schedule_type = fields.get("Schedule type")
     recorded_only = settings.get("sampler") in TIMESTEP_SAMPLERS and fields.get("Version", "sd15") != "sd15"
     given = args.karras or args.schedule_type
-    if schedule_type not in (None, *KNOWN_SCHEDULE_TYPES) and not given and not recorded_only:
+    applied = settings.get("karras") or settings.get("schedule_type")  # what parse_parameters read it as
+    if schedule_type not in (None, "Uniform", "Automatic") and not applied and not given and not recorded_only:
         print(f"warning: {png} was sampled with the {printable(schedule_type)} schedule of noise levels, which sd15 "
               "lacks (it has the sampler's own, Karras and Exponential): using the sampler's own, so the image will differ",
               file=sys.stderr)  # fmt: skip

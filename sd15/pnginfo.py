@@ -60,7 +60,6 @@ SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponent
                   "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # fmt: skip
 # sd15's schedule types by their web UI names; "Uniform" and "Automatic" (a sampler's own noise levels) are "default"
 SCHEDULE_TYPE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
-KNOWN_SCHEDULE_TYPES = ("Uniform", "Automatic", *SCHEDULE_TYPE_NAMES.values())
 # Samplers the web UI runs on its timestep grid: it records its schedule type for them too, but does not use it.
 TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc", "lcm")
 
@@ -210,7 +209,9 @@ def parse_parameters(text: str) -> dict:
     # a schedule type the web UI records for a timestep sampler is a setting it did not use (sd15 gives UniPC Karras sigmas)
     applied = sampler not in TIMESTEP_SAMPLERS or not web_ui
     result["karras"] = fields.get("Schedule type") == "Karras" and applied
-    if fields.get("Schedule type") == "Exponential" and applied:
+    # the web UI's Polyexponential at its default rho, 1 (no "Schedule rho" recorded), is Exponential
+    polyexponential = fields.get("Schedule type") == "Polyexponential" and "Schedule rho" not in fields
+    if (fields.get("Schedule type") == "Exponential" or polyexponential) and applied:
         result["schedule_type"] = "exponential"
     # DDIM's eta: the web UI's `Eta DDIM`; `Eta` is its ancestral samplers' (sd15 and older files wrote DDIM's as Eta)
     if sampler == "ddim" and ("Eta DDIM" in fields or (not web_ui and "Eta" in fields)):

@@ -162,12 +162,12 @@ def test_parameters_format_round_trip():
 
 
 def test_from_png_says_when_it_cannot_use_the_recorded_schedule_type(workdir, tiny_checkpoint, capsys):
-    """The web UI's "Polyexponential", "SGM Uniform", … noise levels are not sd15's: the run says so, not silently."""
+    """The web UI's "KL Optimal", "SGM Uniform", … noise levels are not sd15's: the run says so, not silently."""
     from sd15.pnginfo import save_png
 
     base = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64"
-    for i, (schedule, warned) in enumerate((("Polyexponential", True), ("SGM Uniform", True), ("Karras", False), ("Uniform", False),
-                                            ("Exponential", False))):  # fmt: skip
+    for i, (schedule, warned) in enumerate((("KL Optimal", True), ("SGM Uniform", True), ("Karras", False), ("Uniform", False),
+                                            ("Exponential", False), ("Polyexponential", False))):  # fmt: skip
         save_png(Image.new("RGB", (8, 8)), workdir / f"in{i}.png", f"{base}, Schedule type: {schedule}")
         assert main(["generate", "--from-png", f"in{i}.png", "--model", str(tiny_checkpoint), "-o", f"out{i}.png", "--no-progress"]) == 0
         err = capsys.readouterr().err

@@ -113,6 +113,8 @@ def test_the_exponential_schedule_is_run_recorded_and_reproduced(workdir, tiny_c
     """The web UI's default for DPM++ 2M SDE since 1.9: `Schedule type: Exponential`."""
     assert webui("DPM++ 2M SDE", ", Schedule type: Exponential")["schedule_type"] == "exponential"
     assert "schedule_type" not in webui("DDIM", ", Schedule type: Exponential")  # recorded, not used, by the web UI
+    assert webui("Euler", ", Schedule type: Polyexponential")["schedule_type"] == "exponential"  # at its rho, 1
+    assert "schedule_type" not in webui("Euler", ", Schedule type: Polyexponential, Schedule rho: 2")
     run = ["--model", str(tiny_checkpoint), "--no-progress", "--steps", "3", "-W", "64", "-H", "64", "--seed", "2",
            "--sampler", "dpmpp_2m"]  # fmt: skip
     assert main(["generate", "a cat", "--schedule-type", "exponential", "-o", "exp.png", *run]) == 0

@@ -357,6 +357,9 @@ def test_exponential_sigmas_are_k_diffusions_over_the_models_range():
     k_sampling, _ = k_diffusion_oracle.load()
     train = schedule.sigmas()
     ref = k_sampling.get_sigmas_exponential(20, float(train[0]), float(train[-1]), device="cpu")
+    # the web UI's Polyexponential at its default rho (1) is the same schedule: sd15 reads it as Exponential
+    poly = k_sampling.get_sigmas_polyexponential(20, float(train[0]), float(train[-1]), rho=1.0, device="cpu")
+    assert torch.allclose(poly.double(), ref.double(), rtol=1e-6)
     for sampler in ("euler", "dpmpp_2m_sde", "dpmpp_3m_sde"):
         assert torch.allclose(plan_sampling(sampler, 20, schedule_type="exponential").sigmas.double(), ref.double(), rtol=1e-6)
 
