@@ -138,6 +138,11 @@ def test_graphs_follow_new_prompts_and_equal_eager(full_checkpoint):
         print(f"{prompt!r}: graphs vs eager max |Δ| = {np.abs(a - b).max():.2e}")
         assert np.abs(a - b).max() < 1e-3  # pixels in [0, 1]; the same kernels, replayed
     assert graphed.unet.forward.captures == 1  # one shape, captured once, refreshed per prompt
+    long = ", ".join(["a lighthouse on a rock at night"] * 12)  # two 77-token chunks; its negative prompt one
+    a, b = graphed.generate(long, **run), eager.generate(long, **run)
+    print(f"prompt longer than its negative: graphs vs eager max |Δ| = {np.abs(a - b).max():.2e}")
+    assert np.abs(a - b).max() < 1e-3  # each guidance branch on its own graph and its own k/v buffers
+    assert graphed.unet.forward.captures == 3  # and one graph per branch, (1, 77) and (1, 154) contexts
 
 
 def test_end_to_end_fp16_fast_path_against_fp32(full_checkpoint, fp32_reference):
