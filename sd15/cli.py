@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .hires import UPSCALERS as HIRES_UPSCALERS
-from .pnginfo import TIMESTEP_SAMPLERS
+from .pnginfo import TIMESTEP_SAMPLERS, made_by_web_ui
 from .samplers import SAMPLERS, SCHEDULES
 
 DEFAULT_MODEL_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors")
@@ -491,6 +491,10 @@ def run_generate(args) -> None:
     def pick(flag, key, default):
         return flag if flag is not None else settings.get(key, default)
 
+    # a schedule on the command line replaces the PNG's, whichever way either is named
+    schedule = ((bool(args.karras), args.schedule_type) if args.karras or args.schedule_type
+                else (settings.get("karras", False), settings.get("schedule_type")))  # fmt: skip
+
     kwargs = dict(
         negative_prompt=pick(args.negative, "negative_prompt", ""),
         steps=pick(args.steps, "steps", 50),
@@ -499,9 +503,8 @@ def run_generate(args) -> None:
         seed=pick(args.seed, "seed", None),
         width=pick(args.width, "width", control_w),
         height=pick(args.height, "height", control_h),
-        # a schedule on the command line replaces the PNG's, whichever way it is named
-        karras=bool(args.karras) if args.karras or args.schedule_type else settings.get("karras", False),
-        schedule_type=args.schedule_type if args.karras or args.schedule_type else settings.get("schedule_type"),
+        karras=schedule[0],
+        schedule_type=schedule[1],
         eta=settings.get("eta", 0.0),
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
         pad_conds=pick(args.pad_conds, "pad_conds", False),
@@ -590,11 +593,11 @@ def _warn_about_unmatched_records(args, settings: dict) -> None:
     if unapplied:
         print(f"warning: {png} records settings sd15 does not apply ({', '.join(unapplied)}): the image will differ "
               "from the one it was made with", file=sys.stderr)  # fmt: skip
-    if fields.get("Version", "sd15") != "sd15" and fields.get("RNG", "GPU") != "CPU":
+    if made_by_web_ui(fields) and fields.get("RNG", "GPU") != "CPU":
         print(f"warning: {png} was made with the web UI's noise from the GPU (its RNG setting, GPU by default); sd15 "
               "draws noise on the CPU, as its \"CPU\" setting does, so the image will differ", file=sys.stderr)  # fmt: skip
     schedule_type = fields.get("Schedule type")
-    recorded_only = settings.get("sampler") in TIMESTEP_SAMPLERS and fields.get("Version", "sd15") != "sd15"
+    recorded_only = settings.get("sampler") in TIMESTEP_SAMPLERS and made_by_web_ui(fields)
     given = args.karras or args.schedule_type
     applied = settings.get("karras") or settings.get("schedule_type")  # what parse_parameters read it as
     if schedule_type not in (None, "Uniform", "Automatic") and not applied and not given and not recorded_only:

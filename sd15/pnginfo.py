@@ -28,7 +28,6 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from . import pipeline
 from .pipeline import GenerationSettings
 
 # sd15 sampler name <-> the name that UI gives the same algorithm.
@@ -62,6 +61,12 @@ SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponent
 SCHEDULE_TYPE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
 # Samplers the web UI runs on its timestep grid: it records its schedule type for them too, but does not use it.
 TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc", "lcm")
+
+
+def made_by_web_ui(fields: dict) -> bool:
+    """Whether a PNG's fields are the web UI's ("Version: v1.10.1"), whose conventions then apply, rather than
+    sd15's ("Version: sd15") or an older writer's (no Version)."""
+    return fields.get("Version", "sd15") != "sd15"
 
 
 def _quote(value: str) -> str:
@@ -112,8 +117,8 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Steps": s.steps,
         "Sampler": SAMPLER_NAMES[s.sampler],
         # said for the others too: the web UI takes a missing one as its sampler's default, Karras for DPM++ 2M
-        "Schedule type": SCHEDULE_TYPE_NAMES[pipeline.resolve_schedule(s.karras, s.schedule_type)]
-        if s.karras or s.schedule_type else None if s.sampler in TIMESTEP_SAMPLERS else "Uniform",
+        "Schedule type": SCHEDULE_TYPE_NAMES["karras" if s.karras else s.schedule_type] if s.karras or s.schedule_type
+        else None if s.sampler in TIMESTEP_SAMPLERS else "Uniform",
         "CFG scale": _number(s.guidance_scale),
         "Seed": s.seed,
         "Size": f"{s.width}x{s.height}",
@@ -204,7 +209,7 @@ def parse_parameters(text: str) -> dict:
             result["sampler"] = SAMPLERS_BY_NAME[name]
         else:
             result["unknown_sampler"] = name
-    web_ui = fields.get("Version", "sd15") != "sd15"  # its version: "v1.10.1", …
+    web_ui = made_by_web_ui(fields)
     sampler = result.get("sampler")
     # a schedule type the web UI records for a timestep sampler is a setting it did not use (sd15 gives UniPC Karras sigmas)
     applied = sampler not in TIMESTEP_SAMPLERS or not web_ui
