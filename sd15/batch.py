@@ -2,7 +2,7 @@
 
 Each line of the JSON-lines file is one job: a prompt string, or an object with "prompt" and any of
 "negative_prompt", "steps", "guidance_scale" (or "cfg"), "sampler", "seed", "width", "height", "karras",
-"schedule_type" ("karras" or "exponential"), "num_images". Settings a line leaves out come from the command line's defaults. A line may add ControlNets
+"schedule_type" (one of sd15.samplers.SCHEDULES), "num_images". Settings a line leaves out come from the command line's defaults. A line may add ControlNets
 (sd15.controlnet), named as the command line's flags: "controlnet" (a file, or a list of files), "control_image"
 (one per ControlNet), "controlnet_scale", "control_start", "control_end" (each one number, or one per ControlNet)
 and "guess_mode". Relative paths are read from the prompts file's folder.

@@ -23,6 +23,7 @@ from pathlib import Path
 from .hires import UPSCALERS as HIRES_UPSCALERS
 from .pnginfo import TIMESTEP_SAMPLERS, made_by_web_ui
 from .samplers import SAMPLERS, SCHEDULES
+from .schedule import BETA_SCHEDULE_AB
 
 DEFAULT_MODEL_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors")
 HUB_REPO, HUB_FILE = "stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"
@@ -87,7 +88,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default pndm, i.e. PLMS)")
     p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (sigma-space samplers); --schedule-type karras")
     p.add_argument("--schedule-type", choices=SCHEDULES, default=None,
-                   help="noise levels for the sigma-space samplers: the sampler's own (default), karras or exponential")
+                   help="noise levels for the sigma-space samplers: the sampler's own (default), or one of the web UI's "
+                   "schedule types (docs/samplers.md)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
     p.add_argument("-n", "--num-images", type=_positive_int, default=1)
     p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
@@ -564,12 +566,22 @@ UNAPPLIED_FIELDS = ("Variation seed", "Seed resize from", "Eta noise seed delta"
                     "SGM noise multiplier", "Old prompt editing timelines", "Image CFG scale", "Conditional mask weight")  # fmt: skip
 
 
+def _float_or_none(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def _unapplied_fields(settings: dict) -> list[str]:
     """The names of the fields of a --from-png PNG that change its image and that this run does not apply."""
     fields = settings.get("fields", {})
     names = [name for name in UNAPPLIED_FIELDS if name in fields]
     if fields.get("Emphasis", "Original") != "Original":  # "No norm", "Ignore", …: sd15 has the web UI's default
         names.append("Emphasis")
+    if settings.get("schedule_type") == "beta":  # sd15's Beta schedule has the web UI's default distribution only
+        names += [f"Beta schedule {k}" for k, v in zip(("alpha", "beta"), BETA_SCHEDULE_AB)
+                  if _float_or_none(fields.get(f"Beta schedule {k}", v)) != v]  # fmt: skip
     try:  # the web UI's eta of the ancestral and SDE samplers, 1 unless set; sd15's are fixed at 1
         ancestral_eta = "Eta" in fields and "eta" not in settings and float(fields["Eta"]) != 1.0
     except ValueError:
@@ -602,7 +614,7 @@ def _warn_about_unmatched_records(args, settings: dict) -> None:
     applied = settings.get("karras") or settings.get("schedule_type")  # what parse_parameters read it as
     if schedule_type not in (None, "Uniform", "Automatic") and not applied and not given and not recorded_only:
         print(f"warning: {png} was sampled with the {printable(schedule_type)} schedule of noise levels, which sd15 "
-              "lacks (it has the sampler's own, Karras and Exponential): using the sampler's own, so the image will differ",
+              "lacks (it has the sampler's own and the others of --schedule-type): using the sampler's own, so the image will differ",
               file=sys.stderr)  # fmt: skip
     name, digest = fields.get("VAE"), fields.get("VAE hash")
     if not (name or digest):

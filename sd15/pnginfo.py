@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .pipeline import GenerationSettings
+from .schedule import BETA_SCHEDULE_AB
 
 # sd15 sampler name <-> the name that UI gives the same algorithm.
 SAMPLER_NAMES = {
@@ -58,7 +59,10 @@ HIRES_UPSCALER_NAMES = {"lanczos": "Lanczos", "latent": "Latent"}  # the web UI'
 SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
                   "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # fmt: skip
 # sd15's schedule types by their web UI names; "Uniform" and "Automatic" (a sampler's own noise levels) are "default"
-SCHEDULE_TYPE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
+SCHEDULE_TYPE_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", "normal": "Normal",
+                       "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM",
+                       "kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps"}  # fmt: skip
+SCHEDULE_TYPES_BY_NAME = {v: k for k, v in SCHEDULE_TYPE_NAMES.items()}
 # Samplers the web UI runs on its timestep grid: it records its schedule type for them too, but does not use it.
 TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc", "lcm")
 
@@ -135,6 +139,9 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Inpaint area": "Only masked" if s.inpaint_padding is not None else None,
         "Masked area padding": s.inpaint_padding,
         "Eta DDIM": _number(s.eta) if s.eta else None,  # the web UI's key for DDIM's eta ("Eta" is its ancestral one)
+        # the Beta distribution's parameters, written as the web UI writes them beside its Beta schedule
+        "Beta schedule alpha": _number(BETA_SCHEDULE_AB[0]) if s.schedule_type == "beta" else None,
+        "Beta schedule beta": _number(BETA_SCHEDULE_AB[1]) if s.schedule_type == "beta" else None,
         "TI hashes": _hash_list(s.ti_hashes),
         "Lora hashes": _hash_list(s.lora_hashes),
         "Pad conds": "True" if s.pad_conds else None,
@@ -179,7 +186,7 @@ def parse_parameters(text: str) -> dict:
 
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
     name; a name sd15 lacks is "unknown_sampler" instead), "seed", "width", "height", "karras", "schedule_type"
-    ("exponential"), "eta" (DDIM's: `Eta DDIM`),
+    (sd15's name of any other schedule type it has), "eta" (DDIM's: `Eta DDIM`),
     "strength", "clip_skip", "pad_conds", "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
@@ -213,11 +220,12 @@ def parse_parameters(text: str) -> dict:
     sampler = result.get("sampler")
     # a schedule type the web UI records for a timestep sampler is a setting it did not use (sd15 gives UniPC Karras sigmas)
     applied = sampler not in TIMESTEP_SAMPLERS or not web_ui
-    result["karras"] = fields.get("Schedule type") == "Karras" and applied
-    # the web UI's Polyexponential at its default rho, 1 (no "Schedule rho" recorded), is Exponential
-    polyexponential = fields.get("Schedule type") == "Polyexponential" and "Schedule rho" not in fields
-    if (fields.get("Schedule type") == "Exponential" or polyexponential) and applied:
-        result["schedule_type"] = "exponential"
+    label = fields.get("Schedule type")
+    if label == "Polyexponential" and "Schedule rho" not in fields:  # at its default rho, 1, it is Exponential
+        label = "Exponential"
+    result["karras"] = label == "Karras" and applied
+    if label in SCHEDULE_TYPES_BY_NAME and label != "Karras" and applied:
+        result["schedule_type"] = SCHEDULE_TYPES_BY_NAME[label]
     # DDIM's eta: the web UI's `Eta DDIM`; `Eta` is its ancestral samplers' (sd15 and older files wrote DDIM's as Eta)
     if sampler == "ddim" and ("Eta DDIM" in fields or (not web_ui and "Eta" in fields)):
         result["eta"] = float(fields.get("Eta DDIM", fields.get("Eta")))

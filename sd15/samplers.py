@@ -341,12 +341,14 @@ def heun(
     timesteps: torch.Tensor,
     callback: Callback | None = None,
     on_predictor: Callable[[dict], None] | None = None,
+    timestep_end: float = 0.0,
 ) -> torch.Tensor:
     """Heun's second-order method: Karras et al. 2022, Algorithm 1 (deterministic, S_churn = 0).
 
     An Euler step to sigma_next, then the slope there averaged with the first (trapezoid rule); the last step,
     to sigma = 0, stays a plain Euler step. Two model evaluations per step but the last, the second at
-    (sigmas[i+1], timesteps[i+1]), as diffusers' HeunDiscreteScheduler interleaves them.
+    (sigmas[i+1], timesteps[i+1]), as diffusers' HeunDiscreteScheduler interleaves them; a last step that ends
+    above 0 (KL Optimal's) is corrected too, with the model told `timestep_end` there.
 
     `on_predictor(info)` sees the Euler point before the model is evaluated there ({"i", "sigma_next", "x"},
     x editable in place), as diffusers' pipelines see every interleaved half step (inpainting blends it).
@@ -357,9 +359,10 @@ def heun(
         d = (x - denoised) / sigma  # Algorithm 1, line 3
         x_euler = x + d * (sigma_next - sigma)  # line 4
         if sigma_next > 0:  # lines 5-7: correct with the slope at the end point
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else timestep_end
             if on_predictor is not None:
-                on_predictor({"i": i, "t": timesteps[i + 1], "sigma_next": sigma_next, "x": x_euler})
-            d_next = (x_euler - denoise(eps_model, x_euler, sigma_next, timesteps[i + 1])) / sigma_next
+                on_predictor({"i": i, "t": t_next, "sigma_next": sigma_next, "x": x_euler})
+            d_next = (x_euler - denoise(eps_model, x_euler, sigma_next, t_next)) / sigma_next
             x = x + (d + d_next) / 2 * (sigma_next - sigma)
         else:
             x = x_euler
@@ -875,6 +878,7 @@ class SamplingPlan:
     eta: float = 0.0
     step_ratio: int = 0  # T // steps: the stride of ddim/pndm
     timesteps_mid: torch.Tensor | None = None
+    timestep_end: float = 0.0  # the model timestep of sigmas[-1] where that is above 0 (KL Optimal): Heun evaluates there
 
     def noise_latents(self, noise: torch.Tensor, init_latents: torch.Tensor | None = None) -> torch.Tensor:
         """The starting latent: `noise * init_noise_sigma` (txt2img), or `init_latents` noised to the first
@@ -920,7 +924,7 @@ class SamplingPlan:
         elif self.sampler == "euler_a":
             x = euler_a(eps_model, x, sigmas[s:], ts[s:], generator, cb)
         elif self.sampler == "heun":
-            x = heun(eps_model, x, sigmas[s:], ts[s:], cb, on_predictor)
+            x = heun(eps_model, x, sigmas[s:], ts[s:], cb, on_predictor, self.timestep_end)
         elif self.sampler == "dpm_2":
             x = dpm_2(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], cb, on_predictor)
         elif self.sampler == "dpm_2_a":
@@ -942,8 +946,28 @@ class SamplingPlan:
             x = dpmpp_3m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb, sigma_range)
         elif self.sampler == "unipc":
             x = unipc(eps_model, x, sigmas[s:], ts[s:], cb)
-        sigma_end = last.get("sigma_next", 0.0)  # 0 unless the callback stopped the run early
-        return x if sigma_end == 0 else x / (sigma_end**2 + 1) ** 0.5  # x_0 + sigma eps -> VP latent
+        sigma_end = last.get("sigma_next", 0.0)  # 0 unless the callback stopped the run early (or KL Optimal's end)
+        if sigma_end == 0 or sigma_end == float(sigmas[-1]):  # a whole run: KL Optimal's x at sigma_min is decoded as is, as the web UI does
+            return x
+        return x / (sigma_end**2 + 1) ** 0.5  # x_0 + sigma eps -> VP latent
+
+
+def _sigmas_and_midpoints(sampler: str, sig: np.ndarray, final: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sigmas, timesteps_mid) of a plan: the steps' noise levels `sig` (float64) and the last step's target `final`
+    (0, or KL Optimal's sigma_min) as float32, and the model timestep of each step's midpoint for the samplers
+    that have one (None for the others; 0 for a step to sigma = 0, which has none)."""
+    sigmas = torch.from_numpy(np.append(sig, final).astype(np.float32))
+    ts_mid = None
+    if sampler == "dpmpp_sde":  # the midpoints' timesteps, from the float64 sigmas, as diffusers computes them
+        ends = np.append(sig, final) if final > 0 else sig
+        log_mid = np.log(ends[:-1]) + np.diff(np.log(ends)) * 0.5  # halfway in log sigma (diffusers: in t = -log sigma)
+        mids = schedule.sigma_to_t(np.exp(log_mid))
+        ts_mid = torch.from_numpy((mids if final > 0 else np.append(mids, 0.0)).astype(np.float32))
+    if sampler in _DPM_2:  # the midpoints' timesteps, by log-sigma interpolation, not rounded
+        ts_mid = _midpoint_timesteps(dpm_2_midpoints(sigmas, ancestral=sampler == "dpm_2_a"))
+    if sampler == "dpmpp_2s_a":  # likewise (k-diffusion's sigma_to_t, as for any sigma it evaluates)
+        ts_mid = _midpoint_timesteps(dpmpp_2s_a_midpoints(sigmas))
+    return sigmas, ts_mid
 
 
 def _refuse_broken_grid(sampler: str, steps: int, spacing: str, timesteps: np.ndarray, noise_levels: np.ndarray) -> None:
@@ -962,7 +986,22 @@ def _refuse_broken_grid(sampler: str, steps: int, spacing: str, timesteps: np.nd
                          "use fewer steps")  # fmt: skip
 
 
-SCHEDULES = ("default", "karras", "exponential")  # noise schedules: the sampler's own grid, or noise levels set apart
+# Noise schedules: the sampler's own grid, or noise levels set apart between the grid's ends as diffusers does
+# (its use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas), or one of the web UI's other schedule types,
+# run as the web UI runs them (`WEB_UI_SCHEDULES`).
+SCHEDULES = ("default", "karras", "exponential", "beta", "normal", "sgm_uniform", "simple", "ddim_uniform",
+             "kl_optimal", "align_your_steps")  # fmt: skip
+_SPACED_BETWEEN_ENDS = {"karras": schedule.karras_sigmas, "exponential": schedule.exponential_sigmas, "beta": schedule.beta_sigmas}
+# name -> (steps -> noise levels, ending in the last step's target): k-diffusion's conventions throughout (the model
+# is told the unrounded log-sigma timestep of each level, pure noise is scaled by the first level)
+WEB_UI_SCHEDULES = {
+    "normal": schedule.normal_sigmas,
+    "sgm_uniform": schedule.sgm_uniform_sigmas,
+    "simple": schedule.simple_sigmas,
+    "ddim_uniform": schedule.ddim_uniform_sigmas,
+    "kl_optimal": schedule.kl_optimal_sigmas,
+    "align_your_steps": schedule.align_your_steps_sigmas,
+}
 
 
 def resolve_schedule(karras: bool = False, schedule_type: str | None = None) -> str:
@@ -990,7 +1029,12 @@ def plan_sampling(
     karras: Karras et al. 2022 sigmas (rho = 7), for the sigma-space samplers (diffusers' use_karras_sigmas;
     diffusers' EulerAncestral lacks it, so euler_a uses the grid EulerDiscrete would, as k-diffusion allows).
     schedule_type: one of SCHEDULES; "karras" is karras=True, "exponential" noise levels evenly spaced in log sigma
-    between the same ends (diffusers' use_exponential_sigmas; the model gets their log-sigma timesteps, unrounded).
+    between the same ends (diffusers' use_exponential_sigmas; the model gets their log-sigma timesteps, unrounded),
+    "beta" at the quantiles of a Beta(0.6, 0.6) distribution (diffusers' use_beta_sigmas), both with the
+    timesteps diffusers gives them; the others, `WEB_UI_SCHEDULES`, as the AUTOMATIC1111 web UI runs them (see
+    sd15/schedule.py: "normal", "sgm_uniform", "simple", "ddim_uniform", "kl_optimal", "align_your_steps"), which
+    take no `spacing`; "ddim_uniform" may run a step more or fewer than asked (its docstring), and the plan's
+    `steps` is the count it runs.
     eta: DDIM's eta. spacing: override the scheduler's default timestep spacing ("leading" for ddim/pndm,
     "linspace" for the rest, since SD1.5's config does not set it; lcm has its own grid and takes none).
     A grid diffusers cannot run is refused
@@ -1009,9 +1053,11 @@ def plan_sampling(
         raise ValueError("eta is DDIM's parameter")
     if spacing is not None and sampler == "lcm":
         raise ValueError("lcm samples on the grid it was distilled on; a timestep spacing does not apply to it")
+    if spacing is not None and schedule_type in WEB_UI_SCHEDULES:
+        raise ValueError(f"the {schedule_type} schedule sets its own noise levels; a timestep spacing does not apply to it")
     spacing = spacing or _DEFAULT_SPACING.get(sampler, "linspace")
     train_sigmas = schedule.sigmas().numpy()
-    sigmas, ts_mid = None, None
+    sigmas, ts_mid, timestep_end = None, None, 0.0
 
     if sampler == "lcm":
         ts = schedule.lcm_timesteps(steps)
@@ -1022,6 +1068,15 @@ def plan_sampling(
         if sampler == "pndm" and steps > 1:  # PLMS warm-up evaluates the second timestep twice
             ts = np.concatenate([ts[:2], ts[1:]])
         init_noise_sigma = 1.0
+    elif schedule_type in WEB_UI_SCHEDULES:  # k-diffusion's: log-sigma timesteps, unrounded; pure noise times sigma_0
+        levels = WEB_UI_SCHEDULES[schedule_type](steps)
+        if not np.all(np.diff(levels) < 0):
+            raise ValueError(f"the {schedule_type} schedule cannot take {steps} steps: it repeats a noise level; use fewer steps")
+        sig, steps = levels[:-1], len(levels) - 1  # ddim_uniform's count may differ from the one asked
+        ts = schedule.sigma_to_t(sig)
+        sigmas, ts_mid = _sigmas_and_midpoints(sampler, sig, final=float(levels[-1]))
+        init_noise_sigma = float(sigmas[0])
+        timestep_end = float(schedule.sigma_to_t(levels[-1:])[0]) if levels[-1] > 0 else 0.0
     else:
         if sampler in _MULTISTEP:  # these space steps + 1 points and drop the last (t ~ 0) one
             if spacing == "trailing":
@@ -1032,8 +1087,8 @@ def plan_sampling(
             if schedule_type == "karras":  # over the full training range, then the nearest integer timestep for the model
                 sig = schedule.karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
                 ts = schedule.sigma_to_t(sig).round()
-            elif schedule_type == "exponential":  # likewise, the timesteps truncated (diffusers casts them to int64)
-                sig = schedule.exponential_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]))
+            elif schedule_type != "default":  # likewise, the timesteps truncated (diffusers casts them to int64)
+                sig = _SPACED_BETWEEN_ENDS[schedule_type](steps, float(train_sigmas[0]), float(train_sigmas[-1]))
                 ts = np.trunc(schedule.sigma_to_t(sig))
         else:  # Euler, Euler a, Heun, DPM2, LMS, DPM++ SDE, 2S a, 3M SDE: fractional timesteps, sigma interpolated linearly in t
             ts = schedule.spaced_timesteps(steps, spacing)
@@ -1041,20 +1096,12 @@ def plan_sampling(
                 ts = ts.astype(np.float32)
             sig = schedule.t_to_sigma(ts)
             if schedule_type != "default":  # between this grid's end sigmas; the model gets the log-sigma timestep
-                spaced = schedule.karras_sigmas if schedule_type == "karras" else schedule.exponential_sigmas
-                sig = spaced(steps, float(sig[-1]), float(sig[0]))
+                sig = _SPACED_BETWEEN_ENDS[schedule_type](steps, float(sig[-1]), float(sig[0]))
                 ts = schedule.sigma_to_t(sig)
                 if sampler in _DPM_2 and schedule_type == "karras":  # DPM2 rounds Karras's, not the others'
                     ts = ts.round()
         _refuse_broken_grid(sampler, steps, spacing, ts, noise_levels=sig)
-        sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
-        if sampler == "dpmpp_sde":  # the midpoints' timesteps, from the float64 sigmas, as diffusers computes them
-            log_mid = np.log(sig[:-1]) + np.diff(np.log(sig)) * 0.5  # halfway in log sigma (diffusers: in t = -log sigma)
-            ts_mid = torch.from_numpy(np.concatenate([schedule.sigma_to_t(np.exp(log_mid)), [0.0]]).astype(np.float32))
-        if sampler in _DPM_2:  # the midpoints' timesteps, by log-sigma interpolation, not rounded
-            ts_mid = _midpoint_timesteps(dpm_2_midpoints(sigmas, ancestral=sampler == "dpm_2_a"))
-        if sampler == "dpmpp_2s_a":  # likewise (k-diffusion's sigma_to_t, as for any sigma it evaluates)
-            ts_mid = _midpoint_timesteps(dpmpp_2s_a_midpoints(sigmas))
+        sigmas, ts_mid = _sigmas_and_midpoints(sampler, sig, final=0.0)
         if sampler in _MULTISTEP:  # they start from VP noise: x = x_t / sqrt(abar) = eps * sqrt(sigma^2 + 1)
             init_noise_sigma = float((sigmas[0] ** 2 + 1) ** 0.5)
         elif spacing == "leading":  # diffusers' Euler-family init_noise_sigma
@@ -1075,4 +1122,5 @@ def plan_sampling(
         eta=eta,
         step_ratio=schedule.NUM_TRAIN_TIMESTEPS // steps,
         timesteps_mid=ts_mid,
+        timestep_end=timestep_end,
     )

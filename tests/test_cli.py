@@ -162,17 +162,21 @@ def test_parameters_format_round_trip():
 
 
 def test_from_png_says_when_it_cannot_use_the_recorded_schedule_type(workdir, tiny_checkpoint, capsys):
-    """The web UI's "KL Optimal", "SGM Uniform", … noise levels are not sd15's: the run says so, not silently."""
+    """A schedule type sd15 lacks (Forge's "Align Your Steps GITS", Polyexponential at another rho): the run says
+    so, not silently. The web UI's own schedule types it runs."""
     from sd15.pnginfo import save_png
 
     base = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64"
-    for i, (schedule, warned) in enumerate((("KL Optimal", True), ("SGM Uniform", True), ("Karras", False), ("Uniform", False),
-                                            ("Exponential", False), ("Polyexponential", False))):  # fmt: skip
-        save_png(Image.new("RGB", (8, 8)), workdir / f"in{i}.png", f"{base}, Schedule type: {schedule}")
+    cases = [("Align Your Steps GITS", "", True), ("Polyexponential", ", Schedule rho: 2", True), ("Karras", "", False),
+             ("KL Optimal", "", False), ("SGM Uniform", "", False), ("Uniform", "", False), ("Exponential", "", False),
+             ("Polyexponential", "", False)]  # fmt: skip
+    for i, (schedule, extra, warned) in enumerate(cases):
+        save_png(Image.new("RGB", (8, 8)), workdir / f"in{i}.png", f"{base}, Schedule type: {schedule}{extra}")
         assert main(["generate", "--from-png", f"in{i}.png", "--model", str(tiny_checkpoint), "-o", f"out{i}.png", "--no-progress"]) == 0
         err = capsys.readouterr().err
         assert (f"sampled with the {schedule} schedule of noise levels, which sd15 lacks" in err) == warned, schedule
     assert parse_parameters(read_parameters(workdir / "out2.png"))["karras"]
+    assert parse_parameters(read_parameters(workdir / "out3.png"))["schedule_type"] == "kl_optimal"
 
 
 def test_from_png_names_the_recorded_settings_it_does_not_apply(workdir, tiny_checkpoint, capsys):

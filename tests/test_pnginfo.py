@@ -7,7 +7,8 @@ from PIL import Image
 
 from sd15.cli import main
 from sd15.pipeline import GenerationSettings
-from sd15.pnginfo import format_parameters, parse_parameters, read_parameters, save_png
+from sd15.pnginfo import SCHEDULE_TYPE_NAMES, format_parameters, parse_parameters, read_parameters, save_png
+from sd15.samplers import SCHEDULES
 
 WEBUI = "a cat\nSteps: 2, Sampler: {sampler}, CFG scale: 7, Seed: 5, Size: 64x64{extra}, Version: v1.10.1"
 
@@ -88,6 +89,7 @@ def test_from_png_warns_of_web_ui_settings_it_does_not_apply(workdir, tiny_check
         ("Euler a", ", Eta: 0.5, RNG: CPU", "(Eta)"),
         ("Euler", ", Emphasis: No norm, Sigma churn: 0.1, RNG: CPU", "(Sigma churn, Emphasis)"),
         ("Euler", "", "noise from the GPU"),  # a web UI PNG without RNG: its default, GPU noise
+        ("Euler", ", Schedule type: Beta, Beta schedule alpha: 0.5, Beta schedule beta: 0.6, RNG: CPU", "(Beta schedule alpha)"),
     ]
     for sampler, extra, said in cases:
         save_png(Image.new("RGB", (8, 8)), workdir / "in.png", WEBUI.format(sampler=sampler, extra=extra))
@@ -145,3 +147,27 @@ def test_from_png_warns_when_a_recorded_lora_or_embedding_is_another_file_or_mis
         "0123456789ab", recorded).replace(', TI hashes: "zzemb: ba9876543210"', ""))  # fmt: skip
     assert main([*run, "-o", "out2.png"]) == 0
     assert "warning" not in capsys.readouterr().err  # the same LoRA file: nothing said
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEDULES if n not in ("default", "karras")])
+def test_each_schedule_type_is_written_and_read_by_the_web_uis_name(name):
+    label = SCHEDULE_TYPE_NAMES[name]
+    text = format_parameters(GenerationSettings("a cat", "", 20, 7.0, "euler", 5, 512, 512, schedule_type=name))
+    assert f"Sampler: Euler, Schedule type: {label}," in text
+    assert ("Beta schedule alpha: 0.6, Beta schedule beta: 0.6," in text) is (name == "beta")  # as the web UI adds them
+    assert parse_parameters(text)["schedule_type"] == name
+    assert webui("DPM++ 2M SDE", f", Schedule type: {label}")["schedule_type"] == name
+    assert "schedule_type" not in webui("PLMS", f", Schedule type: {label}")  # recorded, not used, by the web UI
+
+
+def test_a_web_ui_schedule_is_run_recorded_and_reproduced(workdir, tiny_checkpoint, capsys):
+    """KL Optimal, whose last step ends above sigma = 0, through the whole pipeline and back from its PNG."""
+    run = ["--model", str(tiny_checkpoint), "--no-progress", "--steps", "3", "-W", "64", "-H", "64", "--seed", "2",
+           "--sampler", "heun"]  # fmt: skip
+    assert main(["generate", "a cat", "--schedule-type", "kl_optimal", "-o", "kl.png", *run]) == 0
+    assert main(["generate", "a cat", "--schedule-type", "sgm_uniform", "-o", "sgm.png", *run]) == 0
+    assert "Sampler: Heun, Schedule type: KL Optimal," in read_parameters(workdir / "kl.png")
+    assert main(["generate", "--from-png", "kl.png", "-o", "again.png", "--model", str(tiny_checkpoint), "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    pixels = {n: np.asarray(Image.open(workdir / f"{n}.png")) for n in ("kl", "sgm", "again")}
+    assert np.array_equal(pixels["again"], pixels["kl"]) and not np.array_equal(pixels["sgm"], pixels["kl"])

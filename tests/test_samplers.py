@@ -34,12 +34,13 @@ SHAPE = (1, 4, 8, 8)
 TOL = 1e-4
 
 
-def reference_scheduler(sampler: str, karras: bool = False, exponential: bool = False, **overrides):
-    """diffusers' scheduler for `sampler`, configured as `X.from_config(SD1.5 config)`."""
+def reference_scheduler(sampler: str, karras: bool = False, spaced: str | None = None, **overrides):
+    """diffusers' scheduler for `sampler`, configured as `X.from_config(SD1.5 config)`; `spaced`: "exponential" or
+    "beta", its use_exponential_sigmas or use_beta_sigmas."""
     if karras:
         overrides["use_karras_sigmas"] = True
-    if exponential:
-        overrides["use_exponential_sigmas"] = True
+    if spaced:
+        overrides[f"use_{spaced}_sigmas"] = True
     classes = {
         "ddim": diffusers.DDIMScheduler,
         "pndm": diffusers.PNDMScheduler,
@@ -333,20 +334,24 @@ def test_lcm_boundary_condition():
     assert float(c_skip) == pytest.approx(0.25 / (190**2 + 0.25)) and float(c_out) == pytest.approx(1, abs=1e-5)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 6, 20])
+@pytest.mark.parametrize("steps", [1, 2, 7])
 @pytest.mark.parametrize("sampler", KARRAS_IN_DIFFUSERS)
-def test_txt2img_parity_exponential(sampler, steps):
-    """The web UI's "Exponential" schedule type: diffusers' use_exponential_sigmas (timesteps unrounded, DPM2's too)."""
+@pytest.mark.parametrize("schedule_type", ["exponential", "beta"])
+def test_txt2img_parity_spaced_between_the_ends(schedule_type, sampler, steps):
+    """The web UI's "Exponential" and "Beta" schedule types: diffusers' use_exponential_sigmas and use_beta_sigmas
+    (timesteps unrounded, DPM2's too, but truncated for the multistep samplers). Beta's quantiles are sd15's own
+    (schedule.beta_quantile), diffusers' scipy's."""
     noise = latents(0)
-    ref = run_diffusers(reference_scheduler(sampler, exponential=True), steps, noise, seed=7)
-    assert_parity(run_ours(sampler, steps, noise, seed=7, schedule_type="exponential"), ref)
+    ref = run_diffusers(reference_scheduler(sampler, spaced=schedule_type), steps, noise, seed=7)
+    assert_parity(run_ours(sampler, steps, noise, seed=7, schedule_type=schedule_type), ref)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde"])
-def test_img2img_parity_exponential(sampler):
+@pytest.mark.parametrize("sampler, schedule_type", [("euler", "exponential"), ("dpmpp_2m_sde", "exponential"),
+                                                    ("heun", "beta"), ("dpmpp_2m", "beta")])  # fmt: skip
+def test_img2img_parity_spaced_between_the_ends(sampler, schedule_type):
     noise, init = latents(0), latents(1)
-    ref = run_diffusers(reference_scheduler(sampler, exponential=True), 20, noise, init, 0.6, seed=7)
-    assert_parity(run_ours(sampler, 20, noise, init, 0.6, seed=7, schedule_type="exponential"), ref)
+    ref = run_diffusers(reference_scheduler(sampler, spaced=schedule_type), 20, noise, init, 0.6, seed=7)
+    assert_parity(run_ours(sampler, 20, noise, init, 0.6, seed=7, schedule_type=schedule_type), ref)
 
 
 def test_exponential_sigmas_are_k_diffusions_over_the_models_range():
@@ -365,8 +370,8 @@ def test_exponential_sigmas_are_k_diffusions_over_the_models_range():
 
 
 def test_schedule_types_are_checked():
-    with pytest.raises(ValueError, match="unknown schedule type 'beta'"):
-        plan_sampling("euler", 20, schedule_type="beta")
+    with pytest.raises(ValueError, match="unknown schedule type 'cosine'"):
+        plan_sampling("euler", 20, schedule_type="cosine")
     with pytest.raises(ValueError, match="name two schedules"):
         plan_sampling("euler", 20, karras=True, schedule_type="exponential")
     with pytest.raises(ValueError, match="exponential sigmas apply to the sigma-space samplers, not 'ddim'"):
