@@ -98,7 +98,8 @@ def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked
     key = {"model": model_hash, **asdict(s)}
     if not s.controlnets:
         del key["controlnets"]
-    for name in ("pad_conds", "schedule_type"):  # GenerationSettings fields since this version: left out unset
+    for name in ("pad_conds", "schedule_type", "variation_seed", "variation_strength", "seed_resize_from",
+                 "eta_noise_seed_delta"):  # GenerationSettings fields added since the first version: left out unset
         if not key[name]:
             del key[name]
     if control is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def _size(text: str) -> int:
     return value
 
 
+def _pixel_size(text: str) -> tuple[int, int]:
+    """WxH -> (W, H), each a whole number of pixels from 8 to 16384."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not match or not all(8 <= int(v) <= 16384 for v in match.groups()):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, each from 8 to 16384, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -92,6 +101,15 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
                    "schedule types (docs/samplers.md)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
     p.add_argument("-n", "--num-images", type=_positive_int, default=1)
+    p.add_argument("--variation-seed", type=int, default=None, metavar="N",
+                   help="steer the noise toward this seed's (image i: N + i, all images the same --seed; random if "
+                        "only --variation-strength is given)")
+    p.add_argument("--variation-strength", type=_finite_float, default=None, metavar="S",
+                   help="how far toward the variation seed's noise: 0 (the seed's) to 1 (the variation seed's)")
+    p.add_argument("--seed-resize-from", type=_pixel_size, default=None, metavar="WxH",
+                   help="centre the seed's noise as it is for a WxH image, to keep much of that image's layout")
+    p.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=None, metavar="N",
+                   help="draw an ancestral or SDE sampler's noise from seed + N (the web UI's ENSD, e.g. 31337)")
     p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
     p.add_argument("--vae", default=None, metavar="FILE",
                    help="a VAE to use instead of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers vae/ folder)")
@@ -510,6 +528,7 @@ def run_generate(args) -> None:
         eta=settings.get("eta", 0.0),
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
         pad_conds=pick(args.pad_conds, "pad_conds", False),
+        **_noise_kwargs(args, settings),
     )
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
@@ -520,6 +539,7 @@ def run_generate(args) -> None:
 
     check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"],
                    args.num_images, seed=kwargs["seed"], eta=kwargs["eta"])  # fmt: skip
+    _check_noise_kwargs(kwargs, args.num_images)
     plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"], schedule_type=kwargs["schedule_type"])  # --karras with ddim
     check_prompts(prompt, kwargs["negative_prompt"])
     if hires:
@@ -558,7 +578,7 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 
 
 # web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
-UNAPPLIED_FIELDS = ("Variation seed", "Seed resize from", "Eta noise seed delta", "ENSD", "Face restoration", "Refiner",
+UNAPPLIED_FIELDS = ("Face restoration", "Refiner",
                     "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires CFG Scale",
                     "Hires checkpoint", "Token merging ratio", "Token merging ratio hr", "NGMS", "Tiling", "Hypernet",
                     "Pad conds v0", "Discard penultimate sigma", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
@@ -756,6 +776,31 @@ def run_inpaint(args) -> None:
     _save(m, model_path, images, paths, preprocessing)
 
 
+def _noise_kwargs(args, settings: dict | None = None) -> dict:
+    """The seed-steering arguments (sd15.seeds) from the command line, else from a --from-png PNG's `settings`."""
+    settings = settings or {}
+
+    def pick(flag, key, default):
+        return flag if flag is not None else settings.get(key, default)
+
+    return dict(
+        variation_seed=pick(args.variation_seed, "variation_seed", None),
+        variation_strength=pick(args.variation_strength, "variation_strength", 0.0),
+        seed_resize_from=pick(args.seed_resize_from, "seed_resize_from", None),
+        eta_noise_seed_delta=pick(args.ensd, "eta_noise_seed_delta", 0),
+    )
+
+
+def _check_noise_kwargs(kwargs: dict, num_images: int) -> None:
+    from .seeds import check_noise_settings
+
+    try:
+        check_noise_settings(kwargs["seed"], num_images, kwargs["variation_seed"], kwargs["variation_strength"],
+                             kwargs["seed_resize_from"], kwargs["eta_noise_seed_delta"])  # fmt: skip
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _check_image_run(args, image, seed: int) -> None:
     """img2img's and inpaint's settings, refused before the model loads (the library checks them again)."""
     from .pipeline import check_prompts, check_settings
@@ -765,6 +810,7 @@ def _check_image_run(args, image, seed: int) -> None:
     width, height = (args.width or 512, args.height or 512) if getattr(args, "padding", None) is not None else (
         max(8, image.width // 8 * 8), max(8, image.height // 8 * 8))  # fmt: skip
     check_settings(kw["steps"], kw["guidance_scale"], kw["sampler"], width, height, args.num_images, seed=seed)
+    _check_noise_kwargs({**kw, "seed": seed}, args.num_images)
     check_prompts(args.prompt, kw["negative_prompt"])
     plan_sampling(kw["sampler"], kw["steps"], strength=args.strength, karras=kw["karras"], schedule_type=kw["schedule_type"])
 
@@ -782,6 +828,7 @@ def _image_sampling_kwargs(args) -> dict:
         progress=not args.no_progress,
         clip_skip=args.clip_skip or 1,
         pad_conds=bool(args.pad_conds),
+        **_noise_kwargs(args),
     )
 
 
@@ -831,8 +878,10 @@ def run_batch(args) -> None:
 
     if args.output or args.num_images != 1:
         raise UserError("batch takes --out DIR; set num_images per line in the prompts file")
-    ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--pad-conds", args.pad_conds), ("--preview", args.preview))
-               if value]  # fmt: skip
+    ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--pad-conds", args.pad_conds), ("--preview", args.preview),
+                                        ("--variation-seed", args.variation_seed), ("--variation-strength", args.variation_strength),
+                                        ("--seed-resize-from", args.seed_resize_from), ("--ensd", args.ensd))
+               if value is not None and value is not False]  # fmt: skip
     if ignored:
         raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")
     defaults = dict(negative_prompt=args.negative or "", steps=args.steps or 50, sampler=args.sampler or "pndm",

@@ -14,8 +14,8 @@ landscapes) because each 512-pixel window composes on its own. The web UI's "hir
 Prompt editing's timeline goes on into the second pass, as in the web UI since 1.6: `[a:b:1.5]` or, with 20
 steps, `[a:b:25]` switch halfway through a 10-step second pass (sd15.prompt_schedule).
 
-Both passes use image i's generator (seeded seed + i), the second continuing where the first left it, so a
-seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
+Both passes use image i's generator (seeded seed + i, see sd15.seeds), the second continuing where the first
+left it, so a seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
 
 With a ControlNet both passes are steered, each by the control image brought to its own size: the first pass's
 hint is the control image at width × height, the second's the same control image (not the first hint
@@ -26,7 +26,6 @@ start and end are the same in both; the second pass's start and end count its ow
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -130,6 +129,10 @@ def hires_fix(
     control_guidance_start: float | list[float] = 0.0,
     control_guidance_end: float | list[float] = 1.0,
     guess_mode: bool = False,
+    variation_seed: int | None = None,
+    variation_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
+    eta_noise_seed_delta: int = 0,
 ):
     """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
 
@@ -140,6 +143,10 @@ def hires_fix(
     ControlNet arguments as sd15.pipeline.generate's, for both passes: each pass gets the control image resized
     to its own size (see the module docstring). A control image given as floats (an array or a tensor) is never
     resized, so it cannot fit both passes: give a PIL image or a uint8 array.
+
+    The seed arguments as generate's (sd15.seeds); a variation and a seed resize steer both passes' noise, as the
+    web UI's hires fix does, and with an eta noise seed delta everything drawn after the first noise comes from
+    the seed + delta generators.
     """
     pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
@@ -151,8 +158,9 @@ def hires_fix(
     small_controls = controlnet_io.prepare_controls(m, *control, width, height, guess_mode)  # both checked before pass 1
     big_controls = controlnet_io.prepare_controls(m, *control, big_w, big_h, guess_mode)
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
-    seed = secrets.randbelow(2**32) if seed is None else int(seed)
-    generators = pipeline._generators(seed, len(prompts))
+    seeds = pipeline.noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
+                                 eta_noise_seed_delta)  # fmt: skip
+    generators = seeds.generators()
     f = m.vae.downscale_factor
     channels = m.unet.config.out_channels
 
@@ -168,21 +176,23 @@ def hires_fix(
         return result
 
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type)
-    noise = torch.stack([torch.randn((channels, height // f, width // f), generator=g) for g in generators])
+    noise = torch.stack([seeds.steer(i, torch.randn((channels, height // f, width // f), generator=g))
+                         for i, g in enumerate(generators)])  # fmt: skip
+    generators = seeds.sampler_generators(generators)
     latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators, guidance_scale,
                             batch_size, first_callback, progress, clip_skip=clip_skip, controls=small_controls,
                             guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
         plan = second_pass_plan(sampler, hires_steps, strength, karras=karras, eta=eta, schedule_type=schedule_type)
-        noise = torch.cat([torch.randn((1, *init.shape[1:]), generator=g) for g in generators])
+        noise = torch.cat([seeds.steer(i, torch.randn((1, *init.shape[1:]), generator=g)) for i, g in enumerate(generators)])
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
                                 progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode,
                                 base_steps=steps, pad_conds=pad_conds)  # fmt: skip
     out = pipeline._finish(m, latents, output_type)
     if output_type == "pil":
-        pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
+        pipeline.record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=width, height=height, **pipeline.schedule_fields(karras, schedule_type), eta=eta,
                                  strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, hires_scale=scale, hires_steps=hires_steps,
                                  hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip

@@ -44,7 +44,6 @@ the same noise).
 from __future__ import annotations
 
 import math
-import secrets
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -310,7 +309,7 @@ def _known_region_blender(plan, init: torch.Tensor, noise: torch.Tensor, mask: t
     return blend
 
 
-def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
+def _denoise(m, pixels, hard, prompts, negatives, plan, seeds, latents, strength, guidance_scale,
              batch_size, callback, progress, clip_skip, controls=(), guess_mode=False, pad_conds=False):  # fmt: skip
     """Final latents (N, 4, h, w) for the fitted image `pixels` (1, 3, H, W) and binary mask `hard` (1, 1, H, W)."""
     in_channels = m.unet.config.in_channels
@@ -331,9 +330,13 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, str
         if inpainting_unet:  # the kept part of the image, the repainted part 0 (grey)
             masked_posterior = tiling.encode(m.vae, (pixels * (hard < MASK_THRESHOLD)).to(m.device, m.dtype))
     inits, noises, masked, starts = [], [], [], []
+    generators = seeds.generators()
     for i, g in enumerate(generators):  # per image, from its own generator, in diffusers' order
         init = image_posterior.sample(g).float().cpu() * LATENT_SCALE if image_posterior is not None else None
-        noise = torch.randn((1, latent_channels, h, w), generator=g) if latents is None else latents[i : i + 1].float().cpu()
+        if latents is None:
+            noise = seeds.steer(i, torch.randn((1, latent_channels, h, w), generator=g))
+        else:
+            noise = latents[i : i + 1].float().cpu()
         if masked_posterior is not None:
             masked.append(masked_posterior.sample(g).float().cpu() * LATENT_SCALE)
         else:
@@ -350,7 +353,7 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, str
         known = (plan, torch.cat(inits).to(m.device), torch.cat(noises).to(m.device), mask_latent.to(m.device))
         step_callback = _known_region_blender(*known, callback)
         on_predictor = _known_region_blender(*known, None)
-    return pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, step_callback,
+    return pipeline._run(m, plan, prompts, negatives, start, seeds.sampler_generators(generators), guidance_scale, batch_size, step_callback,
                          progress, clip_skip=clip_skip, concat=concat, on_predictor=on_predictor, controls=controls,
                          guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
 
@@ -389,6 +392,10 @@ def inpaint(
     control_guidance_start: float | list[float] = 0.0,
     control_guidance_end: float | list[float] = 1.0,
     guess_mode: bool = False,
+    variation_seed: int | None = None,
+    variation_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
+    eta_noise_seed_delta: int = 0,
 ):
     """Repaint where `mask` is white, guided by `prompt`; see the module docstring for both kinds of checkpoint.
 
@@ -401,6 +408,8 @@ def inpaint(
     in padding mode). PIL images carry `info["sd15"]` (GenerationSettings, Size the working size).
     ControlNet arguments as sd15.pipeline.generate's; the control image is brought to the (fitted) image's
     size. With `padding` it is a picture of the whole image, cut and resized as the image is (crop_control_images).
+    The seed arguments as generate's (sd15.seeds); they steer the noise each image's generator draws after its
+    VAE sample, as img2img's.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -449,10 +458,10 @@ def inpaint(
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, W, H, guess_mode)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
-    seed = secrets.randbelow(2**32) if seed is None else int(seed)
-    generators = pipeline._generators(seed, len(prompts))
+    seeds = pipeline.noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
+                                 eta_noise_seed_delta, latents)  # fmt: skip
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type)
-    result = _denoise(m, pixels, hard, prompts, negatives, plan, generators, latents, strength, guidance_scale,
+    result = _denoise(m, pixels, hard, prompts, negatives, plan, seeds, latents, strength, guidance_scale,
                       batch_size, callback, progress, clip_skip, controls, guess_mode, pad_conds)  # fmt: skip
 
     def composite(decoded: torch.Tensor) -> torch.Tensor:
@@ -468,7 +477,7 @@ def inpaint(
 
     out = pipeline._finish(m, result, output_type, composite if (paste_back or region is not None) else None)
     if output_type == "pil":
-        pipeline.record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale,
+        pipeline.record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, **pipeline.schedule_fields(karras, schedule_type),
                                  eta=eta, strength=strength,
                                  clip_skip=clip_skip, pad_conds=pad_conds, mask_blur=mask_blur, inpaint_padding=padding,

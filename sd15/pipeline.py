@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +33,7 @@ from . import prompts as prompt_io
 from . import safety_checker as safety
 from . import tiling
 from .samplers import SAMPLERS, plan_sampling, resolve_schedule
+from .seeds import SEED_RANGE, NoiseSeeds, check_noise_settings
 from .vae import LATENT_SCALE
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_PIXELS = 4096 * 4096  # refuse absurd sizes before allocating anything
 MAX_IMAGES = 10_000  # per call: more is a batch job (sd15 batch), which also resumes after a stop
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -72,6 +71,11 @@ class GenerationSettings:
     controlnets: list[dict] = field(default_factory=list)
     schedule_type: str | None = None  # a noise schedule other than the sampler's own and Karras: "exponential"
     pad_conds: bool = False  # the prompt and negative prompt padded to one length (the web UI's "Pad conds")
+    # how the seed's noise was steered (sd15.seeds): toward a variation seed's, from another size's, ENSD
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (width, height)
+    eta_noise_seed_delta: int = 0
 
 
 def _whole(value) -> bool:
@@ -224,19 +228,24 @@ def schedule_fields(karras: bool, schedule_type: str | None) -> dict:
     return {"karras": name == "karras", "schedule_type": None if name in ("default", "karras") else name}
 
 
-def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives: list[str], seed: int, controlnets=(),
-                    **fields) -> None:  # fmt: skip
-    """Attach to each PIL image the GenerationSettings its PNG will record (image i: prompts[i], seed + i),
-    with the LoRAs and textual inversions its prompt used, and the ControlNets of the run."""
+def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives: list[str], noise: NoiseSeeds,
+                    controlnets=(), **fields) -> None:  # fmt: skip
+    """Attach to each PIL image the GenerationSettings its PNG will record (image i: prompts[i], its seed and
+    variation seed), with the LoRAs and textual inversions its prompt used, and the ControlNets of the run."""
     for i, image in enumerate(images):
         image.info["sd15"] = GenerationSettings(
-            prompt=lora_io.recorded_prompt(m, prompts[i]), negative_prompt=negatives[i], seed=seed + i,
+            prompt=lora_io.recorded_prompt(m, prompts[i]), negative_prompt=negatives[i], **noise.record(i),
             **fields, **prompt_io.adapter_hashes(m, prompts[i], negatives[i]), controlnets=list(controlnets),
         )  # fmt: skip
 
 
-def _generators(seed: int, n: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+def noise_seeds(m, seed: int | None, n: int, variation_seed: int | None = None, variation_strength: float = 0.0,
+                seed_resize_from=None, eta_noise_seed_delta: int = 0, latents=None) -> NoiseSeeds:  # fmt: skip
+    """The checked seeds of a call's n images and how their noise is steered (sd15.seeds)."""
+    check_noise_settings(seed, n, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta,
+                         latents_given=latents is not None)  # fmt: skip
+    return NoiseSeeds.make(seed, n, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta,
+                           downscale=m.vae.downscale_factor)  # fmt: skip
 
 
 class NumericsError(ValueError):
@@ -430,6 +439,10 @@ def generate(
     control_guidance_start: float | list[float] = 0.0,
     control_guidance_end: float | list[float] = 1.0,
     guess_mode: bool = False,
+    variation_seed: int | None = None,
+    variation_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
+    eta_noise_seed_delta: int = 0,
 ):
     """Text-to-image. Returns a list of PIL images, or a float array (N, H, W, 3) in [0, 1] ("np"), or the
     final latents (N, 4, H/8, W/8), unscaled by 0.18215 ("latent"); N = len(prompts) × num_images, in
@@ -449,20 +462,27 @@ def generate(
     (their residuals are summed); `controlnet_conditioning_scale` multiplies the residuals; the ControlNet is
     applied from step fraction `control_guidance_start` to `control_guidance_end` (each one value or one per
     ControlNet); `guess_mode` runs it on the conditional half only, as diffusers' guess mode.
+
+    Image i's noise comes from seed + i. The web UI's ways to steer it (sd15.seeds): `variation_strength` > 0
+    moves it toward `variation_seed`'s (then every image has `seed`, and image i `variation_seed + i`: None picks
+    one); `seed_resize_from` (width, height) centres the seed's noise for that size; `eta_noise_seed_delta` (ENSD)
+    draws an ancestral sampler's noise from seed + delta.
     """
     check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     check_prompts(prompt, negative_prompt)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
-    seed = secrets.randbelow(2**32) if seed is None else int(seed)
-    generators = _generators(seed, len(prompts))
+    seeds = noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
+                        eta_noise_seed_delta, latents)  # fmt: skip
+    generators = seeds.generators()
     f = m.vae.downscale_factor
     shape = (m.unet.config.out_channels, height // f, width // f)
-    if latents is None:
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (N, 4, h, w) on the CPU
+    if latents is None:  # (N, 4, h, w) on the CPU
+        noise = torch.stack([seeds.steer(i, torch.randn(shape, generator=g)) for i, g in enumerate(generators)])
     else:
         noise = given_latents(latents, (len(prompts), *shape))
+    generators = seeds.sampler_generators(generators)
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type)
@@ -471,7 +491,7 @@ def generate(
                   controls=controls, guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
-        record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+        record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, clip_skip=clip_skip,
                         pad_conds=pad_conds,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
@@ -505,6 +525,10 @@ def img2img(
     control_guidance_start: float | list[float] = 0.0,
     control_guidance_end: float | list[float] = 1.0,
     guess_mode: bool = False,
+    variation_seed: int | None = None,
+    variation_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
+    eta_noise_seed_delta: int = 0,
 ):
     """Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the timestep that
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
@@ -512,7 +536,8 @@ def img2img(
     multiples of 8 are brought to one by `fit` ("resize" or "crop", see sd15.images).
     ControlNet arguments as `generate`'s; the control image is brought to the (fitted) input image's size (with
     fit="crop", one of the input's own size is cut as the input is), and the start and end fractions count the
-    int(steps · strength) steps that run.
+    int(steps · strength) steps that run. The seed arguments as `generate`'s: they steer each image's noise,
+    which its generator draws after the image's VAE sample (diffusers' order).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -525,8 +550,8 @@ def img2img(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
-    seed = secrets.randbelow(2**32) if seed is None else int(seed)
-    generators = _generators(seed, len(prompts))
+    seeds = noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta)
+    generators = seeds.generators()
     source = image_io.source_size(image)
     if controlnet is not None and fit == "crop" and source not in (None, (width, height)):
         from .inpaint import centre_cut_control_images  # here: sd15.inpaint imports this module
@@ -538,16 +563,16 @@ def img2img(
     with torch.no_grad():
         posterior = tiling.encode(m.vae, pixels.to(m.device, m.dtype))
     starts = []
-    for g in generators:  # per image: its VAE sample, then its noise, from its own generator
+    for i, g in enumerate(generators):  # per image: its VAE sample, then its noise, from its own generator
         init = posterior.sample(g).float().cpu() * LATENT_SCALE  # (1, 4, h, w)
-        noise = torch.randn(init.shape, generator=g)
+        noise = seeds.steer(i, torch.randn(init.shape, generator=g))
         starts.append(plan.noise_latents(noise, init))
     start = torch.cat(starts).to(m.device)
-    result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
+    result = _run(m, plan, prompts, negatives, start, seeds.sampler_generators(generators), guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
                   controls=controls, guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     out = _finish(m, result, output_type)
     if output_type == "pil":
-        record_settings(m, out, prompts, negatives, seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+        record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, strength=strength,
                         clip_skip=clip_skip, pad_conds=pad_conds,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip

@@ -130,8 +130,12 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Model": model_name,
         "VAE hash": vae_hash,
         "VAE": vae_name,
+        "Variation seed": s.variation_seed if s.variation_strength else None,
+        "Variation seed strength": _number(s.variation_strength) if s.variation_strength else None,
+        "Seed resize from": "{}x{}".format(*s.seed_resize_from) if s.seed_resize_from else None,
         "Denoising strength": _number(s.strength) if s.strength is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
+        "ENSD": s.eta_noise_seed_delta or None,
         "Hires upscale": _number(s.hires_scale) if s.hires_scale else None,
         "Hires steps": s.hires_steps if s.hires_scale else None,
         "Hires upscaler": HIRES_UPSCALER_NAMES[s.hires_upscaler] if s.hires_scale else None,
@@ -187,7 +191,8 @@ def parse_parameters(text: str) -> dict:
     `GenerationSettings` fields are filled where present: "steps", "guidance_scale", "sampler" (sd15's
     name; a name sd15 lacks is "unknown_sampler" instead), "seed", "width", "height", "karras", "schedule_type"
     (sd15's name of any other schedule type it has), "eta" (DDIM's: `Eta DDIM`),
-    "strength", "clip_skip", "pad_conds", "ti_hashes", "lora_hashes"
+    "strength", "clip_skip", "pad_conds", "variation_seed" and "variation_strength", "seed_resize_from" ((W, H)),
+    "eta_noise_seed_delta", "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
     "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
@@ -230,6 +235,14 @@ def parse_parameters(text: str) -> dict:
     if sampler == "ddim" and ("Eta DDIM" in fields or (not web_ui and "Eta" in fields)):
         result["eta"] = float(fields.get("Eta DDIM", fields.get("Eta")))
     result["pad_conds"] = fields.get("Pad conds") == "True"
+    if "Variation seed strength" in fields and "Variation seed" in fields:
+        result["variation_seed"] = int(fields["Variation seed"])
+        result["variation_strength"] = float(fields["Variation seed strength"])
+    resize = re.fullmatch(r"(\d+)x(\d+)", fields.get("Seed resize from", ""))
+    if resize and all(int(v) > 0 for v in resize.groups()):
+        result["seed_resize_from"] = (int(resize[1]), int(resize[2]))
+    if "ENSD" in fields or "Eta noise seed delta" in fields:  # the web UI's key, and its setting's name
+        result["eta_noise_seed_delta"] = int(fields.get("ENSD", fields.get("Eta noise seed delta")))
     for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
                             ("Denoising strength", "strength", float),
                             ("Clip skip", "clip_skip", int), ("Hires upscale", "hires_scale", float),

@@ -379,8 +379,8 @@ def test_a_line_may_choose_a_schedule_type(tmp_path):
     assert exponential.settings.schedule_type == "exponential" and len({plain.id, exponential.id, karras.id}) == 3
     assert karras.settings.karras and karras.settings.schedule_type is None
     assert [job.id for job in jobs_of(tmp_path, lines[3])] == [karras.id]
-    with pytest.raises(ValueError, match="unknown schedule type 'beta'"):
-        jobs_of(tmp_path, json.dumps({"prompt": "a cube", "sampler": "euler", "schedule_type": "beta"}))
+    with pytest.raises(ValueError, match="unknown schedule type 'cosine'"):
+        jobs_of(tmp_path, json.dumps({"prompt": "a cube", "sampler": "euler", "schedule_type": "cosine"}))
 
 
 @pytest.fixture(scope="module")

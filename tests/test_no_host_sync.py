@@ -15,6 +15,7 @@ import sd15
 from sd15 import pipeline
 from sd15.random_weights import random_checkpoint, save_checkpoint
 from sd15.samplers import SAMPLERS, plan_sampling
+from sd15.seeds import NoiseSeeds
 
 META = torch.device("meta")
 
@@ -59,7 +60,7 @@ def test_the_pipeline_from_prompts_to_latents_runs_without_reading_the_device(ti
     seen = []
     latents = pipeline._denoise(
         m, plan, ["a [cat:dog:2]", "a (red:1.2) car BREAK blue sky"], ["", "blurry"],
-        torch.zeros(2, 4, 8, 8, device=META), pipeline._generators(5, 2), 7.5, 1,
+        torch.zeros(2, 4, 8, 8, device=META), NoiseSeeds.make(5, 2).generators(), 7.5, 1,
         callback=lambda info: seen.append((info["i"], list(info["images"]))), progress=True,
     )  # fmt: skip
     assert latents.device == META and latents.shape == (2, 4, 8, 8)
