@@ -108,6 +108,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
                    help="how far toward the variation seed's noise: 0 (the seed's) to 1 (the variation seed's)")
     p.add_argument("--seed-resize-from", type=_pixel_size, default=None, metavar="WxH",
                    help="centre the seed's noise as it is for a WxH image, to keep much of that image's layout")
+    p.add_argument("--seamless", action="store_true", default=None,
+                   help="an image that tiles: circular padding in the UNet and the VAE (the web UI's Tiling)")
     p.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=None, metavar="N",
                    help="draw an ancestral or SDE sampler's noise from seed + N (the web UI's ENSD, e.g. 31337)")
     p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
@@ -528,6 +530,7 @@ def run_generate(args) -> None:
         eta=settings.get("eta", 0.0),
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
         pad_conds=pick(args.pad_conds, "pad_conds", False),
+        seamless=pick(args.seamless, "seamless", False),
         **_noise_kwargs(args, settings),
     )
     if kwargs["seed"] is None:
@@ -580,7 +583,7 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 # web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
 UNAPPLIED_FIELDS = ("Face restoration", "Refiner",
                     "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires CFG Scale",
-                    "Hires checkpoint", "Token merging ratio", "Token merging ratio hr", "NGMS", "Tiling", "Hypernet",
+                    "Hires checkpoint", "Token merging ratio", "Token merging ratio hr", "NGMS", "Hypernet",
                     "Pad conds v0", "Discard penultimate sigma", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
                     "Schedule rho", "Schedule max sigma", "Schedule min sigma", "Downcast alphas_cumprod",
                     "SGM noise multiplier", "Old prompt editing timelines", "Image CFG scale", "Conditional mask weight")  # fmt: skip
@@ -828,6 +831,7 @@ def _image_sampling_kwargs(args) -> dict:
         progress=not args.no_progress,
         clip_skip=args.clip_skip or 1,
         pad_conds=bool(args.pad_conds),
+        seamless=bool(args.seamless),
         **_noise_kwargs(args),
     )
 
@@ -880,7 +884,8 @@ def run_batch(args) -> None:
         raise UserError("batch takes --out DIR; set num_images per line in the prompts file")
     ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--pad-conds", args.pad_conds), ("--preview", args.preview),
                                         ("--variation-seed", args.variation_seed), ("--variation-strength", args.variation_strength),
-                                        ("--seed-resize-from", args.seed_resize_from), ("--ensd", args.ensd))
+                                        ("--seed-resize-from", args.seed_resize_from), ("--ensd", args.ensd),
+                                        ("--seamless", args.seamless))
                if value is not None and value is not False]  # fmt: skip
     if ignored:
         raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")

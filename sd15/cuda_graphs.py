@@ -78,9 +78,10 @@ def _hook_state(hook) -> object:
 
 
 def _state_stamp(module: nn.Module) -> tuple:
-    """What a captured graph depends on besides its inputs: where the weights live and which hooks run,
-    with what. (The module's own hooks run around the graph, not in it, so they are left out.)"""
+    """What a captured graph depends on besides its inputs: where the weights live, which hooks run, with
+    what, and how the convolutions pad. (The module's own hooks run around the graph, not in it, so they are left out.)"""
     pointers = tuple(p.data_ptr() for p in module.parameters())
+    paddings = tuple(m.padding_mode for m in module.modules() if isinstance(m, nn.Conv2d))  # sd15.seamless's
     hooks = tuple(
         (
             tuple(_hook_state(h) for h in m._forward_hooks.values()),
@@ -90,7 +91,7 @@ def _state_stamp(module: nn.Module) -> tuple:
         for m in module.modules()
         if m is not module
     )
-    return pointers, hooks
+    return pointers, hooks, paddings
 
 
 def _observed(stamp: tuple) -> bool:

@@ -36,6 +36,7 @@ from . import controlnet as controlnet_io
 from . import images as image_io
 from . import pipeline, tiling
 from .samplers import plan_sampling
+from .seamless import takes_seamless
 from .vae import LATENT_SCALE
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def check_hires_settings(width, height, scale, strength, steps, hires_steps, ups
     return big_w, big_h, hires_steps
 
 
+@takes_seamless
 def hires_fix(
     m: "StableDiffusion",
     prompt: str | list[str],
@@ -133,6 +135,7 @@ def hires_fix(
     variation_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
+    seamless: bool = False,
 ):
     """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
 
@@ -194,7 +197,7 @@ def hires_fix(
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=width, height=height, **pipeline.schedule_fields(karras, schedule_type), eta=eta,
-                                 strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, hires_scale=scale, hires_steps=hires_steps,
+                                 strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless, hires_scale=scale, hires_steps=hires_steps,
                                  hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip
         for im in out:
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}

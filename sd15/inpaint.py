@@ -55,6 +55,7 @@ from . import controlnet as controlnet_io
 from . import images as image_io
 from . import pipeline, schedule, tiling
 from .samplers import plan_sampling
+from .seamless import takes_seamless
 from .vae import LATENT_SCALE
 
 if TYPE_CHECKING:
@@ -358,6 +359,7 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, seeds, latents, strength
                          guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
 
 
+@takes_seamless
 def inpaint(
     m: "StableDiffusion",
     image,
@@ -396,6 +398,7 @@ def inpaint(
     variation_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
+    seamless: bool = False,
 ):
     """Repaint where `mask` is white, guided by `prompt`; see the module docstring for both kinds of checkpoint.
 
@@ -480,6 +483,6 @@ def inpaint(
         pipeline.record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, **pipeline.schedule_fields(karras, schedule_type),
                                  eta=eta, strength=strength,
-                                 clip_skip=clip_skip, pad_conds=pad_conds, mask_blur=mask_blur, inpaint_padding=padding,
+                                 clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless, mask_blur=mask_blur, inpaint_padding=padding,
                                  controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

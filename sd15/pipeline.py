@@ -33,6 +33,7 @@ from . import prompts as prompt_io
 from . import safety_checker as safety
 from . import tiling
 from .samplers import SAMPLERS, plan_sampling, resolve_schedule
+from .seamless import takes_seamless
 from .seeds import SEED_RANGE, NoiseSeeds, check_noise_settings
 from .vae import LATENT_SCALE
 
@@ -76,6 +77,7 @@ class GenerationSettings:
     variation_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None  # (width, height)
     eta_noise_seed_delta: int = 0
+    seamless: bool = False  # circular padding: an image that tiles (the web UI's "Tiling", sd15.seamless)
 
 
 def _whole(value) -> bool:
@@ -412,6 +414,7 @@ def _denoise(m, plan, prompts, negatives, start_latents, generators, guidance_sc
     return torch.cat(finished)
 
 
+@takes_seamless
 def generate(
     m: "StableDiffusion",
     prompt: str | list[str],
@@ -443,6 +446,7 @@ def generate(
     variation_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
+    seamless: bool = False,
 ):
     """Text-to-image. Returns a list of PIL images, or a float array (N, H, W, 3) in [0, 1] ("np"), or the
     final latents (N, 4, H/8, W/8), unscaled by 0.18215 ("latent"); N = len(prompts) × num_images, in
@@ -466,7 +470,7 @@ def generate(
     Image i's noise comes from seed + i. The web UI's ways to steer it (sd15.seeds): `variation_strength` > 0
     moves it toward `variation_seed`'s (then every image has `seed`, and image i `variation_seed + i`: None picks
     one); `seed_resize_from` (width, height) centres the seed's noise for that size; `eta_noise_seed_delta` (ENSD)
-    draws an ancestral sampler's noise from seed + delta.
+    draws an ancestral sampler's noise from seed + delta. `seamless`: an image that tiles (sd15.seamless).
     """
     check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     check_prompts(prompt, negative_prompt)
@@ -493,11 +497,12 @@ def generate(
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, clip_skip=clip_skip,
-                        pad_conds=pad_conds,
+                        pad_conds=pad_conds, seamless=seamless,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out
 
 
+@takes_seamless
 def img2img(
     m: "StableDiffusion",
     image,
@@ -529,6 +534,7 @@ def img2img(
     variation_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
+    seamless: bool = False,
 ):
     """Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the timestep that
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
@@ -574,6 +580,6 @@ def img2img(
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, strength=strength,
-                        clip_skip=clip_skip, pad_conds=pad_conds,
+                        clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

@@ -136,6 +136,7 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Denoising strength": _number(s.strength) if s.strength is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
         "ENSD": s.eta_noise_seed_delta or None,
+        "Tiling": "True" if s.seamless else None,
         "Hires upscale": _number(s.hires_scale) if s.hires_scale else None,
         "Hires steps": s.hires_steps if s.hires_scale else None,
         "Hires upscaler": HIRES_UPSCALER_NAMES[s.hires_upscaler] if s.hires_scale else None,
@@ -192,7 +193,7 @@ def parse_parameters(text: str) -> dict:
     name; a name sd15 lacks is "unknown_sampler" instead), "seed", "width", "height", "karras", "schedule_type"
     (sd15's name of any other schedule type it has), "eta" (DDIM's: `Eta DDIM`),
     "strength", "clip_skip", "pad_conds", "variation_seed" and "variation_strength", "seed_resize_from" ((W, H)),
-    "eta_noise_seed_delta", "ti_hashes", "lora_hashes"
+    "eta_noise_seed_delta", "seamless" (`Tiling`), "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
     "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
@@ -235,6 +236,7 @@ def parse_parameters(text: str) -> dict:
     if sampler == "ddim" and ("Eta DDIM" in fields or (not web_ui and "Eta" in fields)):
         result["eta"] = float(fields.get("Eta DDIM", fields.get("Eta")))
     result["pad_conds"] = fields.get("Pad conds") == "True"
+    result["seamless"] = fields.get("Tiling") == "True"
     if "Variation seed strength" in fields and "Variation seed" in fields:
         result["variation_seed"] = int(fields["Variation seed"])
         result["variation_strength"] = float(fields["Variation seed strength"])

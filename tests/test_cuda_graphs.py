@@ -191,6 +191,16 @@ def test_moved_weights_or_new_loras_mean_a_new_capture(models, tmp_path):
     assert np.abs(a - b).max() < 1e-6
 
 
+def test_seamless_padding_means_a_new_capture(models):
+    """sd15.seamless switches the convolutions to circular padding, which a captured graph would keep as it was."""
+    graphed, eager = models
+    graphed.generate("a cat", **RUN)
+    a, b = graphed.generate("a cat", seamless=True, **RUN), eager.generate("a cat", seamless=True, **RUN)
+    assert np.abs(a - b).max() < 1e-6 and graphed.unet.forward.captures == 2
+    assert np.abs(graphed.generate("a cat", **RUN) - eager.generate("a cat", **RUN)).max() < 1e-6
+    assert graphed.unet.forward.captures == 3  # back to zero padding: not the seamless graph
+
+
 def test_a_lora_applied_between_calls_with_one_context_tensor_is_used(models, tmp_path):
     """The UNet called directly with the same context tensor before and after a LoRA is applied (generate()
     encodes a new context each call; a caller of the UNet need not): merged, the cross-attention k/v buffers
