@@ -221,8 +221,7 @@ def test_the_sampler_loop_never_waits_for_the_gpu(graphed_fp16, sampler):
 def test_controlnet_on_the_graphed_fp16_model_matches_the_reference_path(graphed_fp16, full_checkpoint):
     """A full-size random ControlNet (fp16) steering the default CUDA model (fp16, kernels, CUDA graphs, the
     residuals in graph buffers of their own) against the same on the plain fp16 modules: the same image within
-    fp16's tolerance, and a graph captured for the ControlNet steps. Last in the file: the device run's time is
-    short, and it is the newest path."""
+    fp16's tolerance, and a graph captured for the ControlNet steps."""
     from PIL import Image
 
     from sd15.random_weights import random_controlnet
@@ -238,3 +237,20 @@ def test_controlnet_on_the_graphed_fp16_model_matches_the_reference_path(graphed
     print(f"ControlNet, fp16 fast + graphs vs fp16 reference modules: mean |Δ| {diff.mean():.2e}, max {diff.max():.2e}")
     assert diff.mean() < 2e-2  # as for the plain model above: sampling compounds fp16 rounding, so the mean
     assert graphed_fp16.unet.forward.captures > captures  # the ControlNet steps replay a graph of their own
+
+
+def test_seamless_on_the_graphed_fp16_model_is_shift_equivariant(graphed_fp16):
+    """sd15.seamless on the default CUDA model (channels-last fp16 convolutions, Triton GroupNorm, a graph
+    captured again for the circular padding): a start shifted by 8 latent positions (the full UNet's
+    downsampling) gives the image shifted by 64 pixels, to fp16's rounding; zero padding does not."""
+    run = dict(steps=6, sampler="euler", width=256, height=256, output_type="np")
+    noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for seamless, bound in ((True, 2e-2), (False, None)):
+        start = graphed_fp16.generate("a brick wall", latents=noise, seamless=seamless, **run)[0]
+        moved = graphed_fp16.generate("a brick wall", latents=torch.roll(noise, (8, 8), dims=(2, 3)), seamless=seamless, **run)[0]
+        diff = np.abs(np.roll(start, (64, 64), axis=(0, 1)) - moved)
+        print(f"seamless={seamless}: shifted start vs shifted image, mean |Δ| {diff.mean():.2e}, max {diff.max():.2e}")
+        if bound is not None:
+            assert diff.mean() < bound
+        else:
+            assert diff.max() > 0.1
