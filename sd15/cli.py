@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hires-strength", type=_finite_float, default=None, help="the refining pass's strength (default 0.5)")
     g.add_argument("--hires-steps", type=_positive_int, default=None, help="steps the refining pass runs, as the web UI (default: --steps)")
     g.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default=None, help="how to upscale (default lanczos)")
+    g.add_argument("--hires-sampler", choices=SAMPLERS, default=None, help="the refining pass's sampler (default: --sampler)")
+    g.add_argument("--hires-schedule-type", choices=SCHEDULES, default=None,
+                   help="the refining pass's schedule type (default: the first pass's, where its sampler takes one)")
+    g.add_argument("--hires-prompt", default=None, help="the refining pass's prompt (default: the prompt)")
+    g.add_argument("--hires-negative", default=None, help="the refining pass's negative prompt (default: --negative)")
+    g.add_argument("--hires-cfg", type=_finite_float, default=None, help="the refining pass's guidance scale (default: --cfg)")
     _add_controlnet_arguments(g)
     _add_sampling_arguments(g)
 
@@ -536,7 +542,7 @@ def run_generate(args) -> None:
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
     hires = _hires_settings(args, settings, kwargs["width"], kwargs["height"])
-    from .hires import check_hires_settings
+    from .hires import check_hires_settings, second_pass_settings
     from .pipeline import check_prompts, check_settings
     from .samplers import plan_sampling
 
@@ -546,8 +552,13 @@ def run_generate(args) -> None:
     plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"], schedule_type=kwargs["schedule_type"])  # --karras with ddim
     check_prompts(prompt, kwargs["negative_prompt"])
     if hires:
+        second = second_pass_settings(kwargs["sampler"], kwargs["guidance_scale"], kwargs["karras"], kwargs["schedule_type"],
+                                      kwargs["eta"], hires["hires_sampler"], hires["hires_schedule_type"],
+                                      hires["hires_guidance_scale"])  # fmt: skip
+        check_prompts(*(t for t in (hires["hires_prompt"], hires["hires_negative_prompt"]) if t is not None))
         check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
-                             hires["hires_steps"], hires["upscaler"], kwargs["sampler"], kwargs["guidance_scale"], args.num_images)  # fmt: skip
+                             hires["hires_steps"], hires["upscaler"], second["sampler"], second["guidance_scale"],
+                             args.num_images, karras=second["karras"], schedule_type=second["schedule_type"])  # fmt: skip
     paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
@@ -582,7 +593,6 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 
 # web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
 UNAPPLIED_FIELDS = ("Face restoration", "Refiner",
-                    "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires CFG Scale",
                     "Hires checkpoint", "Token merging ratio", "Token merging ratio hr", "NGMS", "Hypernet",
                     "Pad conds v0", "Discard penultimate sigma", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
                     "Schedule rho", "Schedule max sigma", "Schedule min sigma", "Downcast alphas_cumprod",
@@ -602,6 +612,13 @@ def _unapplied_fields(settings: dict) -> list[str]:
     names = [name for name in UNAPPLIED_FIELDS if name in fields]
     if fields.get("Emphasis", "Original") != "Original":  # "No norm", "Ignore", …: sd15 has the web UI's default
         names.append("Emphasis")
+    if "unknown_hires_sampler" in settings:  # a second-pass sampler sd15 lacks: the first pass's runs
+        names.append("Hires sampler")
+    hires_sampler = settings.get("hires_sampler", settings.get("sampler"))
+    if "Hires schedule type" in fields and "hires_schedule_type" not in settings and not (
+        hires_sampler in TIMESTEP_SAMPLERS and made_by_web_ui(fields)  # recorded by the web UI, not used by it
+    ):
+        names.append("Hires schedule type")
     if settings.get("schedule_type") == "beta":  # sd15's Beta schedule has the web UI's default distribution only
         names += [f"Beta schedule {k}" for k, v in zip(("alpha", "beta"), BETA_SCHEDULE_AB)
                   if _float_or_none(fields.get(f"Beta schedule {k}", v)) != v]  # fmt: skip
@@ -690,7 +707,12 @@ def _hires_settings(args, settings: dict, width: int, height: int) -> dict | Non
         raise UserError(f"the PNG's hires upscaler {upscaler!r} is not one sd15 has ({', '.join(HIRES_UPSCALERS)}); "
                         "choose one with --hires-upscaler")  # fmt: skip
     strength = args.hires_strength if args.hires_strength is not None else settings.get("strength", 0.5)
-    return dict(scale=scale, strength=strength, hires_steps=args.hires_steps or settings.get("hires_steps"), upscaler=upscaler)
+    second = {key: getattr(args, flag) if getattr(args, flag) is not None else settings.get(key)
+              for key, flag in (("hires_sampler", "hires_sampler"), ("hires_schedule_type", "hires_schedule_type"),
+                                ("hires_prompt", "hires_prompt"), ("hires_negative_prompt", "hires_negative"),
+                                ("hires_guidance_scale", "hires_cfg"))}  # fmt: skip
+    return dict(scale=scale, strength=strength, hires_steps=args.hires_steps or settings.get("hires_steps"), upscaler=upscaler,
+                **second)  # fmt: skip
 
 
 def _inspection(m, args):

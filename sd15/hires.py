@@ -35,7 +35,7 @@ from PIL import Image
 from . import controlnet as controlnet_io
 from . import images as image_io
 from . import pipeline, tiling
-from .samplers import plan_sampling
+from .samplers import plan_sampling, resolve_schedule, takes_schedule_types
 from .seamless import takes_seamless
 from .vae import LATENT_SCALE
 
@@ -84,9 +84,37 @@ def upscale_latents(m: "StableDiffusion", latents: torch.Tensor, width: int, hei
     return torch.cat(out)
 
 
+def second_pass_settings(sampler: str, guidance_scale: float, karras: bool, schedule_type: str | None, eta: float,
+                         hires_sampler: str | None = None, hires_schedule_type: str | None = None,
+                         hires_guidance_scale: float | None = None) -> dict:  # fmt: skip
+    """The second pass's sampler, guidance scale, schedule (karras, schedule_type) and DDIM eta: the hires ones
+    where given, else the first pass's. A schedule the first pass had but the hires sampler cannot take (ddim,
+    pndm, lcm) is dropped, as the web UI applies none to them; one asked for the hires pass is checked."""
+    second = hires_sampler or sampler
+    if hires_schedule_type is not None:
+        name = resolve_schedule(False, hires_schedule_type)
+        karras, schedule_type = name == "karras", None if name in ("default", "karras") else name
+    elif not takes_schedule_types(second):
+        karras, schedule_type = False, None
+    return dict(sampler=second, guidance_scale=guidance_scale if hires_guidance_scale is None else hires_guidance_scale,
+                karras=karras, schedule_type=schedule_type, eta=eta if second == "ddim" else 0.0)  # fmt: skip
+
+
+def _second_pass_texts(texts: list[str], given, num_images: int) -> list[str]:
+    """One prompt (or negative prompt) per image for the second pass: the first pass's, or `given` (one text for
+    all, or one per prompt, each for its num_images images)."""
+    if given is None:
+        return texts
+    given = [given] * (len(texts) // num_images) if isinstance(given, str) else list(given)
+    if len(given) * num_images != len(texts):
+        raise ValueError(f"a hires prompt is one text or one per prompt ({len(texts) // num_images}), got {len(given)}")
+    return [text for text in given for _ in range(num_images)]
+
+
 def check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler, sampler, guidance_scale=7.5,
-                         num_images=1) -> tuple[int, int, int]:  # fmt: skip
-    """Refuse a second pass that cannot run, before anything is loaded; returns its width, height and steps."""
+                         num_images=1, karras: bool = False, schedule_type: str | None = None) -> tuple[int, int, int]:  # fmt: skip
+    """Refuse a second pass that cannot run, before anything is loaded; returns its width, height and steps.
+    `sampler`, `guidance_scale` and the schedule are the second pass's (`second_pass_settings`)."""
     if upscaler not in UPSCALERS:
         raise ValueError(f"upscaler must be one of {UPSCALERS}, got {upscaler!r}")
     if not 1.0 <= scale <= 4.0:
@@ -95,8 +123,8 @@ def check_hires_settings(width, height, scale, strength, steps, hires_steps, ups
         raise ValueError(f"the hires strength must be in (0, 1], got {strength!r}")
     hires_steps = hires_steps or steps  # 0, the web UI's "same as steps", too
     big_w, big_h = upscaled_size(width, height, scale)
-    pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images)
-    second_pass_plan(sampler, hires_steps, strength)  # refuses a schedule the sampler cannot run
+    pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images, karras=karras, schedule_type=schedule_type)
+    second_pass_plan(sampler, hires_steps, strength, karras=karras, schedule_type=schedule_type)  # a schedule the sampler cannot run
     return big_w, big_h, hires_steps
 
 
@@ -136,6 +164,11 @@ def hires_fix(
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
+    hires_sampler: str | None = None,
+    hires_schedule_type: str | None = None,
+    hires_prompt: str | list[str] | None = None,
+    hires_negative_prompt: str | list[str] | None = None,
+    hires_guidance_scale: float | None = None,
 ):
     """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
 
@@ -150,17 +183,27 @@ def hires_fix(
     The seed arguments as generate's (sd15.seeds); a variation and a seed resize steer both passes' noise, as the
     web UI's hires fix does, and with an eta noise seed delta everything drawn after the first noise comes from
     the seed + delta generators.
+
+    The second pass may run its own sampler (`hires_sampler`; its schedule `hires_schedule_type`, else the first
+    pass's where the sampler takes one), prompt and negative prompt (`hires_prompt`, `hires_negative_prompt`: one
+    text, or one per prompt) and guidance scale (`hires_guidance_scale`), as the web UI's Hires sampler, Hires
+    schedule type, Hires prompt, Hires negative prompt and Hires CFG Scale; None: the first pass's.
     """
     pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
-    big_w, big_h, hires_steps = check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler, sampler,
-                                                     guidance_scale, num_images)  # fmt: skip
+    second = second_pass_settings(sampler, guidance_scale, karras, schedule_type, eta, hires_sampler, hires_schedule_type,
+                                  hires_guidance_scale)  # fmt: skip
+    pipeline.check_prompts(*(t for t in (hires_prompt, hires_negative_prompt) if t is not None))
+    big_w, big_h, hires_steps = check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler,
+                                                     second["sampler"], second["guidance_scale"], num_images,
+                                                     karras=second["karras"], schedule_type=second["schedule_type"])  # fmt: skip
     if output_type not in pipeline.OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {pipeline.OUTPUT_TYPES}, got {output_type!r}")
     control = (controlnet, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
     small_controls = controlnet_io.prepare_controls(m, *control, width, height, guess_mode)  # both checked before pass 1
     big_controls = controlnet_io.prepare_controls(m, *control, big_w, big_h, guess_mode)
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
+    prompts2, negatives2 = _second_pass_texts(prompts, hires_prompt, num_images), _second_pass_texts(negatives, hires_negative_prompt, num_images)
     seeds = pipeline.noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
                                  eta_noise_seed_delta)  # fmt: skip
     generators = seeds.generators()
@@ -187,10 +230,11 @@ def hires_fix(
                             guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
-        plan = second_pass_plan(sampler, hires_steps, strength, karras=karras, eta=eta, schedule_type=schedule_type)
+        plan = second_pass_plan(second["sampler"], hires_steps, strength, karras=second["karras"], eta=second["eta"],
+                                schedule_type=second["schedule_type"])  # fmt: skip
         noise = torch.cat([seeds.steer(i, torch.randn((1, *init.shape[1:]), generator=g)) for i, g in enumerate(generators)])
         start = plan.noise_latents(noise, init).to(m.device)
-        latents = pipeline._run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, tagged(2),
+        latents = pipeline._run(m, plan, prompts2, negatives2, start, generators, second["guidance_scale"], batch_size, tagged(2),
                                 progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode,
                                 base_steps=steps, pad_conds=pad_conds)  # fmt: skip
     out = pipeline._finish(m, latents, output_type)
@@ -199,6 +243,14 @@ def hires_fix(
                                  sampler=sampler, width=width, height=height, **pipeline.schedule_fields(karras, schedule_type), eta=eta,
                                  strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless, hires_scale=scale, hires_steps=hires_steps,
                                  hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip
-        for im in out:
+        for i, im in enumerate(out):
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}
+            im.info["sd15"] = dataclasses.replace(
+                im.info["sd15"],  # the second pass's own settings, where they are not the first's
+                hires_sampler=hires_sampler if hires_sampler not in (None, sampler) else None,
+                hires_schedule_type=hires_schedule_type,
+                hires_prompt=prompts2[i] if prompts2[i] != prompts[i] else None,
+                hires_negative_prompt=negatives2[i] if negatives2[i] != negatives[i] else None,
+                hires_guidance_scale=hires_guidance_scale if hires_guidance_scale not in (None, guidance_scale) else None,
+            )
     return out

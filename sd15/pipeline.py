@@ -78,6 +78,12 @@ class GenerationSettings:
     seed_resize_from: tuple[int, int] | None = None  # (width, height)
     eta_noise_seed_delta: int = 0
     seamless: bool = False  # circular padding: an image that tiles (the web UI's "Tiling", sd15.seamless)
+    # a hires fix's second pass, where it differs from the first (sd15.hires)
+    hires_sampler: str | None = None
+    hires_schedule_type: str | None = None
+    hires_prompt: str | None = None
+    hires_negative_prompt: str | None = None
+    hires_guidance_scale: float | None = None
 
 
 def _whole(value) -> bool:

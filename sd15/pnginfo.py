@@ -140,6 +140,11 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "Hires upscale": _number(s.hires_scale) if s.hires_scale else None,
         "Hires steps": s.hires_steps if s.hires_scale else None,
         "Hires upscaler": HIRES_UPSCALER_NAMES[s.hires_upscaler] if s.hires_scale else None,
+        "Hires sampler": SAMPLER_NAMES[s.hires_sampler] if s.hires_sampler else None,
+        "Hires schedule type": {"default": "Uniform", **SCHEDULE_TYPE_NAMES}[s.hires_schedule_type] if s.hires_schedule_type else None,
+        "Hires prompt": s.hires_prompt,
+        "Hires negative prompt": s.hires_negative_prompt,
+        "Hires CFG Scale": _number(s.hires_guidance_scale) if s.hires_guidance_scale is not None else None,
         "Mask blur": _number(s.mask_blur) if s.mask_blur is not None else None,
         "Inpaint area": "Only masked" if s.inpaint_padding is not None else None,
         "Masked area padding": s.inpaint_padding,
@@ -194,7 +199,9 @@ def parse_parameters(text: str) -> dict:
     (sd15's name of any other schedule type it has), "eta" (DDIM's: `Eta DDIM`),
     "strength", "clip_skip", "pad_conds", "variation_seed" and "variation_strength", "seed_resize_from" ((W, H)),
     "eta_noise_seed_delta", "seamless" (`Tiling`), "ti_hashes", "lora_hashes"
-    ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler", and for inpainting
+    ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler" and
+    the second pass's own "hires_sampler", "hires_schedule_type", "hires_prompt", "hires_negative_prompt",
+    "hires_guidance_scale", and for inpainting
     "mask_blur" and "inpaint_padding", and "controlnets" (a list of {"model", "hash", "weight", "guidance_start",
     "guidance_end"}, one per `ControlNet N` field). LoRAs are named in the prompt itself, as `<lora:name:scale>`.
     """
@@ -212,16 +219,19 @@ def parse_parameters(text: str) -> dict:
     result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), "fields": fields}
     if "Steps" in fields:
         result["steps"] = int(fields["Steps"])
-    if "Sampler" in fields:
-        name = fields["Sampler"]
+    for key, schedule_key, name_key in (("Sampler", "Schedule type", "sampler"),
+                                        ("Hires sampler", "Hires schedule type", "hires_sampler")):  # fmt: skip
+        if key not in fields:
+            continue
+        name = fields[key]
         labels = sorted(SCHEDULE_TYPES, key=len, reverse=True)  # "SGM Uniform" before "Uniform"
         label = next((t for t in labels if name.endswith(" " + t) and name not in SAMPLERS_BY_NAME), None)
         if label:  # older files put the schedule in the sampler's name
-            name, fields["Schedule type"] = name[: -len(label) - 1], label
+            name, fields[schedule_key] = name[: -len(label) - 1], label
         if name in SAMPLERS_BY_NAME:
-            result["sampler"] = SAMPLERS_BY_NAME[name]
+            result[name_key] = SAMPLERS_BY_NAME[name]
         else:
-            result["unknown_sampler"] = name
+            result[f"unknown_{name_key}"] = name
     web_ui = made_by_web_ui(fields)
     sampler = result.get("sampler")
     # a schedule type the web UI records for a timestep sampler is a setting it did not use (sd15 gives UniPC Karras sigmas)
@@ -232,6 +242,17 @@ def parse_parameters(text: str) -> dict:
     result["karras"] = label == "Karras" and applied
     if label in SCHEDULE_TYPES_BY_NAME and label != "Karras" and applied:
         result["schedule_type"] = SCHEDULE_TYPES_BY_NAME[label]
+    hires_label = fields.get("Hires schedule type")
+    if hires_label == "Polyexponential" and "Schedule rho" not in fields:
+        hires_label = "Exponential"
+    hires_sampler = result.get("hires_sampler", sampler)
+    if hires_label is not None and (hires_sampler not in TIMESTEP_SAMPLERS or not web_ui):
+        names = {"Uniform": "default", "Automatic": "default", **SCHEDULE_TYPES_BY_NAME}
+        if hires_label in names:
+            result["hires_schedule_type"] = names[hires_label]
+    for key, name in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
+        if key in fields:
+            result[name] = fields[key]
     # DDIM's eta: the web UI's `Eta DDIM`; `Eta` is its ancestral samplers' (sd15 and older files wrote DDIM's as Eta)
     if sampler == "ddim" and ("Eta DDIM" in fields or (not web_ui and "Eta" in fields)):
         result["eta"] = float(fields.get("Eta DDIM", fields.get("Eta")))
@@ -248,7 +269,8 @@ def parse_parameters(text: str) -> dict:
     for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
                             ("Denoising strength", "strength", float),
                             ("Clip skip", "clip_skip", int), ("Hires upscale", "hires_scale", float),
-                            ("Hires steps", "hires_steps", int), ("Mask blur", "mask_blur", float),
+                            ("Hires steps", "hires_steps", int), ("Hires CFG Scale", "hires_guidance_scale", float),
+                            ("Mask blur", "mask_blur", float),
                             ("Masked area padding", "inpaint_padding", int)):  # fmt: skip
         if key in fields:
             result[name] = kind(fields[key])

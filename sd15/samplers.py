@@ -1004,6 +1004,11 @@ WEB_UI_SCHEDULES = {
 }
 
 
+def takes_schedule_types(sampler: str) -> bool:
+    """Whether `sampler` walks noise levels that a schedule type sets (not ddim, pndm, lcm: their timestep grids)."""
+    return sampler not in _VP_SAMPLERS
+
+
 def resolve_schedule(karras: bool = False, schedule_type: str | None = None) -> str:
     """The one noise schedule that `karras` (a shorthand for "karras") and `schedule_type` name together."""
     name = schedule_type or ("karras" if karras else "default")

@@ -183,11 +183,11 @@ def test_from_png_names_the_recorded_settings_it_does_not_apply(workdir, tiny_ch
     from sd15.pnginfo import save_png
 
     text = ("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Variation seed: 9, "
-            "Variation seed strength: 0.3, ENSD: 31337, Hires sampler: DPM++ 2M, Face restoration: CodeFormer")  # fmt: skip
+            "Variation seed strength: 0.3, ENSD: 31337, Hires checkpoint: other.safetensors, Face restoration: CodeFormer")  # fmt: skip
     save_png(Image.new("RGB", (8, 8)), workdir / "webui.png", text)
     assert main(["generate", "--from-png", "webui.png", "--model", str(tiny_checkpoint), "-o", "out.png", "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "records settings sd15 does not apply (Face restoration, Hires sampler)" in err  # the variation and ENSD it does
+    assert "records settings sd15 does not apply (Face restoration, Hires checkpoint)" in err  # the variation and ENSD it does
     save_png(Image.new("RGB", (8, 8)), workdir / "plain.png", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64")
     assert main(["generate", "--from-png", "plain.png", "--model", str(tiny_checkpoint), "-o", "out2.png", "--no-progress"]) == 0
     assert "does not apply" not in capsys.readouterr().err

@@ -253,3 +253,63 @@ def test_cli_hires_with_a_controlnet_records_both_and_from_png_makes_it_again(wo
                  "-o", "again.png", *run[6:]]) == 0  # fmt: skip
     assert np.array_equal(np.asarray(Image.open("again.png")), big)
     assert read_parameters("again.png") == text
+
+
+def test_the_second_pass_may_have_its_own_sampler_prompt_and_guidance(tiny_model, monkeypatch):
+    """The web UI's Hires sampler, Hires prompt, Hires negative prompt, Hires CFG Scale: the second pass runs them
+    (seen in the calls it makes), the first pass is untouched, and the first pass's own values change nothing."""
+    from sd15 import pipeline
+    from sd15.hires import second_pass_plan
+
+    calls, real_run = [], pipeline._run
+
+    def spy(m, plan, prompts, negatives, start, generators, guidance_scale, *args, **kwargs):
+        calls.append((plan.sampler, list(prompts), list(negatives), guidance_scale, plan.timesteps[plan.start :].tolist()))
+        return real_run(m, plan, prompts, negatives, start, generators, guidance_scale, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run", spy)
+    run = dict(KW, scale=1.5, strength=0.6, output_type="np", negative_prompt="blurry", guidance_scale=7.5)
+    plain = tiny_model.hires_fix("a castle", **run)
+    same = tiny_model.hires_fix("a castle", hires_sampler="euler", hires_prompt="a castle", hires_negative_prompt="blurry",
+                                hires_guidance_scale=7.5, **run)  # fmt: skip
+    assert np.array_equal(plain, same)
+    calls.clear()
+    own = tiny_model.hires_fix("a castle", hires_sampler="dpmpp_2m", hires_prompt="a castle, detailed stone",
+                               hires_negative_prompt="", hires_guidance_scale=3.0, **run)  # fmt: skip
+    first, second = calls
+    assert first[:4] == ("euler", ["a castle"], ["blurry"], 7.5)
+    plan = second_pass_plan("dpmpp_2m", 3, 0.6)
+    assert second[:4] == ("dpmpp_2m", ["a castle, detailed stone"], [""], 3.0) and second[4] == plan.timesteps[plan.start :].tolist()
+    assert not np.array_equal(own, plain)
+
+
+def test_a_hires_sampler_without_schedule_types_drops_the_first_passs(tiny_model):
+    run = dict(KW, scale=1.5, output_type="np")
+    image = tiny_model.hires_fix("a castle", karras=True, hires_sampler="ddim", **run)  # the web UI applies none to DDIM
+    assert image.shape == (1, 72, 96, 3)
+    with pytest.raises(ValueError, match="karras sigmas apply to the sigma-space samplers, not 'ddim'"):
+        tiny_model.hires_fix("a castle", hires_sampler="ddim", hires_schedule_type="karras", **run)
+    with pytest.raises(ValueError, match="a hires prompt is one text or one per prompt"):
+        tiny_model.hires_fix(["a", "b"], hires_prompt=["c"], **run)
+
+
+def test_the_second_passs_settings_are_recorded_and_read_back(workdir, tiny_checkpoint, capsys):
+    from sd15.pnginfo import parse_parameters, read_parameters
+
+    args = ["--steps", "2", "--width", "64", "--height", "64", "--model", str(tiny_checkpoint), "--no-progress", "--seed", "5"]
+    assert main(["generate", "a castle", "--sampler", "euler", "--hires-scale", "1.5", "--hires-sampler", "dpmpp_2m",
+                 "--hires-schedule-type", "karras", "--hires-prompt", "a castle, detailed: stone", "--hires-cfg", "4",
+                 "-o", "big.png", *args]) == 0  # fmt: skip
+    text = read_parameters(workdir / "big.png")
+    for field in ('Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires prompt: "a castle, detailed: stone", '
+                  "Hires CFG Scale: 4,",):  # fmt: skip
+        assert field in text
+    assert "Hires negative prompt" not in text  # the same as the first pass's: not said, as the web UI
+    assert main(["generate", "--from-png", "big.png", "-o", "again.png", "--model", str(tiny_checkpoint), "--no-progress"]) == 0
+    assert "does not apply" not in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(workdir / "again.png")), np.asarray(Image.open(workdir / "big.png")))
+    webui = parse_parameters("a castle\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x512, Denoising strength: 0.5, "
+                             "Hires upscale: 2, Hires sampler: DPM++ 2M Karras, Hires negative prompt: blurry, "
+                             "Hires CFG Scale: 5, Version: v1.10.1")  # fmt: skip
+    assert (webui["hires_sampler"], webui["hires_schedule_type"], webui["hires_negative_prompt"], webui["hires_guidance_scale"]) == (
+        "dpmpp_2m", "karras", "blurry", 5.0)  # fmt: skip
