@@ -62,7 +62,7 @@ def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bo
     else:
         try:
             plan = plan_sampling(sampler, total, karras=karras, eta=eta, schedule_type=schedule_type)
-            return dataclasses.replace(plan, start=total - hires_steps)
+            return dataclasses.replace(plan, start=plan.steps - hires_steps)  # plan.steps: ddim_uniform's own count
         except ValueError as e:  # e.g. PLMS's grid at 1000 steps
             why = f"which {sampler} cannot run ({e})"
     raise ValueError(f"{hires_steps} hires steps at strength {strength:g} need a {total}-step schedule, {why}; "

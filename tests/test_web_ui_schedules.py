@@ -82,6 +82,10 @@ def test_ddim_uniform_runs_the_steps_its_stride_gives():
     assert plan_sampling("euler", 30, schedule_type="ddim_uniform").steps == 31
     assert plan_sampling("euler", 20, schedule_type="ddim_uniform").steps == 20
     assert plan_sampling("euler", 600, schedule_type="ddim_uniform").steps == 999
+    from sd15.hires import second_pass_plan  # a hires fix's second pass still runs exactly its hires steps
+
+    plan = second_pass_plan("euler", 10, 0.35, schedule_type="ddim_uniform")  # 28 asked: stride 35, 29 run
+    assert (plan.steps, plan.steps - plan.start) == (29, 10)
 
 
 def test_kl_optimal_ends_at_sigma_min_and_the_run_returns_that_latent():
