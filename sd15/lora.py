@@ -44,9 +44,10 @@ entries are looked up by name. Entries that name no layer are reported (`Applied
 warning); entries whose shapes do not fit their layer are an error. Conv layers (LoCon: ResBlock convs,
 down/upsamplers, 3×3 kernels) are adapted like linear ones. On an inpainting model, whose conv_in takes 9
 channels (latent, mask, masked image), a LoRA's 4-channel conv_in adapts the latent channels only, as the
-web UI does it. Files sd15 cannot apply as they are meant are refused, naming what they hold: DoRA
-(`lora_magnitude_vector`, `dora_scale`), LoRA with bias terms, LyCORIS LoCon with Tucker decomposition
-(`lora_mid`), SDXL LoRAs, files of LyCORIS LoHa/LoKr layers alone, full checkpoints.
+web UI does it. LyCORIS's LoHa and LoKr layers (`hada_w1_a`…, `lokr_w1`…, under kohya's names) are read as
+well, by sd15.lycoris, alone or mixed with plain LoRA layers in one file. Files sd15 cannot apply as they are
+meant are refused, naming what they hold: DoRA (`lora_magnitude_vector`, `dora_scale`), LoRA with bias terms,
+LyCORIS LoCon with Tucker decomposition (`lora_mid`), SDXL LoRAs, full checkpoints.
 
 Two ways to apply, for any number of LoRAs at once:
 - merged (default): the layer's weight becomes W', computed in float32. The original weight is kept, so
@@ -75,6 +76,7 @@ import torch.nn.functional as F
 from . import cuda_graphs, keymap
 from .checkpoint import CheckpointError, open_checkpoint, printable
 from .embeddings import file_hash
+from .lycoris import HadamardLayer, KroneckerLayer, lycoris_layer
 from .prompts import LoraTag, lora_tags
 
 if TYPE_CHECKING:
@@ -83,7 +85,8 @@ if TYPE_CHECKING:
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 DEFAULT_LORA_DIR = Path("weights") / "lora"
-_KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)")  # te1/te2: SDXL
+# kohya's LoRA matrices, and LyCORIS's LoHa/LoKr factors under the same layer names (sd15.lycoris); te1/te2: SDXL
+_KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha|hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t2))")
 # diffusers: [unet.|text_encoder.]<module path>.<matrix>, and the attention processors' <attention>.to_q_lora.down…
 _DIFFUSERS_KEY = re.compile(r"(?:(unet|text_encoder)\.)?(\w[\w.]*?)\.(lora_[AB]\.weight|lora\.(?:down|up)\.weight|lora_linear_layer\.(?:down|up)\.weight|alpha)")
 _PROCESSOR_KEY = re.compile(r"(?:(unet|text_encoder)\.)?(\w[\w.]*?)\.(?:processor\.)?to_(q|k|v|out)_lora\.(down|up)\.weight")
@@ -118,12 +121,15 @@ class LoRALayer:
         return (up @ down).reshape(shape) * self.multiplier  # (out, r) @ (r, in·kh·kw)
 
 
+AnyLayer = LoRALayer | HadamardLayer | KroneckerLayer  # what a file's entry adapts a layer with
+
+
 @dataclass
 class LoRA:
     """A LoRA file's layers by entry name (kohya's, or diffusers' module path); nothing is applied until `apply_lora`."""
 
     name: str  # the name prompts use: <lora:name:0.8>
-    layers: dict[str, LoRALayer]
+    layers: dict[str, AnyLayer]
     path: Path | None = None
     hash: str | None = None  # 12 hex digits, as the web UI's "Lora hashes" shows it
     unsupported: list[str] = field(default_factory=list)  # file keys that are no LoRA entry sd15 reads
@@ -150,7 +156,7 @@ def _file_entry(key: str) -> tuple[str, str, str, str] | None:
     without a component are the UNet's, unless their path is CLIP's (`text_model.…`, `encoder.layers.…`).
     """
     if m := _KOHYA_KEY.fullmatch(key):
-        return "kohya", m[1], m[1], _PART[m[2]]
+        return "kohya", m[1], m[1], _PART.get(m[2], m[2])  # LyCORIS parts keep their names
     if m := _PROCESSOR_KEY.fullmatch(key):  # <attention>.processor.to_q_lora.down.weight: the projection is to_q
         prefix, attention, projection, part = m.groups()
         component = prefix or ("text_encoder" if attention.startswith(("text_model.", "encoder.layers.")) else "unet")
@@ -184,8 +190,8 @@ def _refusal(keys: list[str], configs: dict[str, dict]) -> str | None:
 
 def _contents(keys: list[str]) -> str:
     """What a file that holds no LoRA layers holds instead, for the error message."""
-    if any(re.search(r"(^|\.)(hada|lokr)_", k) for k in keys):
-        return "LyCORIS LoHa/LoKr layers (hada_…/lokr_…), which sd15 does not apply"
+    if any(re.search(r"(^|\.)(hada|lokr)_", k) and not k.startswith("lora_") for k in keys):
+        return "LyCORIS LoHa/LoKr layers under other names than kohya's (lora_unet_…/lora_te_…), the only ones sd15 reads them in"
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
         return "a full model checkpoint (model.diffusion_model.…), not a LoRA"
     if any(re.fullmatch(r"(unet\.)?(down_blocks|mid_block|up_blocks|conv_in)\..*weight|(text_model\.)?encoder\.layers\..*weight", k) for k in keys):
@@ -222,22 +228,29 @@ def read_lora(path: str | os.PathLike, name: str | None = None) -> LoRA:
         raise CheckpointError(f"{path} mixes kohya names (lora_unet_…) and diffusers names (unet.…); it is not one LoRA")
     layers, targets = {}, {}
     for entry, (target, found) in entries.items():
-        if "down" not in found or "up" not in found:
-            unsupported += found.values()  # an entry without both matrices cannot be applied
-            continue
-        down, up = ckpt.get(found["down"]), ckpt.get(found["up"])
-        for key, tensor in ((found["down"], down), (found["up"], up)):
+        tensors = {part: ckpt.get(key) for part, key in found.items() if part != "alpha"}
+        for part, tensor in tensors.items():
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{path}: {key} is not finite floating-point numbers ({tensor.dtype}); the file is damaged")
-        if "alpha" in found:
-            alpha = _alpha(path, found["alpha"], ckpt.get(found["alpha"]))
+                raise CheckpointError(f"{path}: {found[part]} is not finite floating-point numbers ({tensor.dtype}); the file is damaged")
+        alpha = _alpha(path, found["alpha"], ckpt.get(found["alpha"])) if "alpha" in found else None
+        if "down" in tensors and "up" in tensors:
+            if alpha is None:
+                alpha = _peft_alpha(configs, entry, tensors["down"].shape[0])
+            layer = LoRALayer(tensors["down"], tensors["up"], alpha)
         else:
-            alpha = _peft_alpha(configs, entry, down.shape[0])
-        layers[entry] = LoRALayer(down, up, alpha)
+            layer = lycoris_layer(tensors, alpha)  # LoHa, LoKr, or None: an incomplete entry
+        if layer is None:
+            unsupported += found.values()  # an entry without all its matrices cannot be applied
+            continue
+        kind = {LoRALayer: ("down", "up"), HadamardLayer: ("hada_",), KroneckerLayer: ("lokr_",)}[type(layer)]
+        unsupported += [key for part, key in found.items() if part != "alpha" and not part.startswith(kind)]  # another kind's
+        layers[entry] = layer
         if target != entry:
             targets[entry] = target
     if not layers:
-        raise CheckpointError(f"{path} holds no complete LoRA layer (a down and an up matrix): it holds {_contents(keys)}")
+        raise CheckpointError(f"{path} holds no complete adapter layer (a LoRA's down and up matrices, a LoHa's hada_w1_a, "
+                              f"hada_w1_b, hada_w2_a and hada_w2_b, or a LoKr's lokr_w1 and lokr_w2, each whole or as _a "
+                              f"and _b): it holds {_contents(keys)}")  # fmt: skip
     fmt = formats.pop()
     return LoRA(name or path.stem, layers, path, lora_file_hash(path), sorted(unsupported), metadata, fmt, targets)
 
@@ -324,8 +337,10 @@ def lora_targets(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[st
     return targets
 
 
-def _shape_problem(module: nn.Module, layer: LoRALayer) -> str | None:
+def _shape_problem(module: nn.Module, layer: AnyLayer) -> str | None:
     """Why `layer` cannot adapt `module`, or None."""
+    if not isinstance(layer, LoRALayer):
+        return layer.problem(module.weight.shape)
     out_features, in_features = module.weight.shape[:2]
     kernel = tuple(module.weight.shape[2:]) or (1, 1)
     down, up = layer.down, layer.up
@@ -343,6 +358,8 @@ def _inpainting_conv_in(target: str, module: nn.Module, layer: LoRALayer) -> LoR
     """A LoRA's conv_in made for the 4 latent channels, on an inpainting model's conv_in, which takes 9
     (latent, mask, masked image): its down matrix padded with zeros for the other 5, so that it adapts the
     latent channels and leaves the rest as they are, as the web UI does. Any other layer as it is."""
+    if not isinstance(layer, LoRALayer):
+        return layer
     down = layer.down
     if target == PREFIXES["unet"] + "conv_in" and module.weight.shape[1] == 9 and down.dim() == 4 and down.shape[1] == 4:
         return LoRALayer(F.pad(down, (0, 0, 0, 0, 0, 5)), layer.up, layer.alpha)  # (r, 4, kh, kw) -> (r, 9, kh, kw)
@@ -395,7 +412,7 @@ class _LayerPatch:
     def graph_state(self) -> tuple:
         """What the forward hook computes with, for sd15.cuda_graphs: a captured graph holds the live LoRAs'
         tensors and scales, so it is captured again when they change (and the hook counts as graph-safe)."""
-        return tuple((key, down.data_ptr(), up.data_ptr(), scale) for key, (down, up, scale) in self.live.items())
+        return tuple((key, None if down is None else down.data_ptr(), up.data_ptr(), scale) for key, (down, up, scale) in self.live.items())
 
     @staticmethod
     def of(module: nn.Module) -> "_LayerPatch":
@@ -412,15 +429,18 @@ class _LayerPatch:
             self.merged = merged
         else:
             w = self.module.weight
-            down, up = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype)
-            if isinstance(self.module, nn.Conv2d):
-                down = down.reshape(down.shape[0], down.shape[1], *self.module.kernel_size)  # (r, in, kh, kw)
-                up = up.reshape(up.shape[0], up.shape[1], 1, 1)  # (out, r, 1, 1)
+            if not isinstance(layer, LoRALayer):  # LoHa, LoKr: not low-rank, so their whole ΔW (scaled), once
+                down, up, factor = None, layer.delta(w.shape, w.device).to(w.dtype), scale
             else:
-                down, up = down.flatten(1), up.flatten(1)  # (r, in), (out, r)
+                down, up, factor = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype), scale * layer.multiplier
+                if isinstance(self.module, nn.Conv2d):
+                    down = down.reshape(down.shape[0], down.shape[1], *self.module.kernel_size)  # (r, in, kh, kw)
+                    up = up.reshape(up.shape[0], up.shape[1], 1, 1)  # (out, r, 1, 1)
+                else:
+                    down, up = down.flatten(1), up.flatten(1)  # (r, in), (out, r)
             if self.handle is None:
                 self.handle = self.module.register_forward_hook(self._hook)
-            self.live[key] = (down, up, scale * layer.multiplier)
+            self.live[key] = (down, up, factor)
         cuda_graphs.state_changed()
 
     def remove(self, key: int) -> None:
@@ -455,8 +475,11 @@ class _LayerPatch:
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         for down, up, scale in self.live.values():
-            if isinstance(module, nn.Conv2d):
-                h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+            conv = isinstance(module, nn.Conv2d)  # its own padding (circular too: sd15.seamless), stride, dilation
+            if down is None:  # a whole ΔW
+                h = module._conv_forward(x, up, None) if conv else F.linear(x, up)
+            elif conv:
+                h = F.conv2d(module._conv_forward(x, down, None), up)
             else:
                 h = F.linear(F.linear(x, down), up)  # (…, r) -> (…, out)
             output = output + scale * h
