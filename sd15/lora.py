@@ -45,9 +45,9 @@ warning); entries whose shapes do not fit their layer are an error. Conv layers 
 down/upsamplers, 3×3 kernels) are adapted like linear ones. On an inpainting model, whose conv_in takes 9
 channels (latent, mask, masked image), a LoRA's 4-channel conv_in adapts the latent channels only, as the
 web UI does it. LyCORIS's LoHa and LoKr layers (`hada_w1_a`…, `lokr_w1`…, under kohya's names) are read as
-well, by sd15.lycoris, alone or mixed with plain LoRA layers in one file. Files sd15 cannot apply as they are
-meant are refused, naming what they hold: DoRA (`lora_magnitude_vector`, `dora_scale`), LoRA with bias terms,
-LyCORIS LoCon with Tucker decomposition (`lora_mid`), SDXL LoRAs, full checkpoints.
+well, by sd15.lycoris, alone or mixed with plain LoRA layers in one file, and LoCon's Tucker cores (`lora_mid`).
+Files sd15 cannot apply as they are meant are refused, naming what they hold: DoRA (`lora_magnitude_vector`,
+`dora_scale`), LoRA with bias terms, SDXL LoRAs, full checkpoints.
 
 Two ways to apply, for any number of LoRAs at once:
 - merged (default): the layer's weight becomes W', computed in float32. The original weight is kept, so
@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from . import cuda_graphs, keymap
 from .checkpoint import CheckpointError, open_checkpoint, printable
 from .embeddings import file_hash
-from .lycoris import HadamardLayer, KroneckerLayer, lycoris_layer
+from .lycoris import HadamardLayer, KroneckerLayer, TuckerLoRALayer, lycoris_layer
 from .prompts import LoraTag, lora_tags
 
 if TYPE_CHECKING:
@@ -86,11 +86,11 @@ PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 DEFAULT_LORA_DIR = Path("weights") / "lora"
 # kohya's LoRA matrices, and LyCORIS's LoHa/LoKr factors under the same layer names (sd15.lycoris); te1/te2: SDXL
-_KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha|hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t2))")
+_KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_\w+?)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t2))")
 # diffusers: [unet.|text_encoder.]<module path>.<matrix>, and the attention processors' <attention>.to_q_lora.down…
 _DIFFUSERS_KEY = re.compile(r"(?:(unet|text_encoder)\.)?(\w[\w.]*?)\.(lora_[AB]\.weight|lora\.(?:down|up)\.weight|lora_linear_layer\.(?:down|up)\.weight|alpha)")
 _PROCESSOR_KEY = re.compile(r"(?:(unet|text_encoder)\.)?(\w[\w.]*?)\.(?:processor\.)?to_(q|k|v|out)_lora\.(down|up)\.weight")
-_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_A.weight": "down",
+_PART = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha", "lora_A.weight": "down",
          "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
          "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up"}  # fmt: skip
 _PROCESSOR_PROJECTION = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
@@ -121,7 +121,7 @@ class LoRALayer:
         return (up @ down).reshape(shape) * self.multiplier  # (out, r) @ (r, in·kh·kw)
 
 
-AnyLayer = LoRALayer | HadamardLayer | KroneckerLayer  # what a file's entry adapts a layer with
+AnyLayer = LoRALayer | TuckerLoRALayer | HadamardLayer | KroneckerLayer  # what a file's entry adapts a layer with
 
 
 @dataclass
@@ -181,8 +181,6 @@ def _refusal(keys: list[str], configs: dict[str, dict]) -> str | None:
         return "a DoRA (lora_magnitude_vector), which sd15 does not apply"
     if any(k.endswith(".dora_scale") for k in keys):  # kohya's and LyCORIS' name for DoRA's magnitudes
         return "a DoRA (dora_scale), which sd15 does not apply"
-    if any(".lora_mid." in k for k in keys):  # down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1)
-        return "a LyCORIS LoCon with Tucker decomposition (lora_mid), which sd15 does not apply"
     if any(k.endswith(".lora_B.bias") for k in keys):
         return "LoRA bias terms (lora_B.bias), which sd15 does not apply"
     return None
@@ -233,7 +231,9 @@ def read_lora(path: str | os.PathLike, name: str | None = None) -> LoRA:
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise CheckpointError(f"{path}: {found[part]} is not finite floating-point numbers ({tensor.dtype}); the file is damaged")
         alpha = _alpha(path, found["alpha"], ckpt.get(found["alpha"])) if "alpha" in found else None
-        if "down" in tensors and "up" in tensors:
+        if "down" in tensors and "up" in tensors and "mid" in tensors:  # LoCon's Tucker core
+            layer = TuckerLoRALayer(tensors["down"], tensors["mid"], tensors["up"], alpha)
+        elif "down" in tensors and "up" in tensors:
             if alpha is None:
                 alpha = _peft_alpha(configs, entry, tensors["down"].shape[0])
             layer = LoRALayer(tensors["down"], tensors["up"], alpha)
@@ -242,7 +242,8 @@ def read_lora(path: str | os.PathLike, name: str | None = None) -> LoRA:
         if layer is None:
             unsupported += found.values()  # an entry without all its matrices cannot be applied
             continue
-        kind = {LoRALayer: ("down", "up"), HadamardLayer: ("hada_",), KroneckerLayer: ("lokr_",)}[type(layer)]
+        kind = {LoRALayer: ("down", "up"), TuckerLoRALayer: ("down", "up", "mid"), HadamardLayer: ("hada_",),
+                KroneckerLayer: ("lokr_",)}[type(layer)]  # fmt: skip
         unsupported += [key for part, key in found.items() if part != "alpha" and not part.startswith(kind)]  # another kind's
         layers[entry] = layer
         if target != entry:

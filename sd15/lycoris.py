@@ -14,6 +14,8 @@ where ⊙ multiplies element by element and ⊗ is the Kronecker product (out = 
 convolution's factors may be Tucker-decomposed (`hada_t1`, `hada_t2`, `lokr_t2`: a core (r, r, kh, kw) between
 w_a (r, out) and w_b (r, in)): W[p, q, k, l] = Σ_ij t[i, j, k, l] · w_a[i, p] · w_b[j, q].
 
+LyCORIS's LoCon may Tucker-decompose a plain LoRA's convolution the same way (`lora_mid`, `TuckerLoRALayer`).
+
 Each layer class has LoRALayer's interface (sd15.lora): `delta(shape, device)` (scaled by alpha / r),
 `problem(weight_shape)` (why it does not fit a layer, or None) and `multiplier`.
 """
@@ -126,6 +128,39 @@ class KroneckerLayer:
         if w2.dim() == 4:  # (out1, in1) ⊗ (out2, in2, kh, kw): the kernel is w2's
             w1 = w1[:, :, None, None]
         return torch.kron(w1, w2).reshape(shape) * self.multiplier
+
+
+@dataclass
+class TuckerLoRALayer:
+    """A LoCon layer with a Tucker core (`lora_mid`): down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1),
+    ΔW[p, q, k, l] = Σ_ij mid[i, j, k, l] · up[p, i] · down[j, q] · alpha / r: a 1×1 convolution down to r
+    channels, the r×r kernel, a 1×1 convolution up."""
+
+    down: torch.Tensor
+    mid: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def multiplier(self) -> float:
+        return self.alpha / self.rank if self.alpha else 1.0
+
+    def problem(self, weight_shape) -> str | None:
+        shape = (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+        square = self.mid.shape[:2] == (self.up.shape[1], self.down.shape[0])
+        if square and tuple(shape) == tuple(weight_shape):
+            return None
+        return (f"down {list(self.down.shape)}, mid {list(self.mid.shape)}, up {list(self.up.shape)} do not fit a layer "
+                f"of weight {list(weight_shape)}")  # fmt: skip
+
+    def delta(self, shape: torch.Size, device: torch.device | None = None) -> torch.Tensor:
+        up, down = self.up.to(device, torch.float32).flatten(1), self.down.to(device, torch.float32).flatten(1)
+        kernel = torch.einsum("ijkl,pi,jq->pqkl", self.mid.to(device, torch.float32), up, down)
+        return kernel.reshape(shape) * self.multiplier
 
 
 HADA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")

@@ -684,8 +684,6 @@ NOT_SD1_LORAS = {  # name: (the file's tensors, what the refusal says it holds)
     "dora": ({**CONV_IN, "unet.conv_in.lora_magnitude_vector": torch.ones(32)}, "DoRA"),
     "kohya-dora": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1),
                     "lora_unet_conv_in.alpha": torch.tensor(4.0), "lora_unet_conv_in.dora_scale": torch.ones(1, 4, 1, 1)}, "a DoRA \\(dora_scale\\)"),
-    "locon-tucker": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 1, 1), "lora_unet_conv_in.lora_mid.weight": torch.zeros(4, 4, 3, 3),
-                      "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, "LoCon with Tucker decomposition \\(lora_mid\\)"),
     "bias": ({**CONV_IN, "unet.conv_in.lora_B.bias": torch.ones(32)}, "bias terms"),
     "mixed": ({**CONV_IN, "lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
                "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, "mixes kohya"),

@@ -1,4 +1,4 @@
-"""LyCORIS LoHa and LoKr layers (sd15.lycoris) on a tiny model.
+"""LyCORIS LoHa, LoKr and Tucker LoCon layers (sd15.lycoris) on a tiny model.
 
 Three kinds of check: each layer's merged weight change against its definition written out here with numpy
 (float64; the model's float32 weights agree to 1e-6 relative); degenerate LoHa and LoKr files that are exactly a
@@ -93,14 +93,32 @@ def expected_lokr(t, name, shape):
     return np.kron(w1, w2).reshape(shape) * scale
 
 
-@pytest.mark.parametrize("kind", ["loha", "loha_tucker", "lokr"])
+def locon_tucker(m, seed=0, rank=4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out, inp, kh, kw = module_of(m, CONV).weight.shape
+    return {f"{CONV}.lora_down.weight": randn(g, rank, inp, 1, 1), f"{CONV}.lora_mid.weight": randn(g, rank, rank, kh, kw),
+            f"{CONV}.lora_up.weight": randn(g, out, rank, 1, 1), f"{CONV}.alpha": torch.tensor(2.0)}  # fmt: skip
+
+
+def expected_locon_tucker(t, name, shape):
+    down, mid, up = (t[f"{name}.lora_{k}.weight"].double().numpy() for k in ("down", "mid", "up"))
+    return np.einsum("ijkl,pi,jq->pqkl", mid, up[:, :, 0, 0], down[:, :, 0, 0]).reshape(shape) * 2.0 / down.shape[0]
+
+
+KINDS = {"loha": (loha, expected_loha), "loha_tucker": (lambda m: loha(m, tucker=True), expected_loha),
+         "lokr": (lokr, expected_lokr), "locon_tucker": (locon_tucker, expected_locon_tucker)}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_merged_weights_are_the_definition(m, tmp_path, kind):
-    tensors = lokr(m) if kind == "lokr" else loha(m, tucker=kind == "loha_tucker")
-    before = {name: module_of(m, name).weight.detach().double().clone() for name in (LINEAR, CONV, TEXT)}
+    make, expected = KINDS[kind]
+    tensors = make(m)
+    names = [name for name in (LINEAR, CONV, TEXT) if f"{name}.alpha" in tensors]
+    before = {name: module_of(m, name).weight.detach().double().clone() for name in names}
     with m.load_lora(write(tensors, tmp_path / f"{kind}.safetensors"), scale=0.7):
         for name, w0 in before.items():
             w = module_of(m, name).weight.detach().double()
-            definition = (expected_lokr if kind == "lokr" else expected_loha)(tensors, name, tuple(w.shape))
+            definition = expected(tensors, name, tuple(w.shape))
             np.testing.assert_allclose((w - w0).numpy(), 0.7 * definition, rtol=1e-5, atol=1e-6)
             assert np.abs(definition).max() > 1e-2, name  # a real change, not zeros matching zeros
     for name, w0 in before.items():
@@ -130,11 +148,11 @@ def _path(m, name):
     return f"{path}.weight"
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "locon_tucker"])
 def test_on_the_fly_equals_merged_also_seamless(m, tmp_path, kind):
     """On the fly, the whole ΔW is applied to the layer's input through the layer's own convolution, so its
     padding (circular, with sd15.seamless) is the layer's."""
-    path = write(lokr(m) if kind == "lokr" else loha(m), tmp_path / f"{kind}.safetensors")
+    path = write(KINDS[kind][0](m), tmp_path / f"{kind}.safetensors")
     run = dict(steps=2, seed=1, width=64, height=64, output_type="np", sampler="euler")
     for seamless in (False, True):
         with m.load_lora(path, scale=0.8):
