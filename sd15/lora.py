@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from . import cuda_graphs, keymap
 from .checkpoint import CheckpointError, open_checkpoint, printable
 from .embeddings import file_hash
-from .lycoris import HadamardLayer, KroneckerLayer, TuckerLoRALayer, lycoris_layer
+from .lycoris import AlphaOverRank, HadamardLayer, KroneckerLayer, TuckerLoRALayer, lycoris_layer
 from .prompts import LoraTag, lora_tags
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata: 
 
 
 @dataclass
-class LoRALayer:
+class LoRALayer(AlphaOverRank):
     """One adapted layer: down (r, in) or (r, in, kh, kw), up (out, r) or (out, r, 1, 1), alpha."""
 
     down: torch.Tensor
@@ -109,11 +109,6 @@ class LoRALayer:
     @property
     def rank(self) -> int:
         return self.down.shape[0]
-
-    @property
-    def multiplier(self) -> float:
-        """alpha / rank; 1 when the file has no alpha (or alpha 0, which kohya's trainer reads as the rank)."""
-        return self.alpha / self.rank if self.alpha else 1.0
 
     def delta(self, shape: torch.Size, device: torch.device | None = None) -> torch.Tensor:
         """(alpha / rank) · up · down in float32, in the layer weight's shape, computed on `device`."""

@@ -50,8 +50,17 @@ def _flat(shape) -> tuple[int, int]:
     return out, rest
 
 
+class AlphaOverRank:
+    """The scale of an adapter's ΔW, alpha / rank (the `alpha` and `rank` of the class it is mixed into); 1 when
+    the file has no alpha (or alpha 0, which kohya's trainer reads as the rank) or the layer no rank."""
+
+    @property
+    def multiplier(self) -> float:
+        return self.alpha / self.rank if self.alpha and self.rank else 1.0
+
+
 @dataclass
-class HadamardLayer:
+class HadamardLayer(AlphaOverRank):
     """A LoHa layer: ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / r (Tucker cores t1, t2 optional)."""
 
     w1_a: torch.Tensor
@@ -66,10 +75,6 @@ class HadamardLayer:
     def rank(self) -> int:
         return self.w1_b.shape[0]
 
-    @property
-    def multiplier(self) -> float:
-        return self.alpha / self.rank if self.alpha else 1.0
-
     def problem(self, weight_shape) -> str | None:
         first, second = _shape_of(self.w1_a, self.w1_b, self.t1), _shape_of(self.w2_a, self.w2_b, self.t2)
         if _flat(first) == _flat(second) == _flat(weight_shape) and (self.t1 is None or tuple(first) == tuple(weight_shape)):
@@ -83,7 +88,7 @@ class HadamardLayer:
 
 
 @dataclass
-class KroneckerLayer:
+class KroneckerLayer(AlphaOverRank):
     """A LoKr layer: ΔW = w1 ⊗ w2 · alpha / r, each factor whole (`w1`) or a product (`w1_a` · `w1_b`)."""
 
     w1: torch.Tensor | None
@@ -100,10 +105,6 @@ class KroneckerLayer:
         """The rank of the factored factor (w2's if both are), None if neither is."""
         factored = self.w2_b if self.w2_b is not None else self.w1_b
         return None if factored is None else factored.shape[0]
-
-    @property
-    def multiplier(self) -> float:
-        return self.alpha / self.rank if self.alpha and self.rank else 1.0
 
     def _factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         w1 = self.w1.to(device, torch.float32) if self.w1 is not None else _product(self.w1_a, self.w1_b, None, device)
@@ -131,7 +132,7 @@ class KroneckerLayer:
 
 
 @dataclass
-class TuckerLoRALayer:
+class TuckerLoRALayer(AlphaOverRank):
     """A LoCon layer with a Tucker core (`lora_mid`): down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1),
     ΔW[p, q, k, l] = Σ_ij mid[i, j, k, l] · up[p, i] · down[j, q] · alpha / r: a 1×1 convolution down to r
     channels, the r×r kernel, a 1×1 convolution up."""
@@ -144,10 +145,6 @@ class TuckerLoRALayer:
     @property
     def rank(self) -> int:
         return self.down.shape[0]
-
-    @property
-    def multiplier(self) -> float:
-        return self.alpha / self.rank if self.alpha else 1.0
 
     def problem(self, weight_shape) -> str | None:
         shape = (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
