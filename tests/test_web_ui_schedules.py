@@ -159,8 +159,8 @@ def test_beta_quantiles_are_scipys():
     """sd15's Beta schedule computes the Beta distribution's quantiles itself (no scipy at run time)."""
     from scipy import stats
 
-    p = np.concatenate([np.linspace(0, 1, 101), [1e-9, 1 - 1e-9]])
+    p = np.concatenate([np.linspace(0, 1, 101), [1e-6, 1 - 1e-6]])  # nearer the ends scipy's own root finder gives up
     for a, b in [(0.6, 0.6), (2.0, 0.5), (0.5, 3.0), (1.0, 1.0)]:
         np.testing.assert_allclose(schedule.beta_cdf(p, a, b), stats.beta.cdf(p, a, b), rtol=0, atol=1e-13)
-        # 1e-10: near p = 1 the quantile is found to the CDF's last bits, which its slope there magnifies
-        np.testing.assert_allclose(schedule.beta_quantile(p, a, b), stats.beta.ppf(p, a, b), rtol=0, atol=1e-10)
+        # 1e-11: near the ends a quantile is found to the CDF's last bits, which a flat CDF there magnifies (3e-13 seen)
+        np.testing.assert_allclose(schedule.beta_quantile(p, a, b), stats.beta.ppf(p, a, b), rtol=0, atol=1e-11)
