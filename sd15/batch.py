@@ -100,7 +100,7 @@ def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked
         del key["controlnets"]
     for name in ("pad_conds", "schedule_type", "variation_seed", "variation_strength", "seed_resize_from",
                  "eta_noise_seed_delta", "seamless", "hires_sampler", "hires_schedule_type", "hires_prompt",
-                 "hires_negative_prompt", "hires_guidance_scale"):  # GenerationSettings fields added since the first version: left out unset
+                 "hires_negative_prompt", "hires_guidance_scale", "discard_penultimate_sigma"):  # GenerationSettings fields added since the first version: left out unset
         if not key[name]:
             del key[name]
     if control is not None:

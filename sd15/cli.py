@@ -110,6 +110,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
                    help="centre the seed's noise as it is for a WxH image, to keep much of that image's layout")
     p.add_argument("--seamless", action="store_true", default=None,
                    help="an image that tiles: circular padding in the UNet and the VAE (the web UI's Tiling)")
+    p.add_argument("--discard-penultimate-sigma", action="store_true", default=None,
+                   help="the grid of steps + 1 steps without its next-to-last noise level, as the web UI runs DPM2 "
+                        "(sigma-space samplers)")
     p.add_argument("--ensd", "--eta-noise-seed-delta", dest="ensd", type=int, default=None, metavar="N",
                    help="draw an ancestral or SDE sampler's noise from seed + N (the web UI's ENSD, e.g. 31337)")
     p.add_argument("--model", default=None, help="checkpoint file (default: $SD15_MODEL, then weights/)")
@@ -537,6 +540,7 @@ def run_generate(args) -> None:
         clip_skip=pick(args.clip_skip, "clip_skip", 1),
         pad_conds=pick(args.pad_conds, "pad_conds", False),
         seamless=pick(args.seamless, "seamless", False),
+        discard_penultimate_sigma=pick(args.discard_penultimate_sigma, "discard_penultimate_sigma", False),
         **_noise_kwargs(args, settings),
     )
     if kwargs["seed"] is None:
@@ -549,16 +553,18 @@ def run_generate(args) -> None:
     check_settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"], kwargs["height"],
                    args.num_images, seed=kwargs["seed"], eta=kwargs["eta"])  # fmt: skip
     _check_noise_kwargs(kwargs, args.num_images)
-    plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"], schedule_type=kwargs["schedule_type"])  # --karras with ddim
+    plan_sampling(kwargs["sampler"], kwargs["steps"], karras=kwargs["karras"], schedule_type=kwargs["schedule_type"],
+                  discard_penultimate_sigma=kwargs["discard_penultimate_sigma"])  # --karras with ddim
     check_prompts(prompt, kwargs["negative_prompt"])
     if hires:
         second = second_pass_settings(kwargs["sampler"], kwargs["guidance_scale"], kwargs["karras"], kwargs["schedule_type"],
                                       kwargs["eta"], hires["hires_sampler"], hires["hires_schedule_type"],
-                                      hires["hires_guidance_scale"])  # fmt: skip
+                                      hires["hires_guidance_scale"], kwargs["discard_penultimate_sigma"])  # fmt: skip
         check_prompts(*(t for t in (hires["hires_prompt"], hires["hires_negative_prompt"]) if t is not None))
         check_hires_settings(kwargs["width"], kwargs["height"], hires["scale"], hires["strength"], kwargs["steps"],
                              hires["hires_steps"], hires["upscaler"], second["sampler"], second["guidance_scale"],
-                             args.num_images, karras=second["karras"], schedule_type=second["schedule_type"])  # fmt: skip
+                             args.num_images, karras=second["karras"], schedule_type=second["schedule_type"],
+                             discard_penultimate_sigma=second["discard_penultimate_sigma"])  # fmt: skip
     paths = _output_paths(args, kwargs["seed"], inputs=(args.from_png, *args.control_image))
     nets = _load_controlnets(args)
     m, model_path = _load_model(args)
@@ -594,7 +600,7 @@ def _scale_for_resize(size: tuple[int, int], width: int, height: int) -> float:
 # web UI settings that change an image and that sd15 lacks, so that --from-png says so rather than differ silently
 UNAPPLIED_FIELDS = ("Face restoration", "Refiner",
                     "Hires checkpoint", "Token merging ratio", "Token merging ratio hr", "NGMS", "Hypernet",
-                    "Pad conds v0", "Discard penultimate sigma", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
+                    "Pad conds v0", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
                     "Schedule rho", "Schedule max sigma", "Schedule min sigma", "Downcast alphas_cumprod",
                     "SGM noise multiplier", "Old prompt editing timelines", "Image CFG scale", "Conditional mask weight")  # fmt: skip
 
@@ -837,7 +843,8 @@ def _check_image_run(args, image, seed: int) -> None:
     check_settings(kw["steps"], kw["guidance_scale"], kw["sampler"], width, height, args.num_images, seed=seed)
     _check_noise_kwargs({**kw, "seed": seed}, args.num_images)
     check_prompts(args.prompt, kw["negative_prompt"])
-    plan_sampling(kw["sampler"], kw["steps"], strength=args.strength, karras=kw["karras"], schedule_type=kw["schedule_type"])
+    plan_sampling(kw["sampler"], kw["steps"], strength=args.strength, karras=kw["karras"], schedule_type=kw["schedule_type"],
+                  discard_penultimate_sigma=kw["discard_penultimate_sigma"])  # fmt: skip
 
 
 def _image_sampling_kwargs(args) -> dict:
@@ -854,6 +861,7 @@ def _image_sampling_kwargs(args) -> dict:
         clip_skip=args.clip_skip or 1,
         pad_conds=bool(args.pad_conds),
         seamless=bool(args.seamless),
+        discard_penultimate_sigma=bool(args.discard_penultimate_sigma),
         **_noise_kwargs(args),
     )
 
@@ -907,7 +915,7 @@ def run_batch(args) -> None:
     ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--pad-conds", args.pad_conds), ("--preview", args.preview),
                                         ("--variation-seed", args.variation_seed), ("--variation-strength", args.variation_strength),
                                         ("--seed-resize-from", args.seed_resize_from), ("--ensd", args.ensd),
-                                        ("--seamless", args.seamless))
+                                        ("--seamless", args.seamless), ("--discard-penultimate-sigma", args.discard_penultimate_sigma))
                if value is not None and value is not False]  # fmt: skip
     if ignored:
         raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")

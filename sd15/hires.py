@@ -52,7 +52,7 @@ def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bool = False, eta: float = 0.0,
-                     schedule_type: str | None = None):  # fmt: skip
+                     schedule_type: str | None = None, discard_penultimate_sigma: bool = False):  # fmt: skip
     """The second pass's SamplingPlan: the last `hires_steps` steps of an int(hires_steps / strength)-step
     schedule (strength capped at 0.999, as the web UI's setup_img2img_steps does), so that it runs exactly
     `hires_steps` steps from about `strength`'s noise level."""
@@ -61,7 +61,8 @@ def second_pass_plan(sampler: str, hires_steps: int, strength: float, karras: bo
         why = "more than the model's 1000 timesteps"
     else:
         try:
-            plan = plan_sampling(sampler, total, karras=karras, eta=eta, schedule_type=schedule_type)
+            plan = plan_sampling(sampler, total, karras=karras, eta=eta, schedule_type=schedule_type,
+                                 discard_penultimate_sigma=discard_penultimate_sigma)  # fmt: skip
             return dataclasses.replace(plan, start=plan.steps - hires_steps)  # plan.steps: ddim_uniform's own count
         except ValueError as e:  # e.g. PLMS's grid at 1000 steps
             why = f"which {sampler} cannot run ({e})"
@@ -86,10 +87,11 @@ def upscale_latents(m: "StableDiffusion", latents: torch.Tensor, width: int, hei
 
 def second_pass_settings(sampler: str, guidance_scale: float, karras: bool, schedule_type: str | None, eta: float,
                          hires_sampler: str | None = None, hires_schedule_type: str | None = None,
-                         hires_guidance_scale: float | None = None) -> dict:  # fmt: skip
-    """The second pass's sampler, guidance scale, schedule (karras, schedule_type) and DDIM eta: the hires ones
-    where given, else the first pass's. A schedule the first pass had but the hires sampler cannot take (ddim,
-    pndm, lcm) is dropped, as the web UI applies none to them; one asked for the hires pass is checked."""
+                         hires_guidance_scale: float | None = None, discard_penultimate_sigma: bool = False) -> dict:  # fmt: skip
+    """The second pass's sampler, guidance scale, schedule (karras, schedule_type, discard_penultimate_sigma) and
+    DDIM eta: the hires ones where given, else the first pass's. A schedule the first pass had but the hires sampler
+    cannot take (ddim, pndm, lcm) is dropped, as the web UI applies none to them; one asked for the hires pass is
+    checked."""
     second = hires_sampler or sampler
     if hires_schedule_type is not None:
         name = resolve_schedule(False, hires_schedule_type)
@@ -97,7 +99,8 @@ def second_pass_settings(sampler: str, guidance_scale: float, karras: bool, sche
     elif not takes_schedule_types(second):
         karras, schedule_type = False, None
     return dict(sampler=second, guidance_scale=guidance_scale if hires_guidance_scale is None else hires_guidance_scale,
-                karras=karras, schedule_type=schedule_type, eta=eta if second == "ddim" else 0.0)  # fmt: skip
+                karras=karras, schedule_type=schedule_type, eta=eta if second == "ddim" else 0.0,
+                discard_penultimate_sigma=discard_penultimate_sigma and takes_schedule_types(second))  # fmt: skip
 
 
 def _second_pass_texts(texts: list[str], given, num_images: int) -> list[str]:
@@ -112,7 +115,8 @@ def _second_pass_texts(texts: list[str], given, num_images: int) -> list[str]:
 
 
 def check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler, sampler, guidance_scale=7.5,
-                         num_images=1, karras: bool = False, schedule_type: str | None = None) -> tuple[int, int, int]:  # fmt: skip
+                         num_images=1, karras: bool = False, schedule_type: str | None = None,
+                         discard_penultimate_sigma: bool = False) -> tuple[int, int, int]:  # fmt: skip
     """Refuse a second pass that cannot run, before anything is loaded; returns its width, height and steps.
     `sampler`, `guidance_scale` and the schedule are the second pass's (`second_pass_settings`)."""
     if upscaler not in UPSCALERS:
@@ -124,7 +128,8 @@ def check_hires_settings(width, height, scale, strength, steps, hires_steps, ups
     hires_steps = hires_steps or steps  # 0, the web UI's "same as steps", too
     big_w, big_h = upscaled_size(width, height, scale)
     pipeline.check_settings(hires_steps, guidance_scale, sampler, big_w, big_h, num_images, karras=karras, schedule_type=schedule_type)
-    second_pass_plan(sampler, hires_steps, strength, karras=karras, schedule_type=schedule_type)  # a schedule the sampler cannot run
+    second_pass_plan(sampler, hires_steps, strength, karras=karras, schedule_type=schedule_type,
+                     discard_penultimate_sigma=discard_penultimate_sigma)  # a schedule the sampler cannot run
     return big_w, big_h, hires_steps
 
 
@@ -169,6 +174,7 @@ def hires_fix(
     hires_prompt: str | list[str] | None = None,
     hires_negative_prompt: str | list[str] | None = None,
     hires_guidance_scale: float | None = None,
+    discard_penultimate_sigma: bool = False,
 ):
     """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
 
@@ -192,11 +198,12 @@ def hires_fix(
     pipeline.check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     pipeline.check_prompts(prompt, negative_prompt)
     second = second_pass_settings(sampler, guidance_scale, karras, schedule_type, eta, hires_sampler, hires_schedule_type,
-                                  hires_guidance_scale)  # fmt: skip
+                                  hires_guidance_scale, discard_penultimate_sigma)  # fmt: skip
     pipeline.check_prompts(*(t for t in (hires_prompt, hires_negative_prompt) if t is not None))
     big_w, big_h, hires_steps = check_hires_settings(width, height, scale, strength, steps, hires_steps, upscaler,
                                                      second["sampler"], second["guidance_scale"], num_images,
-                                                     karras=second["karras"], schedule_type=second["schedule_type"])  # fmt: skip
+                                                     karras=second["karras"], schedule_type=second["schedule_type"],
+                                                     discard_penultimate_sigma=second["discard_penultimate_sigma"])  # fmt: skip
     if output_type not in pipeline.OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {pipeline.OUTPUT_TYPES}, got {output_type!r}")
     control = (controlnet, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
@@ -221,7 +228,8 @@ def hires_fix(
             stopped.append(True)
         return result
 
-    plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type)
+    plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type,
+                         discard_penultimate_sigma=discard_penultimate_sigma)  # fmt: skip
     noise = torch.stack([seeds.steer(i, torch.randn((channels, height // f, width // f), generator=g))
                          for i, g in enumerate(generators)])  # fmt: skip
     generators = seeds.sampler_generators(generators)
@@ -231,7 +239,8 @@ def hires_fix(
     if not stopped:
         init = upscale_latents(m, latents, big_w, big_h, upscaler, generators).cpu()  # (N, 4, H/8, W/8)
         plan = second_pass_plan(second["sampler"], hires_steps, strength, karras=second["karras"], eta=second["eta"],
-                                schedule_type=second["schedule_type"])  # fmt: skip
+                                schedule_type=second["schedule_type"],
+                                discard_penultimate_sigma=second["discard_penultimate_sigma"])  # fmt: skip
         noise = torch.cat([seeds.steer(i, torch.randn((1, *init.shape[1:]), generator=g)) for i, g in enumerate(generators)])
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts2, negatives2, start, generators, second["guidance_scale"], batch_size, tagged(2),
@@ -241,7 +250,8 @@ def hires_fix(
     if output_type == "pil":
         pipeline.record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=width, height=height, **pipeline.schedule_fields(karras, schedule_type), eta=eta,
-                                 strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless, hires_scale=scale, hires_steps=hires_steps,
+                                 strength=strength, clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless,
+                                 discard_penultimate_sigma=discard_penultimate_sigma, hires_scale=scale, hires_steps=hires_steps,
                                  hires_upscaler=upscaler, controlnets=controlnet_io.settings_record(small_controls, guess_mode))  # fmt: skip
         for i, im in enumerate(out):
             im.info["sd15_hires"] = {"scale": scale, "steps": hires_steps, "upscaler": upscaler, "width": big_w, "height": big_h}

@@ -399,6 +399,7 @@ def inpaint(
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
+    discard_penultimate_sigma: bool = False,
 ):
     """Repaint where `mask` is white, guided by `prompt`; see the module docstring for both kinds of checkpoint.
 
@@ -463,7 +464,8 @@ def inpaint(
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seeds = pipeline.noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
                                  eta_noise_seed_delta, latents)  # fmt: skip
-    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type)
+    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type,
+                         discard_penultimate_sigma=discard_penultimate_sigma)  # fmt: skip
     result = _denoise(m, pixels, hard, prompts, negatives, plan, seeds, latents, strength, guidance_scale,
                       batch_size, callback, progress, clip_skip, controls, guess_mode, pad_conds)  # fmt: skip
 
@@ -483,6 +485,7 @@ def inpaint(
         pipeline.record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, width=W, height=H, **pipeline.schedule_fields(karras, schedule_type),
                                  eta=eta, strength=strength,
-                                 clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless, mask_blur=mask_blur, inpaint_padding=padding,
+                                 clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless,
+                                 discard_penultimate_sigma=discard_penultimate_sigma, mask_blur=mask_blur, inpaint_padding=padding,
                                  controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

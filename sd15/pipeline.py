@@ -84,6 +84,7 @@ class GenerationSettings:
     hires_prompt: str | None = None
     hires_negative_prompt: str | None = None
     hires_guidance_scale: float | None = None
+    discard_penultimate_sigma: bool = False  # the web UI's for DPM2 (sd15.samplers.plan_sampling)
 
 
 def _whole(value) -> bool:
@@ -453,6 +454,7 @@ def generate(
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
+    discard_penultimate_sigma: bool = False,
 ):
     """Text-to-image. Returns a list of PIL images, or a float array (N, H, W, 3) in [0, 1] ("np"), or the
     final latents (N, 4, H/8, W/8), unscaled by 0.18215 ("latent"); N = len(prompts) × num_images, in
@@ -477,6 +479,8 @@ def generate(
     moves it toward `variation_seed`'s (then every image has `seed`, and image i `variation_seed + i`: None picks
     one); `seed_resize_from` (width, height) centres the seed's noise for that size; `eta_noise_seed_delta` (ENSD)
     draws an ancestral sampler's noise from seed + delta. `seamless`: an image that tiles (sd15.seamless).
+    `discard_penultimate_sigma`: the grid of steps + 1 steps without its next-to-last noise level, as the web UI
+    runs DPM2 (sd15.samplers.plan_sampling).
     """
     check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     check_prompts(prompt, negative_prompt)
@@ -495,7 +499,7 @@ def generate(
     generators = seeds.sampler_generators(generators)
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
-    plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type)
+    plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type, discard_penultimate_sigma=discard_penultimate_sigma)
     start = plan.noise_latents(noise).to(m.device)
     result = _run(m, plan, prompts, negatives, start, generators, guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,
                   controls=controls, guess_mode=guess_mode, pad_conds=pad_conds)  # fmt: skip
@@ -503,7 +507,7 @@ def generate(
     if output_type == "pil":
         record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, clip_skip=clip_skip,
-                        pad_conds=pad_conds, seamless=seamless,
+                        pad_conds=pad_conds, seamless=seamless, discard_penultimate_sigma=discard_penultimate_sigma,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out
 
@@ -541,6 +545,7 @@ def img2img(
     seed_resize_from: tuple[int, int] | None = None,
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
+    discard_penultimate_sigma: bool = False,
 ):
     """Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the timestep that
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
@@ -571,7 +576,8 @@ def img2img(
         control_image = centre_cut_control_images(control_image, source, width, height)  # cut as the image was
     controls = controlnet_io.prepare_controls(m, controlnet, control_image, controlnet_conditioning_scale,
                                               control_guidance_start, control_guidance_end, width, height, guess_mode)  # fmt: skip
-    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type)
+    plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type,
+                         discard_penultimate_sigma=discard_penultimate_sigma)  # fmt: skip
     with torch.no_grad():
         posterior = tiling.encode(m.vae, pixels.to(m.device, m.dtype))
     starts = []
@@ -587,5 +593,6 @@ def img2img(
         record_settings(m, out, prompts, negatives, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                         width=width, height=height, **schedule_fields(karras, schedule_type), eta=eta, strength=strength,
                         clip_skip=clip_skip, pad_conds=pad_conds, seamless=seamless,
+                        discard_penultimate_sigma=discard_penultimate_sigma,
                         controlnets=controlnet_io.settings_record(controls, guess_mode))  # fmt: skip
     return out

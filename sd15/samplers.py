@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -952,6 +953,20 @@ class SamplingPlan:
         return x / (sigma_end**2 + 1) ** 0.5  # x_0 + sigma eps -> VP latent
 
 
+def _without_penultimate_sigma(full: SamplingPlan, strength: float) -> SamplingPlan:
+    """`full`'s grid with its next-to-last noise level (and that step's timestep) left out, as the web UI's
+    `torch.cat([sigmas[:-2], sigmas[-1:]])`; the midpoints recomputed for the new last step; img2img's start
+    counted on the steps that remain."""
+    sigmas = torch.cat([full.sigmas[:-2], full.sigmas[-1:]])
+    steps = len(sigmas) - 1
+    sigmas, ts_mid = _sigmas_and_midpoints(full.sampler, sigmas[:-1].double().numpy(), float(sigmas[-1]))
+    init_steps = min(int(steps * strength), steps)
+    if init_steps == 0:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
+    return dataclasses.replace(full, steps=steps, timesteps=full.timesteps[:-1], sigmas=sigmas, timesteps_mid=ts_mid,
+                               start=steps - init_steps, step_ratio=schedule.NUM_TRAIN_TIMESTEPS // steps)  # fmt: skip
+
+
 def _sigmas_and_midpoints(sampler: str, sig: np.ndarray, final: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sigmas, timesteps_mid) of a plan: the steps' noise levels `sig` (float64) and the last step's target `final`
     (0, or KL Optimal's sigma_min) as float32, and the model timestep of each step's midpoint for the samplers
@@ -1027,6 +1042,7 @@ def plan_sampling(
     eta: float = 0.0,
     spacing: str | None = None,
     schedule_type: str | None = None,
+    discard_penultimate_sigma: bool = False,
 ) -> SamplingPlan:
     """The schedule diffusers 0.42.1 runs for `SchedulerClass.from_config(<SD1.5 scheduler_config>)`.
 
@@ -1042,6 +1058,9 @@ def plan_sampling(
     `steps` is the count it runs.
     eta: DDIM's eta. spacing: override the scheduler's default timestep spacing ("leading" for ddim/pndm,
     "linspace" for the rest, since SD1.5's config does not set it; lcm has its own grid and takes none).
+    discard_penultimate_sigma: the web UI's way for DPM2 and DPM2 a (and for any sigma-space sampler with its
+    "Discard penultimate sigma" option): the grid of steps + 1 steps with its next-to-last noise level left out,
+    so that the last step, to 0, starts from a higher one (`_without_penultimate_sigma`).
     A grid diffusers cannot run is refused
     (`_refuse_broken_grid`: 1000 steps for ddim, pndm and the multistep solvers).
     """
@@ -1049,6 +1068,10 @@ def plan_sampling(
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if discard_penultimate_sigma:
+        if sampler in _VP_SAMPLERS:
+            raise ValueError(f"discarding the penultimate sigma applies to the sigma-space samplers, not {sampler!r}")
+        return _without_penultimate_sigma(plan_sampling(sampler, steps + 1, 1.0, karras, eta, spacing, schedule_type), strength)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     schedule_type = resolve_schedule(karras, schedule_type)

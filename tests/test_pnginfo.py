@@ -171,3 +171,24 @@ def test_a_web_ui_schedule_is_run_recorded_and_reproduced(workdir, tiny_checkpoi
     assert "warning" not in capsys.readouterr().err
     pixels = {n: np.asarray(Image.open(workdir / f"{n}.png")) for n in ("kl", "sgm", "again")}
     assert np.array_equal(pixels["again"], pixels["kl"]) and not np.array_equal(pixels["sgm"], pixels["kl"])
+
+
+def test_the_web_uis_dpm2_discards_the_penultimate_sigma_and_so_does_from_png(workdir, tiny_checkpoint, capsys):
+    """A web UI PNG of DPM2 or DPM2 a (which it always runs so) or one saying `Discard penultimate sigma: True`;
+    not sd15's own DPM2 PNGs, whose DPM2 is diffusers' unless the flag says otherwise, which the PNG then records."""
+    assert webui("DPM2")["discard_penultimate_sigma"] and webui("DPM2 a")["discard_penultimate_sigma"]
+    assert not webui("Euler")["discard_penultimate_sigma"]
+    assert webui("Euler", ", Discard penultimate sigma: True")["discard_penultimate_sigma"]
+    ours = format_parameters(GenerationSettings("a cat", "", 20, 7.0, "dpm_2", 5, 512, 512))
+    assert not parse_parameters(ours)["discard_penultimate_sigma"]
+    run = ["--model", str(tiny_checkpoint), "--no-progress", "--steps", "3", "-W", "64", "-H", "64", "--seed", "2",
+           "--sampler", "dpm_2"]  # fmt: skip
+    assert main(["generate", "a cat", "--discard-penultimate-sigma", "-o", "cut.png", *run]) == 0
+    assert main(["generate", "a cat", "-o", "full.png", *run]) == 0
+    assert ", Discard penultimate sigma: True," in read_parameters(workdir / "cut.png")
+    assert main(["generate", "--from-png", "cut.png", "-o", "again.png", "--model", str(tiny_checkpoint), "--no-progress"]) == 0
+    assert "does not apply" not in capsys.readouterr().err
+    pixels = {n: np.asarray(Image.open(workdir / f"{n}.png")) for n in ("cut", "full", "again")}
+    assert np.array_equal(pixels["again"], pixels["cut"]) and not np.array_equal(pixels["full"], pixels["cut"])
+    assert main(["generate", "a cat", "--discard-penultimate-sigma", "--sampler", "ddim", "-o", "x.png", *run[:-2]]) == 2
+    assert "not 'ddim'" in capsys.readouterr().err

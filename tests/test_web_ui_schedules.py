@@ -122,8 +122,8 @@ def run_k_diffusion(sampler: str, sigmas: torch.Tensor, noise: torch.Tensor, ini
     return getattr(sampling, name)(kd.denoiser(model), x, sigmas[start:], disable=True, **extra), model.seen
 
 
-def run_ours(sampler: str, schedule_type: str, steps: int, noise: torch.Tensor, init=None, strength=1.0, seed=7):
-    plan, model = plan_sampling(sampler, steps, strength, schedule_type=schedule_type), FakeEps()
+def run_ours(sampler: str, schedule_type: str, steps: int, noise: torch.Tensor, init=None, strength=1.0, seed=7, **plan_args):
+    plan, model = plan_sampling(sampler, steps, strength, schedule_type=schedule_type, **plan_args), FakeEps()
     x = plan.sample(model, plan.noise_latents(noise, init), generator=torch.Generator().manual_seed(seed))
     return x, model.seen, plan
 
@@ -164,3 +164,22 @@ def test_beta_quantiles_are_scipys():
         np.testing.assert_allclose(schedule.beta_cdf(p, a, b), stats.beta.cdf(p, a, b), rtol=0, atol=1e-13)
         # 1e-11: near the ends a quantile is found to the CDF's last bits, which a flat CDF there magnifies (3e-13 seen)
         np.testing.assert_allclose(schedule.beta_quantile(p, a, b), stats.beta.ppf(p, a, b), rtol=0, atol=1e-11)
+
+
+def test_discarding_the_penultimate_sigma_is_the_web_uis_dpm2():
+    """The web UI runs DPM2 and DPM2 a on the grid of steps + 1 steps without its next-to-last level (its sampler
+    option discard_next_to_last_sigma); on its own noise levels ("normal", k-diffusion's get_sigmas) sd15's run is
+    k-diffusion's sample_dpm_2 on `torch.cat([sigmas[:-2], sigmas[-1:]])`."""
+    full, cut = plan_sampling("dpm_2", 9), plan_sampling("dpm_2", 8, discard_penultimate_sigma=True)
+    assert torch.equal(cut.sigmas, torch.cat([full.sigmas[:-2], full.sigmas[-1:]])) and cut.steps == 8
+    assert torch.equal(cut.timesteps, full.timesteps[:-1])
+    noise = latents(0)
+    for sampler in ("dpm_2", "dpm_2_a"):
+        ours = run_ours(sampler, "normal", 8, noise, discard_penultimate_sigma=True)
+        web_ui = web_ui_sigmas("normal", 9)
+        assert torch.allclose(ours[2].sigmas, torch.cat([web_ui[:-2], web_ui[-1:]]), rtol=1e-5)
+        assert_same_run(ours, run_k_diffusion(sampler, ours[2].sigmas, noise))
+    with pytest.raises(ValueError, match="discarding the penultimate sigma applies to the sigma-space samplers, not 'ddim'"):
+        plan_sampling("ddim", 8, discard_penultimate_sigma=True)
+    assert plan_sampling("euler", 8, strength=0.5, discard_penultimate_sigma=True).start == 4
+
