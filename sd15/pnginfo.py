@@ -243,6 +243,10 @@ def parse_parameters(text: str) -> dict:
     result["karras"] = label == "Karras" and applied
     if label in SCHEDULE_TYPES_BY_NAME and label != "Karras" and applied:
         result["schedule_type"] = SCHEDULE_TYPES_BY_NAME[label]
+    if web_ui and sampler is not None and sampler not in TIMESTEP_SAMPLERS and label in (None, "Uniform", "Automatic"):
+        # the web UI's own noise levels for a k-diffusion sampler: k-diffusion's get_sigmas, sd15's "normal" (for
+        # DPM++ 2M and the other multistep solvers not diffusers' grid, which ends at t = 50 for 20 steps, not 0)
+        result["schedule_type"] = "normal"
     hires_label = fields.get("Hires schedule type")
     if hires_label == "Polyexponential" and "Schedule rho" not in fields:
         hires_label = "Exponential"

@@ -192,3 +192,16 @@ def test_the_web_uis_dpm2_discards_the_penultimate_sigma_and_so_does_from_png(wo
     assert np.array_equal(pixels["again"], pixels["cut"]) and not np.array_equal(pixels["full"], pixels["cut"])
     assert main(["generate", "a cat", "--discard-penultimate-sigma", "--sampler", "ddim", "-o", "x.png", *run[:-2]]) == 2
     assert "not 'ddim'" in capsys.readouterr().err
+
+
+def test_the_web_uis_own_noise_levels_are_read_as_normal():
+    """A web UI PNG of a k-diffusion sampler with no schedule type (or `Uniform`) ran on k-diffusion's get_sigmas,
+    sd15's "normal": for DPM++ 2M not diffusers' grid, which stops at t = 50 for 20 steps. Not for the samplers the
+    web UI runs on timesteps (DDIM, PLMS, UniPC, LCM), nor for sd15's own PNGs, whose Uniform is sd15's grid."""
+    for sampler, extra in (("DPM++ 2M", ", Schedule type: Uniform"), ("Euler a", ""), ("DPM2", ""), ("DPM++ 2M", "")):
+        assert webui(sampler, extra)["schedule_type"] == "normal", (sampler, extra)
+    assert webui("DPM++ 2M", ", Schedule type: Karras")["karras"] and "schedule_type" not in webui("DPM++ 2M", ", Schedule type: Karras")
+    for sampler in ("DDIM", "PLMS", "UniPC", "LCM"):
+        assert "schedule_type" not in webui(sampler), sampler
+    ours = format_parameters(GenerationSettings("a cat", "", 20, 7.0, "dpmpp_2m", 5, 512, 512))
+    assert "Schedule type: Uniform" in ours and "schedule_type" not in parse_parameters(ours)
