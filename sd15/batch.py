@@ -103,6 +103,8 @@ def _job(model_hash: str, line: int, s: GenerationSettings, prompt: str, checked
                  "hires_negative_prompt", "hires_guidance_scale", "discard_penultimate_sigma"):  # GenerationSettings fields added since the first version: left out unset
         if not key[name]:
             del key[name]
+    if key["rng"] == "cpu":  # likewise, at its default
+        del key["rng"]
     if control is not None:
         key.update(control_images=list(control.image_hashes), guess_mode=control.guess_mode)
     if checked:

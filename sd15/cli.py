@@ -110,6 +110,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_default: int = 50)
                    help="centre the seed's noise as it is for a WxH image, to keep much of that image's layout")
     p.add_argument("--seamless", action="store_true", default=None,
                    help="an image that tiles: circular padding in the UNet and the VAE (the web UI's Tiling)")
+    p.add_argument("--rng", choices=("cpu", "nv"), default=None,
+                   help="where noise comes from: torch's CPU generator (default), or nv: CUDA's, computed on the CPU, "
+                        "what a seed gives on an NVIDIA GPU (the web UI's default, 'GPU', and its 'NV')")
     p.add_argument("--discard-penultimate-sigma", action="store_true", default=None,
                    help="the grid of steps + 1 steps without its next-to-last noise level, as the web UI runs DPM2 "
                         "(sigma-space samplers)")
@@ -541,6 +544,7 @@ def run_generate(args) -> None:
         pad_conds=pick(args.pad_conds, "pad_conds", False),
         seamless=pick(args.seamless, "seamless", False),
         discard_penultimate_sigma=pick(args.discard_penultimate_sigma, "discard_penultimate_sigma", False),
+        rng=pick(args.rng, "rng", "cpu"),
         **_noise_kwargs(args, settings),
     )
     if kwargs["seed"] is None:
@@ -651,9 +655,6 @@ def _warn_about_unmatched_records(args, settings: dict) -> None:
     if unapplied:
         print(f"warning: {png} records settings sd15 does not apply ({', '.join(unapplied)}): the image will differ "
               "from the one it was made with", file=sys.stderr)  # fmt: skip
-    if made_by_web_ui(fields) and fields.get("RNG", "GPU") != "CPU":
-        print(f"warning: {png} was made with the web UI's noise from the GPU (its RNG setting, GPU by default); sd15 "
-              "draws noise on the CPU, as its \"CPU\" setting does, so the image will differ", file=sys.stderr)  # fmt: skip
     schedule_type = fields.get("Schedule type")
     recorded_only = settings.get("sampler") in TIMESTEP_SAMPLERS and made_by_web_ui(fields)
     given = args.karras or args.schedule_type
@@ -862,6 +863,7 @@ def _image_sampling_kwargs(args) -> dict:
         pad_conds=bool(args.pad_conds),
         seamless=bool(args.seamless),
         discard_penultimate_sigma=bool(args.discard_penultimate_sigma),
+        rng=args.rng or "cpu",
         **_noise_kwargs(args),
     )
 
@@ -915,7 +917,8 @@ def run_batch(args) -> None:
     ignored = [flag for flag, value in (("--clip-skip", args.clip_skip), ("--pad-conds", args.pad_conds), ("--preview", args.preview),
                                         ("--variation-seed", args.variation_seed), ("--variation-strength", args.variation_strength),
                                         ("--seed-resize-from", args.seed_resize_from), ("--ensd", args.ensd),
-                                        ("--seamless", args.seamless), ("--discard-penultimate-sigma", args.discard_penultimate_sigma))
+                                        ("--seamless", args.seamless), ("--discard-penultimate-sigma", args.discard_penultimate_sigma),
+                                        ("--rng", args.rng))
                if value is not None and value is not False]  # fmt: skip
     if ignored:
         raise UserError(f"batch does not take {' or '.join(ignored)}; run such images with sd15 generate")

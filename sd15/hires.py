@@ -175,6 +175,7 @@ def hires_fix(
     hires_negative_prompt: str | list[str] | None = None,
     hires_guidance_scale: float | None = None,
     discard_penultimate_sigma: bool = False,
+    rng: str = "cpu",
 ):
     """Text-to-image at width × height, upscaled by `scale` and refined by image-to-image at `strength`.
 
@@ -212,7 +213,7 @@ def hires_fix(
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     prompts2, negatives2 = _second_pass_texts(prompts, hires_prompt, num_images), _second_pass_texts(negatives, hires_negative_prompt, num_images)
     seeds = pipeline.noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
-                                 eta_noise_seed_delta)  # fmt: skip
+                                 eta_noise_seed_delta, rng=rng)  # fmt: skip
     generators = seeds.generators()
     f = m.vae.downscale_factor
     channels = m.unet.config.out_channels
@@ -230,8 +231,7 @@ def hires_fix(
 
     plan = plan_sampling(sampler, steps, karras=karras, eta=eta, schedule_type=schedule_type,
                          discard_penultimate_sigma=discard_penultimate_sigma)  # fmt: skip
-    noise = torch.stack([seeds.steer(i, torch.randn((channels, height // f, width // f), generator=g))
-                         for i, g in enumerate(generators)])  # fmt: skip
+    noise = torch.stack([seeds.first_noise(i, g, (channels, height // f, width // f)) for i, g in enumerate(generators)])
     generators = seeds.sampler_generators(generators)
     latents = pipeline._run(m, plan, prompts, negatives, plan.noise_latents(noise).to(m.device), generators, guidance_scale,
                             batch_size, first_callback, progress, clip_skip=clip_skip, controls=small_controls,
@@ -241,7 +241,7 @@ def hires_fix(
         plan = second_pass_plan(second["sampler"], hires_steps, strength, karras=second["karras"], eta=second["eta"],
                                 schedule_type=second["schedule_type"],
                                 discard_penultimate_sigma=second["discard_penultimate_sigma"])  # fmt: skip
-        noise = torch.cat([seeds.steer(i, torch.randn((1, *init.shape[1:]), generator=g)) for i, g in enumerate(generators)])
+        noise = torch.cat([seeds.first_noise(i, g, (1, *init.shape[1:])) for i, g in enumerate(generators)])
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts2, negatives2, start, generators, second["guidance_scale"], batch_size, tagged(2),
                                 progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode,

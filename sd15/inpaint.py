@@ -55,6 +55,7 @@ from . import controlnet as controlnet_io
 from . import images as image_io
 from . import pipeline, schedule, tiling
 from .samplers import plan_sampling
+from . import seeds as seeds_io
 from .seamless import takes_seamless
 from .vae import LATENT_SCALE
 
@@ -335,13 +336,13 @@ def _denoise(m, pixels, hard, prompts, negatives, plan, seeds, latents, strength
     for i, g in enumerate(generators):  # per image, from its own generator, in diffusers' order
         init = image_posterior.sample(g).float().cpu() * LATENT_SCALE if image_posterior is not None else None
         if latents is None:
-            noise = seeds.steer(i, torch.randn((1, latent_channels, h, w), generator=g))
+            noise = seeds.first_noise(i, g, (1, latent_channels, h, w))
         else:
             noise = latents[i : i + 1].float().cpu()
         if masked_posterior is not None:
             masked.append(masked_posterior.sample(g).float().cpu() * LATENT_SCALE)
         else:
-            torch.randn((1, latent_channels, h, w), generator=g)  # diffusers' discarded masked-image sample
+            seeds_io.randn((1, latent_channels, h, w), g)  # diffusers' discarded masked-image sample
         starts.append(plan.noise_latents(noise) if strength == 1.0 else plan.noise_latents(noise, init))
         inits.append(init)
         noises.append(noise)
@@ -400,6 +401,7 @@ def inpaint(
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
     discard_penultimate_sigma: bool = False,
+    rng: str = "cpu",
 ):
     """Repaint where `mask` is white, guided by `prompt`; see the module docstring for both kinds of checkpoint.
 
@@ -463,7 +465,7 @@ def inpaint(
                                               control_guidance_start, control_guidance_end, W, H, guess_mode)  # fmt: skip
     prompts, negatives = pipeline._prompt_lists(prompt, negative_prompt, num_images)
     seeds = pipeline.noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
-                                 eta_noise_seed_delta, latents)  # fmt: skip
+                                 eta_noise_seed_delta, latents, rng)  # fmt: skip
     plan = plan_sampling(sampler, steps, strength=strength, karras=karras, eta=eta, schedule_type=schedule_type,
                          discard_penultimate_sigma=discard_penultimate_sigma)  # fmt: skip
     result = _denoise(m, pixels, hard, prompts, negatives, plan, seeds, latents, strength, guidance_scale,

@@ -85,6 +85,7 @@ class GenerationSettings:
     hires_negative_prompt: str | None = None
     hires_guidance_scale: float | None = None
     discard_penultimate_sigma: bool = False  # the web UI's for DPM2 (sd15.samplers.plan_sampling)
+    rng: str = "cpu"  # where the noise comes from: torch's CPU generator, or CUDA's ("nv", sd15.seeds)
 
 
 def _whole(value) -> bool:
@@ -249,12 +250,12 @@ def record_settings(m: "StableDiffusion", images, prompts: list[str], negatives:
 
 
 def noise_seeds(m, seed: int | None, n: int, variation_seed: int | None = None, variation_strength: float = 0.0,
-                seed_resize_from=None, eta_noise_seed_delta: int = 0, latents=None) -> NoiseSeeds:  # fmt: skip
-    """The checked seeds of a call's n images and how their noise is steered (sd15.seeds)."""
+                seed_resize_from=None, eta_noise_seed_delta: int = 0, latents=None, rng: str = "cpu") -> NoiseSeeds:  # fmt: skip
+    """The checked seeds of a call's n images and how their noise is drawn and steered (sd15.seeds)."""
     check_noise_settings(seed, n, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta,
-                         latents_given=latents is not None)  # fmt: skip
+                         latents_given=latents is not None, rng=rng)  # fmt: skip
     return NoiseSeeds.make(seed, n, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta,
-                           downscale=m.vae.downscale_factor)  # fmt: skip
+                           downscale=m.vae.downscale_factor, rng=rng)  # fmt: skip
 
 
 class NumericsError(ValueError):
@@ -455,6 +456,7 @@ def generate(
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
     discard_penultimate_sigma: bool = False,
+    rng: str = "cpu",
 ):
     """Text-to-image. Returns a list of PIL images, or a float array (N, H, W, 3) in [0, 1] ("np"), or the
     final latents (N, 4, H/8, W/8), unscaled by 0.18215 ("latent"); N = len(prompts) × num_images, in
@@ -480,7 +482,8 @@ def generate(
     one); `seed_resize_from` (width, height) centres the seed's noise for that size; `eta_noise_seed_delta` (ENSD)
     draws an ancestral sampler's noise from seed + delta. `seamless`: an image that tiles (sd15.seamless).
     `discard_penultimate_sigma`: the grid of steps + 1 steps without its next-to-last noise level, as the web UI
-    runs DPM2 (sd15.samplers.plan_sampling).
+    runs DPM2 (sd15.samplers.plan_sampling). `rng`: "cpu" (torch's CPU generator) or "nv" (CUDA's, computed on
+    the CPU: what a seed gives on an NVIDIA GPU, the web UI's default).
     """
     check_settings(steps, guidance_scale, sampler, width, height, num_images, seed=seed, eta=eta, batch_size=batch_size)
     check_prompts(prompt, negative_prompt)
@@ -488,12 +491,12 @@ def generate(
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
     seeds = noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from,
-                        eta_noise_seed_delta, latents)  # fmt: skip
+                        eta_noise_seed_delta, latents, rng)  # fmt: skip
     generators = seeds.generators()
     f = m.vae.downscale_factor
     shape = (m.unet.config.out_channels, height // f, width // f)
     if latents is None:  # (N, 4, h, w) on the CPU
-        noise = torch.stack([seeds.steer(i, torch.randn(shape, generator=g)) for i, g in enumerate(generators)])
+        noise = torch.stack([seeds.first_noise(i, g, shape) for i, g in enumerate(generators)])
     else:
         noise = given_latents(latents, (len(prompts), *shape))
     generators = seeds.sampler_generators(generators)
@@ -546,6 +549,7 @@ def img2img(
     eta_noise_seed_delta: int = 0,
     seamless: bool = False,
     discard_penultimate_sigma: bool = False,
+    rng: str = "cpu",
 ):
     """Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the timestep that
     `strength` selects (1.0 = pure noise, 0.0 = unchanged), and denoise the last int(steps · strength)
@@ -567,7 +571,8 @@ def img2img(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
-    seeds = noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta)
+    seeds = noise_seeds(m, seed, len(prompts), variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta,
+                        rng=rng)  # fmt: skip
     generators = seeds.generators()
     source = image_io.source_size(image)
     if controlnet is not None and fit == "crop" and source not in (None, (width, height)):
@@ -583,7 +588,7 @@ def img2img(
     starts = []
     for i, g in enumerate(generators):  # per image: its VAE sample, then its noise, from its own generator
         init = posterior.sample(g).float().cpu() * LATENT_SCALE  # (1, 4, h, w)
-        noise = seeds.steer(i, torch.randn(init.shape, generator=g))
+        noise = seeds.first_noise(i, g, init.shape)
         starts.append(plan.noise_latents(noise, init))
     start = torch.cat(starts).to(m.device)
     result = _run(m, plan, prompts, negatives, start, seeds.sampler_generators(generators), guidance_scale, batch_size, callback, progress, clip_skip=clip_skip,

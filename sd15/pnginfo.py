@@ -65,6 +65,7 @@ SCHEDULE_TYPE_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta":
 SCHEDULE_TYPES_BY_NAME = {v: k for k, v in SCHEDULE_TYPE_NAMES.items()}
 # Samplers the web UI runs on its timestep grid: it records its schedule type for them too, but does not use it.
 TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc", "lcm")
+RNG_NAMES = {"cpu": "CPU", "nv": "NV"}  # sd15's noise sources by the web UI's names of its RNG setting
 
 
 def made_by_web_ui(fields: dict) -> bool:
@@ -138,6 +139,7 @@ def format_parameters(s: GenerationSettings, model_hash: str | None = None, mode
         "ENSD": s.eta_noise_seed_delta or None,
         "Tiling": "True" if s.seamless else None,
         "Discard penultimate sigma": "True" if s.discard_penultimate_sigma else None,
+        "RNG": RNG_NAMES[s.rng],  # said also for the CPU: the web UI would otherwise draw on its GPU, its default
         "Hires upscale": _number(s.hires_scale) if s.hires_scale else None,
         "Hires steps": s.hires_steps if s.hires_scale else None,
         "Hires upscaler": HIRES_UPSCALER_NAMES[s.hires_upscaler] if s.hires_scale else None,
@@ -199,7 +201,7 @@ def parse_parameters(text: str) -> dict:
     name; a name sd15 lacks is "unknown_sampler" instead), "seed", "width", "height", "karras", "schedule_type"
     (sd15's name of any other schedule type it has), "eta" (DDIM's: `Eta DDIM`),
     "strength", "clip_skip", "pad_conds", "variation_seed" and "variation_strength", "seed_resize_from" ((W, H)),
-    "eta_noise_seed_delta", "seamless" (`Tiling`), "discard_penultimate_sigma", "ti_hashes", "lora_hashes"
+    "eta_noise_seed_delta", "seamless" (`Tiling`), "discard_penultimate_sigma", "rng" (`RNG`), "ti_hashes", "lora_hashes"
     ({name: hash}), for a hires fix "hires_scale" (or "hires_resize", (W, H)), "hires_steps", "hires_upscaler" and
     the second pass's own "hires_sampler", "hires_schedule_type", "hires_prompt", "hires_negative_prompt",
     "hires_guidance_scale", and for inpainting
@@ -263,6 +265,8 @@ def parse_parameters(text: str) -> dict:
         result["eta"] = float(fields.get("Eta DDIM", fields.get("Eta")))
     result["pad_conds"] = fields.get("Pad conds") == "True"
     result["seamless"] = fields.get("Tiling") == "True"
+    # the web UI's noise: "GPU" (its default, not written) and "NV" are CUDA's generator, sd15's "nv"
+    result["rng"] = "nv" if fields.get("RNG", "GPU" if web_ui else "CPU") in ("GPU", "NV") else "cpu"
     # the web UI always runs DPM2 and DPM2 a so, and any sampler so with its option on, which it then records
     result["discard_penultimate_sigma"] = fields.get("Discard penultimate sigma") == "True" or (
         web_ui and sampler in ("dpm_2", "dpm_2_a"))  # fmt: skip

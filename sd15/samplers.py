@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from . import schedule
+from .philox import PhiloxGenerator
+from .seeds import randn
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], "bool | None"]
@@ -81,8 +83,7 @@ def _randn_like(x: torch.Tensor, generator, dtype: torch.dtype | None = None) ->
     """
     if isinstance(generator, (list, tuple)):
         return torch.cat([_randn_like(row[None], g, dtype) for row, g in zip(x, generator)])
-    device = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype)
+    noise = randn(x.shape, generator, dtype or x.dtype)
     if noise.device.type == "cpu" and x.is_cuda:  # pinned, so that the copy does not wait for the GPU to go idle
         return noise.pin_memory().to(device=x.device, dtype=x.dtype, non_blocking=True)
     return noise.to(device=x.device, dtype=x.dtype)
@@ -532,7 +533,8 @@ class BrownianNoise:
         self.batched = isinstance(generator, (list, tuple))
         shape = x.shape[1:] if self.batched else x.shape
         t0, t1 = torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)  # float32, as diffusers passes them
-        seeds = [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in generators]
+        # a CUDA generator's tree is seeded with its seed, as the web UI seeds it (its RNG setting "GPU" or "NV")
+        seeds = [g.seed if isinstance(g, PhiloxGenerator) else int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in generators]
         self.trees = [
             torchsde.BrownianInterval(t0=t0, t1=t1, size=shape, dtype=torch.float32, device="cpu", entropy=seed,
                                       tol=1e-6, pool_size=24, halfway_tree=True)  # torchsde's BrownianTree settings

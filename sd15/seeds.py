@@ -1,9 +1,11 @@
 """Which noise each image starts from, and where its sampler's later noise comes from.
 
-Image i of a call has its own CPU generator, seeded `seed + i`: its initial noise is the generator's first draw
+Image i of a call has its own generator, seeded `seed + i`: its initial noise is the generator's first draw
 and an ancestral or SDE sampler's noise the draws after it, so an image depends on its seed alone, not on its
-batch. The AUTOMATIC1111 web UI (its modules/rng.py, with its "RNG: CPU" setting) draws the same, and adds three
-ways to steer the noise, which sd15 has too, so that its PNGs that use them can be made again:
+batch. The generator is torch's CPU generator (`rng="cpu"`, the default), or CUDA's computed on the CPU
+(`rng="nv"`, sd15.philox), so that a seed gives what it gives on an NVIDIA GPU. The AUTOMATIC1111 web UI (its
+modules/rng.py) draws the same with its "RNG" setting "CPU", or "NV" and its default "GPU" respectively, and adds
+three ways to steer the noise, which sd15 has too, so that its PNGs that use them can be made again:
 
 - **Variation seed** (`variation_seed`, `variation_strength` s): the noise is moved along a great circle from the
   seed's noise toward another seed's, a fraction s of the way, so that small s gives images near the seed's
@@ -28,7 +30,25 @@ from dataclasses import dataclass
 
 import torch
 
+from .philox import PhiloxGenerator
+
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# where the noise comes from: torch's CPU generator, or CUDA's generator computed on the CPU (sd15.philox, the web
+# UI's "NV", equal to its default "GPU" on an NVIDIA card)
+RNGS = ("cpu", "nv")
+
+
+def make_generator(seed: int, rng: str = "cpu"):
+    """A generator of normal draws from `seed`: a CPU torch.Generator, or a PhiloxGenerator (`rng="nv"`)."""
+    return PhiloxGenerator(seed) if rng == "nv" else torch.Generator().manual_seed(seed)
+
+
+def randn(shape, generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The generator's next standard normal draw of `shape` on its device, in `dtype` (None: torch's global RNG)."""
+    if isinstance(generator, PhiloxGenerator):
+        return generator.randn(tuple(shape)).to(dtype)
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 def slerp(strength: float, noise: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -47,9 +67,9 @@ def slerp(strength: float, noise: torch.Tensor, other: torch.Tensor) -> torch.Te
     ).unsqueeze(1) * other
 
 
-def first_draw(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """A fresh CPU generator's first standard normal draw of `shape` from `seed`."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+def first_draw(seed: int, shape: tuple[int, ...], rng: str = "cpu") -> torch.Tensor:
+    """A fresh generator's first standard normal draw of `shape` from `seed`."""
+    return randn(shape, make_generator(seed, rng))
 
 
 @dataclass(frozen=True)
@@ -62,10 +82,12 @@ class NoiseSeeds:
     resize_from: tuple[int, int] | None = None  # (width, height) in pixels
     eta_noise_seed_delta: int = 0
     downscale: int = 8  # pixels per latent position (the VAE's)
+    rng: str = "cpu"  # one of RNGS
 
     @classmethod
     def make(cls, seed: int | None, n: int, variation_seed: int | None = None, variation_strength: float = 0.0,
-             resize_from: tuple[int, int] | None = None, eta_noise_seed_delta: int = 0, downscale: int = 8) -> NoiseSeeds:  # fmt: skip
+             resize_from: tuple[int, int] | None = None, eta_noise_seed_delta: int = 0, downscale: int = 8,
+             rng: str = "cpu") -> NoiseSeeds:  # fmt: skip
         """The seeds of n images from the call's `seed` (checked: `check_noise_settings`; None: a random one, and
         likewise the variation seed). With a variation every image has `seed`, and image i variation seed
         `variation_seed + i`; else image i has seed + i."""
@@ -80,11 +102,16 @@ class NoiseSeeds:
             resize_from=tuple(resize_from) if resize_from else None,
             eta_noise_seed_delta=int(eta_noise_seed_delta),
             downscale=downscale,
+            rng=rng,
         )
 
-    def generators(self) -> list[torch.Generator]:
-        """One CPU generator per image, seeded with its seed: its first draws are the image's noise."""
-        return [torch.Generator().manual_seed(s) for s in self.seeds]
+    def generators(self) -> list:
+        """One generator per image, seeded with its seed: its first draws are the image's noise."""
+        return [make_generator(s, self.rng) for s in self.seeds]
+
+    def first_noise(self, i: int, generator, shape) -> torch.Tensor:
+        """Image i's initial noise of `shape`: its generator's next draw, steered."""
+        return self.steer(i, randn(shape, generator))
 
     def steer(self, i: int, noise: torch.Tensor) -> torch.Tensor:
         """Image i's initial noise from its generator's draw `noise` ((C, h, w) or (1, C, h, w)): the seed's noise
@@ -97,9 +124,9 @@ class NoiseSeeds:
             base = full
         else:
             width, height = self.resize_from
-            base = first_draw(self.seeds[i], (full.shape[0], height // self.downscale, width // self.downscale))
+            base = first_draw(self.seeds[i], (full.shape[0], height // self.downscale, width // self.downscale), self.rng)
         if self.variation_strength > 0:
-            base = slerp(self.variation_strength, base, first_draw(self.variation_seeds[i], tuple(base.shape)))
+            base = slerp(self.variation_strength, base, first_draw(self.variation_seeds[i], tuple(base.shape), self.rng))
         if self.resize_from is not None:
             base = _centred(base, full)
         return base.unsqueeze(0) if batched else base
@@ -109,7 +136,7 @@ class NoiseSeeds:
         seed delta, from a fresh one seeded seed + delta."""
         if not self.eta_noise_seed_delta:
             return generators
-        return [torch.Generator().manual_seed(s + self.eta_noise_seed_delta) for s in self.seeds]
+        return [make_generator(s + self.eta_noise_seed_delta, self.rng) for s in self.seeds]
 
     def record(self, i: int) -> dict:
         """Image i's GenerationSettings fields: its seed, and the steering its PNG records."""
@@ -119,6 +146,7 @@ class NoiseSeeds:
             "variation_strength": self.variation_strength,
             "seed_resize_from": self.resize_from,
             "eta_noise_seed_delta": self.eta_noise_seed_delta,
+            "rng": self.rng,
         }
 
 
@@ -141,8 +169,10 @@ def _whole(value) -> bool:
 
 
 def check_noise_settings(seed: int | None, n: int, variation_seed: int | None, variation_strength: float,
-                         resize_from, eta_noise_seed_delta: int, latents_given: bool = False) -> None:  # fmt: skip
+                         resize_from, eta_noise_seed_delta: int, latents_given: bool = False, rng: str = "cpu") -> None:  # fmt: skip
     """Refuse steering that cannot be done, with what to change, before anything is allocated."""
+    if rng not in RNGS:
+        raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {rng!r:.40}")
     if isinstance(variation_strength, bool) or not isinstance(variation_strength, numbers.Real) or not (
         math.isfinite(variation_strength) and 0.0 <= variation_strength <= 1.0
     ):

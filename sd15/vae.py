@@ -221,8 +221,9 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std · ε, with ε drawn on the generator's device (CPU by default) for reproducibility."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        from .seeds import randn  # a torch.Generator or sd15.philox's
+
+        noise = randn(self.mean.shape, generator)
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:

@@ -88,7 +88,6 @@ def test_from_png_warns_of_web_ui_settings_it_does_not_apply(workdir, tiny_check
     cases = [
         ("Euler a", ", Eta: 0.5, RNG: CPU", "(Eta)"),
         ("Euler", ", Emphasis: No norm, Sigma churn: 0.1, RNG: CPU", "(Sigma churn, Emphasis)"),
-        ("Euler", "", "noise from the GPU"),  # a web UI PNG without RNG: its default, GPU noise
         ("Euler", ", Schedule type: Beta, Beta schedule alpha: 0.5, Beta schedule beta: 0.6, RNG: CPU", "(Beta schedule alpha)"),
     ]
     for sampler, extra, said in cases:
