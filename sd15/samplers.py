@@ -519,7 +519,8 @@ class BrownianNoise:
     use it) gives W at any point from one seed, the same whichever points are asked in whichever order.
 
     One tree per row, seeded by a 63-bit number drawn from that row's generator (a single generator: one tree for
-    the whole batch; None: torch's global RNG, as diffusers without `noise_sampler_seed`). The tree lives on the
+    the whole batch; None: torch's global RNG, as diffusers without `noise_sampler_seed`), or, for CUDA's generator
+    (sd15.philox, rng="nv": the web UI's noise), by the row's seed itself, as the web UI seeds its trees. The tree lives on the
     CPU in float32 and its increments are moved to x, so an image is the same on any device. Its interval is
     [sigma_min, sigma_max] of the whole schedule, not only of the steps run (img2img), as diffusers'.
     """
@@ -533,7 +534,7 @@ class BrownianNoise:
         self.batched = isinstance(generator, (list, tuple))
         shape = x.shape[1:] if self.batched else x.shape
         t0, t1 = torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)  # float32, as diffusers passes them
-        # a CUDA generator's tree is seeded with its seed, as the web UI seeds it (its RNG setting "GPU" or "NV")
+        # CUDA's generator (rng="nv", the web UI's noise): the tree seeded with the image's seed, as the web UI seeds it
         seeds = [g.seed if isinstance(g, PhiloxGenerator) else int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in generators]
         self.trees = [
             torchsde.BrownianInterval(t0=t0, t1=t1, size=shape, dtype=torch.float32, device="cpu", entropy=seed,
@@ -687,6 +688,12 @@ def dpmpp_2m(
     return x
 
 
+def _draws_as_cuda(generator) -> bool:
+    """Whether the noise is CUDA's generator's (sd15.philox, rng="nv"), with the web UI's conventions for it."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    return bool(generators) and all(isinstance(g, PhiloxGenerator) for g in generators)
+
+
 def dpmpp_2m_sde(
     eps_model: EpsModel,
     x: torch.Tensor,
@@ -695,6 +702,7 @@ def dpmpp_2m_sde(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     solver: str = "midpoint",
+    brownian: "BrownianNoise | None" = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE: the stochastic variant of Lu et al. 2022 (the "SDE-DPM-Solver++" of their
     appendix, as in diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") and k-diffusion's
@@ -704,7 +712,8 @@ def dpmpp_2m_sde(
     where the second-order correction's weight c is (1 - e^{-2h}) / 2 for solver "midpoint" (the sampler
     `dpmpp_2m_sde`), and 1 - (1 - e^{-2h}) / (2h) for solver "heun" (`dpmpp_2m_sde_heun`, the web UI's
     "DPM++ 2M SDE Heun": the exact integral of the linearly extrapolated data prediction). The first step is
-    first order (c = 0) and the last, to sigma = 0, gives x = denoised. z is drawn in float32, as diffusers does.
+    first order (c = 0) and the last, to sigma = 0, gives x = denoised. z is drawn in float32, as diffusers does,
+    or, given `brownian`, is the Brownian path's increment over the step, as k-diffusion and the web UI draw it.
     """
     if solver not in ("midpoint", "heun"):
         raise ValueError(f"solver must be 'midpoint' or 'heun', got {solver!r}")
@@ -712,7 +721,10 @@ def dpmpp_2m_sde(
     for i in range(len(timesteps)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(eps_model, x, sigma, timesteps[i])
-        z = _randn_like(x, generator, dtype=torch.float32)  # drawn every step, as diffusers does
+        if brownian is None:
+            z = _randn_like(x, generator, dtype=torch.float32)  # drawn every step, as diffusers does
+        elif sigma_next > 0:
+            z = brownian(sigma, sigma_next, x)
         if sigma_next == 0:
             x = denoised
         else:
@@ -938,7 +950,10 @@ class SamplingPlan:
             x = dpmpp_2m(eps_model, x, sigmas[s:], ts[s:], cb)
         elif self.sampler in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
             solver = "heun" if self.sampler == "dpmpp_2m_sde_heun" else "midpoint"
-            x = dpmpp_2m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb, solver)
+            brownian = None
+            if _draws_as_cuda(generator):  # the web UI's: a Brownian tree seeded with the image's seed
+                brownian = BrownianNoise(x, float(sigmas[sigmas > 0].min()), float(sigmas.max()), generator)
+            x = dpmpp_2m_sde(eps_model, x, sigmas[s:], ts[s:], generator, cb, solver, brownian)
         elif self.sampler == "dpmpp_sde":  # its Brownian noise spans the whole schedule, also in img2img
             sigma_range = (float(sigmas[sigmas > 0].min()), float(sigmas.max()))
             x = dpmpp_sde(eps_model, x, sigmas[s:], ts[s:], self.timesteps_mid[s:], generator, cb, on_predictor, sigma_range)

@@ -81,3 +81,31 @@ def test_pngs_say_where_the_noise_came_from_as_the_web_ui_does(workdir, tiny_che
     assert main(["generate", "--from-png", "nv.png", "-o", "again.png", "--model", str(tiny_checkpoint), "--no-progress"]) == 0
     assert np.array_equal(np.asarray(Image.open(workdir / "again.png")), np.asarray(Image.open(workdir / "nv.png")))
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_with_cudas_generator_the_sde_samplers_draw_as_the_web_ui(sampler):
+    """The web UI's SDE samplers take their noise from k-diffusion's BrownianTreeNoiseSampler seeded with the image's
+    seed (DPM++ 2M SDE too, where sd15's own draws diffusers' Gaussian steps): with rng="nv" sd15 does the same,
+    and equals k-diffusion's sampler given that tree (the model told k-diffusion's timesteps, as test_k_diffusion.py)."""
+    import dataclasses
+
+    import k_diffusion_oracle as kd
+    from sd15.samplers import plan_sampling
+    from test_k_diffusion import SAMPLE_FUNCTIONS, midpoints
+    from test_samplers import TOL, FakeEps, latents
+
+    seed, plan = 2**33 + 5, plan_sampling(sampler, 8, karras=True)
+    mids = midpoints(sampler, plan.sigmas)
+    plan = dataclasses.replace(plan, timesteps=kd.sigma_to_t(plan.sigmas[:-1]),
+                               timesteps_mid=None if mids is None else kd.sigma_to_t(mids))  # fmt: skip
+    noise = latents(0)
+    ours = plan.sample(FakeEps(), plan.noise_latents(noise), generator=PhiloxGenerator(seed))
+    sampling, _ = kd.load()
+    name, extra, _ = SAMPLE_FUNCTIONS[sampler]
+    x = plan.noise_latents(noise)
+    tree = sampling.BrownianTreeNoiseSampler(x, plan.sigmas[plan.sigmas > 0].min(), plan.sigmas.max(), seed=seed)
+    theirs = getattr(sampling, name)(kd.denoiser(FakeEps()), x, plan.sigmas, disable=True, noise_sampler=tree, **extra)
+    assert (ours - theirs).abs().max() < TOL
+    cpu = plan.sample(FakeEps(), plan.noise_latents(noise), generator=torch.Generator().manual_seed(seed))
+    assert (ours - cpu).abs().max() > 100 * TOL  # the comparison can fail: the CPU generator's noise is another
