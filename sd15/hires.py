@@ -14,8 +14,10 @@ landscapes) because each 512-pixel window composes on its own. The web UI's "hir
 Prompt editing's timeline goes on into the second pass, as in the web UI since 1.6: `[a:b:1.5]` or, with 20
 steps, `[a:b:25]` switch halfway through a 10-step second pass (sd15.prompt_schedule).
 
-Both passes use image i's generator (seeded seed + i, see sd15.seeds), the second continuing where the first
-left it, so a seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
+Each pass draws from image i's seed (seed + i, see sd15.seeds) anew, as the web UI's hires fix makes a new
+generator for its second pass: the second pass's noise is the seed's first draw at the upscaled size, and its
+sampler's noise the draws after it (the Lanczos upscaler's VAE sample goes on from the first pass's generator).
+So a seed gives the same image whatever the batch. The callback sees both passes; its info has "pass": 1 or 2.
 
 With a ControlNet both passes are steered, each by the control image brought to its own size: the first pass's
 hint is the control image at width × height, the second's the same control image (not the first hint
@@ -241,7 +243,9 @@ def hires_fix(
         plan = second_pass_plan(second["sampler"], hires_steps, strength, karras=second["karras"], eta=second["eta"],
                                 schedule_type=second["schedule_type"],
                                 discard_penultimate_sigma=second["discard_penultimate_sigma"])  # fmt: skip
+        generators = seeds.generators()  # anew from each image's seed, as the web UI's second pass draws
         noise = torch.cat([seeds.first_noise(i, g, (1, *init.shape[1:])) for i, g in enumerate(generators)])
+        generators = seeds.sampler_generators(generators)
         start = plan.noise_latents(noise, init).to(m.device)
         latents = pipeline._run(m, plan, prompts2, negatives2, start, generators, second["guidance_scale"], batch_size, tagged(2),
                                 progress, clip_skip=clip_skip, controls=big_controls, guess_mode=guess_mode,
