@@ -549,6 +549,13 @@ def run_generate(args) -> None:
     )
     if kwargs["seed"] is None:
         kwargs["seed"] = secrets.randbelow(2**32)
+    from .samplers import takes_schedule_types
+
+    if not takes_schedule_types(kwargs["sampler"]):  # --sampler ddim over a PNG's Euler: its noise levels do not apply
+        if not (args.karras or args.schedule_type):
+            kwargs["karras"], kwargs["schedule_type"] = False, None
+        if args.discard_penultimate_sigma is None:
+            kwargs["discard_penultimate_sigma"] = False
     hires = _hires_settings(args, settings, kwargs["width"], kwargs["height"])
     from .hires import check_hires_settings, second_pass_settings
     from .pipeline import check_prompts, check_settings

@@ -204,3 +204,17 @@ def test_the_web_uis_own_noise_levels_are_read_as_normal():
         assert "schedule_type" not in webui(sampler), sampler
     ours = format_parameters(GenerationSettings("a cat", "", 20, 7.0, "dpmpp_2m", 5, 512, 512))
     assert "Schedule type: Uniform" in ours and "schedule_type" not in parse_parameters(ours)
+
+
+def test_another_sampler_over_a_png_drops_noise_levels_it_cannot_take(workdir, tiny_checkpoint, capsys):
+    """A web UI Euler PNG runs on its own noise levels ("normal"), a DPM2 one discards the penultimate sigma:
+    `--sampler ddim` over either runs DDIM (its timestep grid), not a refusal; asked for on the command line, the
+    same schedule with DDIM is refused."""
+    base = "a cat\nSteps: 2, Sampler: {}, CFG scale: 7, Seed: 5, Size: 64x64, Version: v1.10.1"
+    run = ["--model", str(tiny_checkpoint), "--no-progress", "--sampler", "ddim"]
+    for i, sampler in enumerate(("Euler", "DPM2", "DPM++ 2M Karras")):
+        save_png(Image.new("RGB", (8, 8)), workdir / f"in{i}.png", base.format(sampler))
+        assert main(["generate", "--from-png", f"in{i}.png", "-o", f"out{i}.png", *run]) == 0, sampler
+        assert "Sampler: DDIM," in read_parameters(workdir / f"out{i}.png")
+    assert main(["generate", "--from-png", "in0.png", "-o", "x.png", "--schedule-type", "normal", *run]) == 2
+    assert "not 'ddim'" in capsys.readouterr().err
