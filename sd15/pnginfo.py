@@ -194,6 +194,13 @@ def _parse_controlnet(value: str) -> dict:
 _FIELD = re.compile(r'\s*([\w \-+/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
+def _schedule_label(fields: dict, key: str) -> str | None:
+    """The schedule type a PNG records under `key`; the web UI's Polyexponential at its default rho (1, no
+    "Schedule rho" recorded) is the Exponential it equals."""
+    label = fields.get(key)
+    return "Exponential" if label == "Polyexponential" and "Schedule rho" not in fields else label
+
+
 def parse_parameters(text: str) -> dict:
     """The `parameters` text -> {"prompt", "negative_prompt", and the last line's fields by name}.
 
@@ -239,9 +246,7 @@ def parse_parameters(text: str) -> dict:
     sampler = result.get("sampler")
     # a schedule type the web UI records for a timestep sampler is a setting it did not use (sd15 gives UniPC Karras sigmas)
     applied = sampler not in TIMESTEP_SAMPLERS or not web_ui
-    label = fields.get("Schedule type")
-    if label == "Polyexponential" and "Schedule rho" not in fields:  # at its default rho, 1, it is Exponential
-        label = "Exponential"
+    label = _schedule_label(fields, "Schedule type")
     result["karras"] = label == "Karras" and applied
     if label in SCHEDULE_TYPES_BY_NAME and label != "Karras" and applied:
         result["schedule_type"] = SCHEDULE_TYPES_BY_NAME[label]
@@ -249,9 +254,7 @@ def parse_parameters(text: str) -> dict:
         # the web UI's own noise levels for a k-diffusion sampler: k-diffusion's get_sigmas, sd15's "normal" (for
         # DPM++ 2M and the other multistep solvers not diffusers' grid, which ends at t = 50 for 20 steps, not 0)
         result["schedule_type"] = "normal"
-    hires_label = fields.get("Hires schedule type")
-    if hires_label == "Polyexponential" and "Schedule rho" not in fields:
-        hires_label = "Exponential"
+    hires_label = _schedule_label(fields, "Hires schedule type")
     hires_sampler = result.get("hires_sampler", sampler)
     if hires_label is not None and (hires_sampler not in TIMESTEP_SAMPLERS or not web_ui):
         names = {"Uniform": "default", "Automatic": "default", **SCHEDULE_TYPES_BY_NAME}
